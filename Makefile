@@ -1,0 +1,43 @@
+# Two commands: `make demo` and `make test`. Everything else they need, they set up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean system-deps
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# PostgreSQL (tests start their own server), dig, dnsperf and NSD (bench), when missing.
+system-deps:
+	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	   || ! command -v dig >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      postgresql bind9-dnsutils >/dev/null; \
+	  else echo "install postgresql and bind9-dnsutils (needs root and apt-get)"; fi; \
+	fi
+
+demo: $(STAMP)
+	$(PY) deploy/demo.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: $(STAMP) system-deps lint
+	$(VENV)/bin/pytest --cov=store --cov=canaries --cov=listeners --cov=alerts --cov=oobwatch --cov-report=term
+
+bench: $(STAMP)
+	@if ! command -v dnsperf >/dev/null 2>&1 || ! command -v nsd >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsperf nsd >/dev/null; \
+	fi
+	$(PY) bench/dns.py
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage

@@ -1,0 +1,1 @@
+"""Alerts: turning committed hits into pages, and recording each page's outcome."""

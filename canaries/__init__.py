@@ -1,0 +1,1 @@
+"""Canaries: tokens, kinds, minting, and the in-memory index listeners match against."""

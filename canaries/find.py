@@ -1,0 +1,39 @@
+"""Finding a token in what a sandbox sent out: plain functions over strings.
+
+A DNS name carries a token at one position only: the label directly under
+the zone apex (`<token>.<zone>`, with any labels to its left, as in
+`x.y.<token>.<zone>`). Matching by position rather than by searching the
+whole name means a token smuggled elsewhere in a junk name never matches,
+and the answer to any name costs one dictionary lookup.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class NameMatch:
+    """A name under the zone: the label where a token would be, and the labels left of it."""
+
+    candidate: str
+    left: tuple[str, ...]
+
+
+def split_name(name: str) -> tuple[str, ...]:
+    """Lowercase labels of a dotted name, ignoring a trailing dot."""
+    return tuple(name.rstrip(".").lower().split(".")) if name.strip(".") else ()
+
+
+def under_zone(labels: Sequence[str], zone: Sequence[str]) -> NameMatch | None:
+    """Where a lowercase name sits under `zone`; None if outside it or the apex itself."""
+    depth = len(zone)
+    if len(labels) <= depth or tuple(labels[len(labels) - depth :]) != tuple(zone):
+        return None
+    position = len(labels) - depth - 1
+    return NameMatch(labels[position], tuple(labels[:position]))
+
+
+def in_zone(labels: Sequence[str], zone: Sequence[str]) -> bool:
+    """True for the apex and every name below it."""
+    depth = len(zone)
+    return len(labels) >= depth and tuple(labels[len(labels) - depth :]) == tuple(zone)

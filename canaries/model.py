@@ -1,0 +1,51 @@
+"""What a canary is: a token planted somewhere, with where and why."""
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+Kind = Literal["dns", "email", "url", "credential"]
+Severity = Literal["low", "medium", "high", "critical"]
+KINDS: tuple[str, ...] = get_args(Kind)
+SEVERITIES: tuple[str, ...] = get_args(Severity)
+
+
+@dataclass(frozen=True, slots=True)
+class Canary:
+    """A minted canary. Retired or expired canaries still match and still page."""
+
+    id: str
+    token: str
+    kind: str
+    value: str
+    sandbox: str
+    location: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    severity: str = "high"
+    note: str = ""
+    created_us: int = 0
+    expires_us: int | None = None
+    retired_us: int | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[Any, Any]) -> "Canary":
+        return cls(
+            id=row["id"],
+            token=row["token"],
+            kind=row["kind"],
+            value=row["value"],
+            sandbox=row["sandbox"],
+            location=row["location"],
+            labels=json.loads(row["labels"]),
+            severity=row["severity"],
+            note=row["note"],
+            created_us=row["created_us"],
+            expires_us=row["expires_us"],
+            retired_us=row["retired_us"],
+        )
+
+    def as_row(self) -> dict[str, Any]:
+        row = {name: getattr(self, name) for name in self.__slots__}
+        row["labels"] = json.dumps(dict(self.labels), sort_keys=True)
+        return row

@@ -1,0 +1,1 @@
+"""Listeners: one module per protocol, each turning traffic into recorded hits."""

@@ -1,0 +1,293 @@
+"""The authoritative DNS listener: UDP and TCP, record-then-answer for canary names.
+
+UDP is read straight off a non-blocking socket by a loop reader that drains
+up to a batch of datagrams per wake-up, instead of asyncio's datagram
+transport, which returns to the selector after every packet. A query for a
+known token is answered only from the ledger writer's commit callback;
+everything else is answered at once from templates.
+"""
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from dnslib import QTYPE
+
+from canaries.find import in_zone, split_name, under_zone
+from canaries.model import Canary
+from canaries.tokens import TOKEN_LENGTH, decode_exfil
+from listeners.base import Context, format_peer, hit_event
+from listeners.dnswire import (
+    CLASS_ANY,
+    CLASS_IN,
+    OPCODE_MASK,
+    MalformedQuery,
+    Question,
+    ZoneAnswers,
+    format_error,
+    name_text,
+    not_implemented,
+    parse_query,
+    refuse,
+)
+from store.ledger import Entry
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[bytes], None]
+
+_DRAIN = 64
+_MAX_DATAGRAM = 4096
+_TCP_IDLE_SECONDS = 10.0
+_TCP_MAX_CLIENTS = 256
+_RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DnsOptions:
+    """How the DNS listener binds and what the zone answers."""
+
+    zone: str
+    listen: str = "127.0.0.1"
+    port: int = 5353
+    answer_ipv4: Sequence[str] = ("127.0.0.1",)
+    answer_ipv6: Sequence[str] = ()
+    ttl: int = 0
+    nameservers: Sequence[str] = ()
+
+
+class DnsListener:
+    """Authoritative for one zone; every name under it exists; each token query is a hit."""
+
+    name = "dns"
+
+    def __init__(self, context: Context, options: DnsOptions) -> None:
+        self._context = context
+        self._options = options
+        self._zone = split_name(options.zone)
+        nameservers = list(options.nameservers) or [f"ns1.{options.zone}"]
+        self._answers = ZoneAnswers(
+            options.zone, options.answer_ipv4, options.answer_ipv6, options.ttl, nameservers
+        )
+        self._udp: socket.socket | None = None
+        self._tcp: asyncio.Server | None = None
+        self._tcp_clients = 0
+        self._pending: set[asyncio.Task[None]] = set()
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self._context.counters.as_dict()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        if self._udp is None:
+            return []
+        host, port = self._udp.getsockname()[:2]
+        return [(host, port)]
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self._options.listen else socket.AF_INET
+        # With port 0 the UDP port is picked first, then TCP must get the same one.
+        for _ in range(20):
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
+            udp.setblocking(False)
+            udp.bind((self._options.listen, self._options.port))
+            port = udp.getsockname()[1]
+            try:
+                self._tcp = await asyncio.start_server(
+                    self._tcp_client, self._options.listen, port, reuse_address=True
+                )
+            except OSError:
+                udp.close()
+                if self._options.port:
+                    raise
+                continue
+            break
+        else:
+            raise OSError("no port free for both UDP and TCP")
+        self._udp = udp
+        loop.add_reader(udp.fileno(), self._readable)
+        log.info(
+            "dns listening on %s:%d (udp+tcp) for %s",
+            self._options.listen,
+            port,
+            self._options.zone,
+        )
+
+    async def stop(self) -> None:
+        if self._udp is not None:
+            asyncio.get_running_loop().remove_reader(self._udp.fileno())
+            self._udp.close()
+            self._udp = None
+        if self._tcp is not None:
+            self._tcp.close()
+            await self._tcp.wait_closed()
+            self._tcp = None
+        for task in list(self._pending):
+            task.cancel()
+
+    def _readable(self) -> None:
+        udp = self._udp
+        if udp is None:
+            return
+        for _ in range(_DRAIN):
+            try:
+                packet, peer = udp.recvfrom(_MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError:
+                # ICMP errors from earlier sends surface here; they say nothing about this socket.
+                continue
+            self.respond(packet, peer, self._udp_sender(udp, peer), "udp")
+
+    def _udp_sender(self, udp: socket.socket, peer: tuple[str, int]) -> Send:
+        def send(reply: bytes) -> None:
+            try:
+                udp.sendto(reply, peer)
+            except OSError:
+                # A full socket buffer under flood: UDP may drop, the client retries.
+                self._context.counters.dropped += 1
+
+        return send
+
+    def respond(self, packet: bytes, peer: tuple[str, int], send: Send, transport: str) -> None:
+        """Answer one query, recording it first if it names a canary."""
+        counters = self._context.counters
+        counters.received += 1
+        try:
+            question = parse_query(packet)
+        except MalformedQuery as error:
+            counters.malformed += 1
+            log.debug("%s malformed query: %s", format_peer(peer), error)
+            if error.answerable:
+                send(format_error(packet))
+            return
+        if question.flags & OPCODE_MASK:
+            counters.refused += 1
+            send(not_implemented(packet, question))
+            return
+        labels = [label.decode("latin-1").lower() for label in question.labels]
+        if question.qclass not in (CLASS_IN, CLASS_ANY) or not in_zone(labels, self._zone):
+            counters.refused += 1
+            send(refuse(packet, question))
+            return
+        match = under_zone(labels, self._zone)
+        reply = self._answers.answer(packet, question, apex=match is None)
+        if match is None:
+            send(reply)
+            return
+        canary = self._context.index.get(match.candidate)
+        if canary is not None:
+            self._record(canary, question, match.left, peer, transport, reply, send)
+        elif len(match.candidate) == TOKEN_LENGTH:
+            task = asyncio.ensure_future(
+                self._respond_late(
+                    question, match.candidate, match.left, peer, transport, reply, send
+                )
+            )
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        else:
+            counters.junk += 1
+            send(reply)
+
+    async def _respond_late(
+        self,
+        question: Question,
+        candidate: str,
+        left: tuple[str, ...],
+        peer: tuple[str, int],
+        transport: str,
+        reply: bytes,
+        send: Send,
+    ) -> None:
+        canary = await self._context.index.lookup(candidate)
+        if canary is None:
+            self._context.counters.junk += 1
+            send(reply)
+        else:
+            self._record(canary, question, left, peer, transport, reply, send)
+
+    def _record(
+        self,
+        canary: Canary,
+        question: Question,
+        left: tuple[str, ...],
+        peer: tuple[str, int],
+        transport: str,
+        reply: bytes,
+        send: Send,
+    ) -> None:
+        counters = self._context.counters
+        counters.hits += 1
+        evidence = {
+            "qname": name_text(question.labels),
+            "qtype": QTYPE.get(question.qtype, f"TYPE{question.qtype}"),
+            "transport": transport,
+            "left_labels": list(left),
+            "decoded": decode_exfil(list(left)),
+        }
+        event = hit_event(
+            canary,
+            protocol="dns",
+            source=format_peer(peer),
+            node=self._context.node,
+            evidence=evidence,
+        )
+
+        def committed(entry: Entry | None) -> None:
+            if entry is None:
+                # Not durable, so not answered: the client's retry gets another chance.
+                counters.record_failures += 1
+                return
+            send(reply)
+
+        self._context.writer.submit(event, committed)
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        if self._tcp_clients >= _TCP_MAX_CLIENTS:
+            self._context.counters.dropped += 1
+            writer.close()
+            return
+        self._tcp_clients += 1
+        loop = asyncio.get_running_loop()
+        unanswered: set[asyncio.Future[None]] = set()
+        try:
+            while True:
+                prefix = await asyncio.wait_for(reader.readexactly(2), _TCP_IDLE_SECONDS)
+                packet = await asyncio.wait_for(
+                    reader.readexactly(int.from_bytes(prefix, "big")), _TCP_IDLE_SECONDS
+                )
+                answered = loop.create_future()
+                self.respond(packet, peer, self._tcp_sender(writer, answered), "tcp")
+                if not answered.done():
+                    unanswered.add(answered)
+                    answered.add_done_callback(unanswered.discard)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s dns tcp session failed", format_peer(peer))
+        finally:
+            self._tcp_clients -= 1
+            if unanswered:
+                # A client may half-close after its last query: its hit answers still go out.
+                await asyncio.wait(unanswered, timeout=_TCP_IDLE_SECONDS)
+            writer.close()
+
+    @staticmethod
+    def _tcp_sender(writer: asyncio.StreamWriter, answered: asyncio.Future[None]) -> Send:
+        def send(reply: bytes) -> None:
+            if not writer.is_closing():
+                writer.write(len(reply).to_bytes(2, "big") + reply)
+            if not answered.done():
+                answered.set_result(None)
+
+        return send

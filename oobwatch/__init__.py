@@ -1,0 +1,1 @@
+"""The application shell: configuration, the command line and the `serve` wiring."""

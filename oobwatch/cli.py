@@ -1,0 +1,235 @@
+"""The `oobwatch` command line."""
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+from sqlalchemy import Engine
+
+from canaries.mint import mint
+from canaries.model import KINDS, SEVERITIES, Canary
+from oobwatch import output
+from oobwatch.config import DEFAULT_CONFIG, Config, ConfigError, load
+from oobwatch.serve import serve
+from store import ledger, registry
+from store.clock import from_iso
+from store.engine import migrate, open_engine
+from store.timeline import TimelineQuery, timeline
+
+
+class State:
+    """The group's options, loading the configuration only when a command needs it."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            try:
+                self._config = load(self.path)
+            except ConfigError as error:
+                for line in str(error).splitlines():
+                    click.echo(f"config error: {line}", err=True)
+                sys.exit(2)
+        return self._config
+
+    def engine(self) -> Engine:
+        engine = open_engine(self.config.store.url)
+        migrate(engine)
+        return engine
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+@click.group()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="OOBWATCH_CONFIG",
+    help="TOML config file (or OOBWATCH_CONFIG).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+@click.pass_context
+def main(context: click.Context, config_path: Path | None, verbose: bool) -> None:
+    """oobwatch: out-of-band canary listeners that page when a sandbox reaches out."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("alembic", "apscheduler"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    context.obj = State(config_path)
+
+
+@main.command()
+@click.option(
+    "--config",
+    "target",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=Path("oobwatch.toml"),
+    show_default=True,
+    help="Where to write the config.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(target: Path, force: bool) -> None:
+    """Write a commented default configuration."""
+    if target.exists() and not force:
+        raise click.ClickException(f"{target} exists; pass --force to overwrite it")
+    target.write_text(DEFAULT_CONFIG, encoding="utf-8")
+    click.echo(f"wrote {target}")
+
+
+@main.command(name="serve")
+@pass_state
+def serve_command(state: State) -> None:
+    """Run the listeners, pager and scheduler until SIGINT or SIGTERM."""
+    asyncio.run(serve(state.config))
+
+
+def _labels(
+    _context: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    labels = {}
+    for value in values:
+        key, sep, text = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE")
+        labels[key] = text
+    return labels
+
+
+@main.command(name="mint")
+@click.argument("kind", type=click.Choice(KINDS))
+@click.option("--sandbox", required=True, help="The sandbox the canary is planted in.")
+@click.option("--location", default="", help="Where in the sandbox it is planted.")
+@click.option("--label", "labels", multiple=True, callback=_labels, help="KEY=VALUE, repeatable.")
+@click.option("--severity", type=click.Choice(SEVERITIES), default="high", show_default=True)
+@click.option("--note", default="", help="A note for whoever gets paged.")
+@click.option("--json", "as_json", is_flag=True, help="Print the canary as JSON.")
+@pass_state
+def mint_command(
+    state: State,
+    kind: str,
+    sandbox: str,
+    location: str,
+    labels: dict[str, str],
+    severity: str,
+    note: str,
+    as_json: bool,
+) -> None:
+    """Mint a canary of KIND and print what to plant."""
+    try:
+        canary = mint(
+            state.engine(),
+            kind=kind,
+            zone=state.config.dns.zone,
+            sandbox=sandbox,
+            node=state.config.node.name,
+            location=location,
+            labels=labels,
+            severity=severity,
+            note=note,
+        )
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        click.echo(json.dumps(output.canary_json(canary)))
+    else:
+        click.echo(f"{canary.id}  {canary.kind}  plant: {canary.value}")
+
+
+@main.command(name="list")
+@click.option("--sandbox", default=None, help="Only canaries of this sandbox.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@pass_state
+def list_command(state: State, sandbox: str | None, as_json: bool) -> None:
+    """List minted canaries."""
+    with state.engine().connect() as connection:
+        canaries = [Canary.from_row(row) for row in registry.listing(connection, sandbox)]
+    if as_json:
+        click.echo(json.dumps([output.canary_json(canary) for canary in canaries], indent=2))
+        return
+    output.print_table(
+        "canaries",
+        ("id", "kind", "sandbox", "location", "value", "created"),
+        (
+            (c.id, c.kind, c.sandbox, c.location, c.value, output.canary_json(c)["created_at"])
+            for c in canaries
+        ),
+    )
+
+
+def _time(_context: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return from_iso(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 time") from None
+
+
+@main.command(name="timeline")
+@click.option("--sandbox", default=None)
+@click.option("--canary", "canary_id", default=None)
+@click.option("--since", callback=_time, help="ISO 8601; inclusive.")
+@click.option("--until", callback=_time, help="ISO 8601; exclusive.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+)
+@pass_state
+def timeline_command(
+    state: State,
+    sandbox: str | None,
+    canary_id: str | None,
+    since: int | None,
+    until: int | None,
+    fmt: str,
+) -> None:
+    """Everything recorded for a sandbox or canary, oldest first."""
+    query = TimelineQuery(sandbox=sandbox, canary_id=canary_id, since_us=since, until_us=until)
+    with state.engine().connect() as connection:
+        entries = timeline(connection, query)
+    if fmt == "json":
+        click.echo(json.dumps([output.event_json(entry) for entry in entries], indent=2))
+    elif fmt == "csv":
+        click.echo(output.timeline_csv(entries), nl=False)
+    else:
+        output.print_table(
+            "timeline",
+            ("time", "type", "canary", "sandbox", "protocol", "source", "detail"),
+            output.timeline_rows(entries),
+        )
+
+
+@main.group(name="ledger")
+def ledger_group() -> None:
+    """Inspect the hash-chained ledger."""
+
+
+@ledger_group.command(name="verify")
+@pass_state
+def verify_command(state: State) -> None:
+    """Recompute the whole chain; exit 1 naming the first bad row."""
+    with state.engine().connect() as connection:
+        verdict = ledger.verify(connection)
+    if verdict.intact:
+        click.echo(f"ledger intact: {verdict.count} entries, head {verdict.head_hash}")
+        return
+    click.echo(
+        f"ledger BROKEN at row {verdict.bad_seq}: {verdict.problem} "
+        f"({verdict.count} entries verified before it)",
+        err=True,
+    )
+    sys.exit(1)

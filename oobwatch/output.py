@@ -1,0 +1,139 @@
+"""Rendering canaries and ledger entries as JSON, CSV and terminal tables.
+
+Everything a sandbox controlled may be in these values, so CSV cells that a
+spreadsheet would run as a formula are neutralised, and table cells show
+control characters escaped and rich markup as literal text.
+"""
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from canaries.model import Canary
+from store.clock import to_iso
+from store.ledger import Entry
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+TIMELINE_COLUMNS = (
+    "seq",
+    "time",
+    "type",
+    "canary_id",
+    "sandbox",
+    "protocol",
+    "source",
+    "node",
+    "kind",
+    "location",
+    "qname",
+    "qtype",
+    "left_labels",
+    "decoded",
+    "detail",
+    "hash",
+)
+
+
+def canary_json(canary: Canary) -> dict[str, Any]:
+    return {
+        "id": canary.id,
+        "token": canary.token,
+        "kind": canary.kind,
+        "value": canary.value,
+        "sandbox": canary.sandbox,
+        "location": canary.location,
+        "labels": dict(canary.labels),
+        "severity": canary.severity,
+        "note": canary.note,
+        "created_at": to_iso(canary.created_us),
+        "expires_at": None if canary.expires_us is None else to_iso(canary.expires_us),
+        "retired_at": None if canary.retired_us is None else to_iso(canary.retired_us),
+    }
+
+
+def event_json(entry: Entry) -> dict[str, Any]:
+    """One timeline event: the ledger columns with its evidence lifted to the top level."""
+    event: dict[str, Any] = {
+        "seq": entry.seq,
+        "time": to_iso(entry.time_us),
+        "type": entry.type,
+        "canary_id": entry.canary_id,
+        "sandbox": entry.sandbox,
+        "protocol": entry.protocol,
+        "source": entry.source,
+        "node": entry.node,
+    }
+    for key, value in entry.evidence.items():
+        event.setdefault(key, value)
+    event["hash"] = entry.hash
+    return event
+
+
+def spreadsheet_safe(value: Any) -> str:
+    """A CSV cell that no spreadsheet will evaluate."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def timeline_csv(entries: Iterable[Entry]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(TIMELINE_COLUMNS)
+    for entry in entries:
+        event = event_json(entry)
+        detail = {key: value for key, value in event.items() if key not in TIMELINE_COLUMNS}
+        event["detail"] = detail or None
+        writer.writerow([spreadsheet_safe(event.get(column)) for column in TIMELINE_COLUMNS])
+    return out.getvalue()
+
+
+def terminal_safe(value: Any) -> Text:
+    """Literal text for a table cell: no markup, control characters escaped."""
+    if value is None:
+        return Text("")
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    escaped = "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
+    return Text(escaped)
+
+
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(terminal_safe(cell) for cell in row))
+    Console().print(table)
+
+
+def timeline_rows(entries: Iterable[Entry]) -> Iterable[list[Any]]:
+    for entry in entries:
+        data = entry.evidence
+        if entry.type == "hit":
+            detail = f"{data.get('qtype', '')} {data.get('qname', '')}".strip()
+            if data.get("decoded"):
+                detail += f" decoded={data['decoded']!r}"
+        elif entry.type.startswith("alert_"):
+            detail = f"{data.get('target')} {data.get('error') or ''}".strip()
+        else:
+            detail = str(data.get("value", ""))
+        yield [
+            to_iso(entry.time_us),
+            entry.type,
+            entry.canary_id,
+            entry.sandbox,
+            entry.protocol,
+            entry.source,
+            detail,
+        ]

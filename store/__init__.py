@@ -1,0 +1,1 @@
+"""The durable record: schema, engine setup, migrations, the hash-chained ledger."""

@@ -1,0 +1,207 @@
+"""The ledger: one append-only, hash-chained table of everything that happened.
+
+Each entry's hash is SHA-256 over a canonical JSON encoding of its fields and
+the previous entry's hash, so changing, deleting, inserting or reordering a
+row breaks the chain from that row on. Appending locks the single head row
+first: on SQLite that takes the database write lock, on PostgreSQL a row
+lock, so writers in several processes or on several nodes extend one chain.
+"""
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, select, update
+
+from store.schema import ledger, ledger_head
+
+GENESIS = "0" * 64
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something to append: its type, when, where, and its evidence."""
+
+    type: str
+    time_us: int
+    node: str
+    canary_id: str | None = None
+    sandbox: str | None = None
+    protocol: str | None = None
+    source: str | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A committed ledger row."""
+
+    seq: int
+    time_us: int
+    type: str
+    canary_id: str | None
+    sandbox: str | None
+    protocol: str | None
+    source: str | None
+    node: str
+    data: str
+    prev_hash: str
+    hash: str
+
+    @property
+    def evidence(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = json.loads(self.data)
+        return loaded
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The outcome of walking the chain."""
+
+    count: int
+    head_seq: int
+    head_hash: str
+    bad_seq: int | None = None
+    problem: str | None = None
+
+    @property
+    def intact(self) -> bool:
+        return self.problem is None
+
+
+def canonical(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def entry_hash(
+    seq: int,
+    time_us: int,
+    type_: str,
+    canary_id: str | None,
+    sandbox: str | None,
+    protocol: str | None,
+    source: str | None,
+    node: str,
+    data: str,
+    prev_hash: str,
+) -> str:
+    fields = [seq, time_us, type_, canary_id, sandbox, protocol, source, node, data, prev_hash]
+    encoded = json.dumps(fields, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(encoded.encode("ascii")).hexdigest()
+
+
+def append(connection: Connection, events: Sequence[Event]) -> list[Entry]:
+    """Chain `events` onto the ledger inside the caller's transaction."""
+    if not events:
+        return []
+    # A no-op write first: it takes the write lock before the head is read,
+    # so two writers can never both extend the same head.
+    connection.execute(
+        update(ledger_head).where(ledger_head.c.id == 1).values(seq=ledger_head.c.seq)
+    )
+    head_seq, prev = connection.execute(
+        select(ledger_head.c.seq, ledger_head.c.hash).where(ledger_head.c.id == 1)
+    ).one()
+    entries = []
+    for offset, event in enumerate(events, start=1):
+        seq = head_seq + offset
+        data = canonical(event.data)
+        digest = entry_hash(
+            seq,
+            event.time_us,
+            event.type,
+            event.canary_id,
+            event.sandbox,
+            event.protocol,
+            event.source,
+            event.node,
+            data,
+            prev,
+        )
+        entries.append(
+            Entry(
+                seq,
+                event.time_us,
+                event.type,
+                event.canary_id,
+                event.sandbox,
+                event.protocol,
+                event.source,
+                event.node,
+                data,
+                prev,
+                digest,
+            )
+        )
+        prev = digest
+    connection.execute(ledger.insert(), [_as_row(entry) for entry in entries])
+    connection.execute(
+        update(ledger_head)
+        .where(ledger_head.c.id == 1)
+        .values(seq=entries[-1].seq, hash=entries[-1].hash)
+    )
+    return entries
+
+
+def _as_row(entry: Entry) -> dict[str, Any]:
+    return {name: getattr(entry, name) for name in Entry.__slots__}
+
+
+def head(connection: Connection) -> tuple[int, str]:
+    seq, digest = connection.execute(
+        select(ledger_head.c.seq, ledger_head.c.hash).where(ledger_head.c.id == 1)
+    ).one()
+    return int(seq), str(digest)
+
+
+def entries(connection: Connection) -> Iterator[Entry]:
+    """Every entry in chain order, streamed."""
+    result = connection.execution_options(yield_per=2000).execute(
+        select(ledger).order_by(ledger.c.seq)
+    )
+    for row in result:
+        yield Entry(**row._mapping)
+
+
+def verify(connection: Connection) -> Verdict:
+    """Walk the whole chain; name the first row that does not follow from its predecessor."""
+    prev = GENESIS
+    expected = 1
+    for entry in entries(connection):
+        if entry.seq != expected:
+            kind = "missing" if entry.seq > expected else "out of order"
+            return _broken(expected - 1, prev, entry.seq, f"row {expected} is {kind}")
+        if entry.prev_hash != prev:
+            return _broken(expected - 1, prev, entry.seq, "prev_hash does not match the row before")
+        recomputed = entry_hash(
+            entry.seq,
+            entry.time_us,
+            entry.type,
+            entry.canary_id,
+            entry.sandbox,
+            entry.protocol,
+            entry.source,
+            entry.node,
+            entry.data,
+            entry.prev_hash,
+        )
+        if recomputed != entry.hash:
+            return _broken(expected - 1, prev, entry.seq, "contents do not match its hash")
+        prev = entry.hash
+        expected += 1
+    count = expected - 1
+    head_seq, head_hash = head(connection)
+    if (head_seq, head_hash) != (count, prev):
+        return _broken(
+            count,
+            prev,
+            count + 1 if head_seq > count else head_seq,
+            f"chain ends at row {count} but the head says row {head_seq}",
+        )
+    return Verdict(count, count, prev)
+
+
+def _broken(count: int, prev: str, bad_seq: int, problem: str) -> Verdict:
+    return Verdict(count, count, prev, bad_seq=bad_seq, problem=problem)

@@ -1,0 +1,67 @@
+"""Tables: canaries, the append-only ledger, and the ledger's head pointer.
+
+Times are integer microseconds since the Unix epoch (UTC). An integer encodes
+the same way in every database and in the row hash, where a DATETIME would
+not (SQLite keeps text, PostgreSQL a timestamp with its own precision).
+"""
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+canaries = Table(
+    "canaries",
+    metadata,
+    # An increasing key lets a running server pick up canaries minted by other processes.
+    Column("pk", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(32), nullable=False, unique=True),
+    Column("token", String(64), nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),
+    Column("value", Text, nullable=False),
+    Column("sandbox", String(200), nullable=False),
+    Column("location", Text, nullable=False, default=""),
+    Column("labels", Text, nullable=False, default="{}"),
+    Column("severity", String(16), nullable=False, default="high"),
+    Column("note", Text, nullable=False, default=""),
+    Column("created_us", BigInteger, nullable=False),
+    Column("expires_us", BigInteger, nullable=True),
+    Column("retired_us", BigInteger, nullable=True),
+)
+
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("time_us", BigInteger, nullable=False),
+    Column("type", String(32), nullable=False),
+    Column("canary_id", String(32), nullable=True),
+    Column("sandbox", String(200), nullable=True),
+    Column("protocol", String(16), nullable=True),
+    Column("source", String(64), nullable=True),
+    Column("node", String(64), nullable=False),
+    Column("data", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Index("ix_ledger_sandbox_time", "sandbox", "time_us"),
+    Index("ix_ledger_canary_time", "canary_id", "time_us"),
+    Index("ix_ledger_time", "time_us"),
+)
+
+# One row (id = 1). Appending writers lock it first, which serialises them
+# across processes and nodes, then read and advance it with their rows.
+ledger_head = Table(
+    "ledger_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
