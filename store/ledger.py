@@ -9,6 +9,7 @@ lock, so writers in several processes or on several nodes extend one chain.
 
 import hashlib
 import json
+from contextlib import closing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,18 +159,23 @@ def head(connection: Connection) -> tuple[int, str]:
 
 def entries(connection: Connection) -> Iterator[Entry]:
     """Every entry in chain order, streamed."""
-    result = connection.execution_options(yield_per=2000).execute(
+    with connection.execution_options(yield_per=2000).execute(
         select(ledger).order_by(ledger.c.seq)
-    )
-    for row in result:
-        yield Entry(**row._mapping)
+    ) as result:
+        for row in result:
+            yield Entry(**row._mapping)
 
 
 def verify(connection: Connection) -> Verdict:
     """Walk the whole chain; name the first row that does not follow from its predecessor."""
+    with closing(entries(connection)) as chain:
+        return _walk(connection, chain)
+
+
+def _walk(connection: Connection, chain: Iterator[Entry]) -> Verdict:
     prev = GENESIS
     expected = 1
-    for entry in entries(connection):
+    for entry in chain:
         if entry.seq != expected:
             kind = "missing" if entry.seq > expected else "out of order"
             return _broken(expected - 1, prev, entry.seq, f"row {expected} is {kind}")

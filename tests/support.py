@@ -1,0 +1,183 @@
+"""Test helpers: a throwaway PostgreSQL server, an HTTP receiver, a DNS listener in the test's loop."""
+
+import contextlib
+import glob
+import itertools
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from canaries.index import TokenIndex
+from listeners.base import Context
+from listeners.dns import DnsListener, DnsOptions
+from store import ledger
+from store.clock import now_us
+from store.engine import open_engine
+from store.ledger import Event
+from store.writer import LedgerWriter
+
+ZONE = "canary.example.test"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def postgres_bin() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(candidates[-1]).parent if candidates else None
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster on 127.0.0.1, run as a non-root user when we are root."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.root = Path(tempfile.mkdtemp(prefix="oobwatch-pg-"))
+        self.port = _free_port()
+        self._prefix: list[str] = []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+            self._prefix = ["runuser", "-u", "postgres", "--"]
+        self._databases = itertools.count()
+
+    def _run(self, *command: str) -> None:
+        subprocess.run([*self._prefix, *command], check=True, capture_output=True)
+
+    def start(self) -> None:
+        data = self.root / "data"
+        self._run(str(self.bindir / "initdb"), "-D", str(data), "-U", "oobwatch", "--auth=trust")
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-w",
+            "-l",
+            str(self.root / "log"),
+            "start",
+        )
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._run(
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.root / "data"),
+                "-m",
+                "immediate",
+                "stop",
+            )
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def new_database(self) -> str:
+        name = f"t{next(self._databases)}"
+        engine = open_engine(self.url("postgres"))
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.exec_driver_sql(f"CREATE DATABASE {name}")
+        engine.dispose()
+        return self.url(name)
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://oobwatch@127.0.0.1:{self.port}/{database}"
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict[str, object]:
+        loaded: dict[str, object] = json.loads(self.body)
+        return loaded
+
+
+@dataclass
+class Receiver:
+    """A real HTTP server on 127.0.0.1 recording every request; answers `status`."""
+
+    port: int = 0
+    status: int = 200
+    requests: list[Received] = field(default_factory=list)
+    arrived: threading.Condition = field(default_factory=threading.Condition)
+
+    def url(self, scheme: str = "json", path: str = "/hook") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        with self.arrived:
+            self.arrived.wait_for(lambda: len(self.requests) >= count, timeout)
+            return list(self.requests)
+
+
+@dataclass
+class DnsNode:
+    """A DNS listener on 127.0.0.1:0 with its writer and index, in this test's loop."""
+
+    engine: Engine
+    listener: DnsListener
+    writer: LedgerWriter
+    index: TokenIndex
+    context: Context
+
+    @property
+    def port(self) -> int:
+        return self.listener.addresses[0][1]
+
+
+@contextlib.asynccontextmanager
+async def run_dns(engine: Engine, **options: object) -> AsyncIterator[DnsNode]:
+    writer = LedgerWriter(engine)
+    writer.start()
+    index = TokenIndex(engine)
+    index.refresh()
+    context = Context(index, writer, "test-node")
+    listener = DnsListener(context, DnsOptions(zone=ZONE, port=0, **options))  # type: ignore[arg-type]
+    await listener.start()
+    try:
+        yield DnsNode(engine, listener, writer, index, context)
+    finally:
+        await listener.stop()
+        await writer.stop()
+
+
+def numbered_event(number: int, node: str = "n1") -> Event:
+    """A hit event whose evidence carries `number`, and text that must survive hashing."""
+    return Event(
+        type="hit",
+        time_us=now_us(),
+        node=node,
+        canary_id=f"cn-{number}",
+        sandbox="sbx",
+        protocol="dns",
+        source="198.51.100.7:5353",
+        data={"qname": f"q{number}.example.", "n": number, "text": "ünïcode \x00"},
+    )
+
+
+def append_many(url: str, node: str, rounds: int) -> None:
+    """Run in a separate process: append `rounds` transactions of two events each."""
+    engine = open_engine(url)
+    for number in range(rounds):
+        with engine.begin() as connection:
+            ledger.append(connection, [numbered_event(number, node), numbered_event(number, node)])
+    engine.dispose()
