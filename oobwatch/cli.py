@@ -233,3 +233,7 @@ def verify_command(state: State) -> None:
         err=True,
     )
     sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

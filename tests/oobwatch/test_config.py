@@ -1,0 +1,101 @@
+"""Configuration: the file, environment overrides, and one clear line per bad key."""
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from oobwatch.cli import main
+from oobwatch.config import DEFAULT_CONFIG, ConfigError, load
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "oobwatch.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_default_config_loads(tmp_path: Path) -> None:
+    config = load(write(tmp_path, DEFAULT_CONFIG))
+    assert config.dns.zone == "canary.example.test"
+    assert config.dns.port == 5353
+    assert [str(a) for a in config.dns.answer_ipv4] == ["127.0.0.1"]
+    assert config.alerts.urls == []
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OOBWATCH_DNS__PORT", "15353")
+    monkeypatch.setenv("OOBWATCH_DNS__ZONE", "Canary.Corp.Example.")
+    monkeypatch.setenv("OOBWATCH_ALERTS__URLS", '["json://127.0.0.1:9/x"]')
+    config = load(write(tmp_path, DEFAULT_CONFIG))
+    assert config.dns.port == 15353
+    assert config.dns.zone == "canary.corp.example"
+    assert config.alerts.urls == ["json://127.0.0.1:9/x"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "[dns]\nzone = 'bad_zone!.test'\n",
+            "dns.zone: 'bad_zone!.test' is not a valid DNS zone name",
+        ),
+        ("[dns]\nport = 'fifty'\n", "dns.port: Input should be a valid integer"),
+        ("[dns]\nport = 70000\n", "dns.port: Input should be less than or equal to 65535"),
+        ("[dns]\nanswer_ipv4 = ['300.1.1.1']\n", "dns.answer_ipv4.0:"),
+        ("[dns]\nlisten = 'localhost'\n", "dns.listen: must be an IP address"),
+        ("[dns]\nzoen = 'x.test'\n", "dns.zoen: unknown key"),
+        ("[surprise]\nx = 1\n", "surprise: unknown key"),
+        (
+            "[alerts]\nurls = ['nosuch://x']\n",
+            "alerts.urls: nosuch://... : apprise does not recognise",
+        ),
+        ("[store]\nurl = 'not a url'\n", "store.url: not a SQLAlchemy database URL"),
+        ("[dns\nzone = 1\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key_and_exits_non_zero(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=None) as caught:
+        load(path)
+    assert expected in str(caught.value)
+    result = CliRunner().invoke(main, ["--config", str(path), "list"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("config error: ")
+    assert expected in lines[0]
+
+
+def test_bad_environment_value_names_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OOBWATCH_DNS__TTL", "-1")
+    with pytest.raises(ConfigError, match=r"dns.ttl: Input should be greater than or equal to 0"):
+        load(write(tmp_path, DEFAULT_CONFIG))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["--config", str(tmp_path / "nope.toml"), "list"])
+    assert result.exit_code == 2
+    assert "does not exist" in result.stderr
+
+
+def test_config_from_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, f"[store]\nurl = 'sqlite:///{tmp_path / 'x.db'}'\n")
+    monkeypatch.setenv("OOBWATCH_CONFIG", str(path))
+    result = CliRunner().invoke(main, ["list", "--json"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "[]"
+
+
+def test_init_writes_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    target = tmp_path / "new.toml"
+    runner = CliRunner()
+    assert runner.invoke(main, ["init", "--config", str(target)]).exit_code == 0
+    assert target.read_text() == DEFAULT_CONFIG
+    again = runner.invoke(main, ["init", "--config", str(target)])
+    assert again.exit_code != 0
+    assert "exists" in again.output
