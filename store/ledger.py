@@ -9,8 +9,8 @@ lock, so writers in several processes or on several nodes extend one chain.
 
 import hashlib
 import json
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import closing
-from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,7 +157,7 @@ def head(connection: Connection) -> tuple[int, str]:
     return int(seq), str(digest)
 
 
-def entries(connection: Connection) -> Iterator[Entry]:
+def entries(connection: Connection) -> Generator[Entry]:
     """Every entry in chain order, streamed."""
     with connection.execution_options(yield_per=2000).execute(
         select(ledger).order_by(ledger.c.seq)

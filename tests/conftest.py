@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
-from support import PostgresServer, Received, Receiver, postgres_bin
 
 from store.engine import migrate, open_engine
+from support import PostgresServer, Received, Receiver, postgres_bin
 
 
 @pytest.fixture(scope="session")

@@ -10,11 +10,11 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 from sqlalchemy import Engine, func, select
-from support import ZONE, run_dns
 
 from canaries.mint import mint
 from store import ledger
 from store.schema import ledger as ledger_table
+from support import ZONE, run_dns
 
 QTYPES = [
     "A",

@@ -5,12 +5,12 @@ import multiprocessing
 
 import pytest
 from sqlalchemy import Engine, delete, insert, text, update
-from support import append_many, numbered_event
 
 from store import ledger
 from store.engine import migrate, open_engine
 from store.ledger import GENESIS
 from store.schema import ledger as ledger_table
+from support import append_many, numbered_event
 
 
 def fill(engine: Engine, count: int) -> list[ledger.Entry]:
