@@ -64,7 +64,7 @@ def main(context: click.Context, config_path: Path | None, verbose: bool) -> Non
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("alembic", "apscheduler"):
+    for noisy in ("alembic", "apscheduler", "apprise"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     context.obj = State(config_path)
 

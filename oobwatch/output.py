@@ -8,6 +8,7 @@ control characters escaped and rich markup as literal text.
 import csv
 import io
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -109,12 +110,14 @@ def terminal_safe(value: Any) -> Text:
 
 
 def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A table that folds long cells rather than cutting them: ids and names must stay whole."""
     table = Table(title=title)
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*(terminal_safe(cell) for cell in row))
-    Console().print(table)
+    # Piped output has no terminal width to fit; keep rows on one line for grep.
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
 
 
 def timeline_rows(entries: Iterable[Entry]) -> Iterable[list[Any]]:

@@ -1,0 +1,163 @@
+"""`make demo`: the real service on 127.0.0.1 high ports, a canary minted and tripped.
+
+Starts a local HTTP receiver standing in for on-call's pager, runs
+`oobwatch serve` on SQLite, mints a DNS canary, trips it with a real DNS
+query (dig when installed, dnspython otherwise), prints the page the
+receiver got and the sandbox's timeline, then keeps serving until Ctrl-C.
+Set DEMO_ONCE=1 to stop after showing everything.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = REPO / ".demo"
+ZONE = "canary.demo.test"
+SANDBOX = "sbx-demo"
+
+
+def free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+            try:
+                udp.bind(("127.0.0.1", port))
+                tcp.bind(("127.0.0.1", udp.getsockname()[1]))
+            except OSError:
+                continue
+            return int(udp.getsockname()[1])
+    raise OSError("no free port")
+
+
+class Pages:
+    """What the stand-in pager received."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, object]] = []
+        self.arrived = threading.Event()
+
+
+def start_receiver(pages: Pages) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            pages.received.append(json.loads(body))
+            pages.arrived.set()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port(18099)), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def oobwatch(config: Path, *args: str) -> str:
+    command = [sys.executable, "-m", "oobwatch.cli", "--config", str(config), *args]
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+
+
+def trip(port: int, name: str) -> str:
+    if shutil.which("dig"):
+        command = ["dig", "+norecurse", "+short", "@127.0.0.1", "-p", str(port), name, "A"]
+        print("$", " ".join(command))
+        return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+    import dns.message
+    import dns.query
+
+    print(f"$ (dnspython) query {name} A @127.0.0.1:{port}")
+    reply = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=5)
+    return " ".join(rdata.to_text() for rrset in reply.answer for rdata in rrset)
+
+
+def main() -> None:
+    if WORK.exists():
+        shutil.rmtree(WORK)
+    WORK.mkdir()
+    pages = Pages()
+    receiver = start_receiver(pages)
+    dns_port = free_port(15353)
+    config = WORK / "oobwatch.toml"
+    config.write_text(
+        f"""[node]
+name = "demo"
+[store]
+url = "sqlite:///{WORK / "oobwatch.db"}"
+[dns]
+zone = "{ZONE}"
+listen = "127.0.0.1"
+port = {dns_port}
+answer_ipv4 = ["127.0.0.1"]
+[alerts]
+urls = ["json://127.0.0.1:{receiver.server_address[1]}/page"]
+"""
+    )
+    print(f"== config {config.relative_to(REPO)}\n{config.read_text()}")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "oobwatch.cli", "--config", str(config), "serve"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        print("== oobwatch serve:", server.stdout.readline().strip())
+        minted = json.loads(
+            oobwatch(
+                config,
+                "mint",
+                "dns",
+                "--sandbox",
+                SANDBOX,
+                "--location",
+                "/home/agent/.bashrc",
+                "--label",
+                "team=evals",
+                "--json",
+            )
+        )
+        print("== minted a DNS canary; plant this name in the sandbox:")
+        print(json.dumps(minted, indent=2))
+        # Data an agent might smuggle out in labels: base32 of "AWS_SECRET=hunter2".
+        exfil = "iflvgx2tivbverkuhvuhk3tumvzde"
+        print("\n== something in the sandbox resolves it:")
+        print(trip(dns_port, f"{exfil}.{minted['value']}"))
+        if not pages.arrived.wait(15):
+            raise SystemExit("no page arrived within 15 s")
+        time.sleep(0.5)
+        print("\n== the page on-call received:")
+        for page in pages.received:
+            print(f"title: {page['title']}\n{page['message']}\n")
+        print("== the timeline of the sandbox:")
+        print(oobwatch(config, "timeline", "--sandbox", SANDBOX))
+        print("== the ledger:")
+        print(oobwatch(config, "ledger", "verify"))
+        if os.environ.get("DEMO_ONCE"):
+            return
+        print(
+            f"oobwatch keeps serving. Try:\n"
+            f"  dig @127.0.0.1 -p {dns_port} anything.{minted['value']}\n"
+            f"  .venv/bin/oobwatch --config {config.relative_to(REPO)} timeline\n"
+            "Ctrl-C to stop."
+        )
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(30)
+        receiver.shutdown()
+
+
+if __name__ == "__main__":
+    main()
