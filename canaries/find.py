@@ -7,7 +7,6 @@ whole name means a token smuggled elsewhere in a junk name never matches,
 and the answer to any name costs one dictionary lookup.
 """
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -24,16 +23,15 @@ def split_name(name: str) -> tuple[str, ...]:
     return tuple(name.rstrip(".").lower().split(".")) if name.strip(".") else ()
 
 
-def under_zone(labels: Sequence[str], zone: Sequence[str]) -> NameMatch | None:
-    """Where a lowercase name sits under `zone`; None if outside it or the apex itself."""
+APEX = NameMatch("", ())
+
+
+def locate(labels: tuple[str, ...], zone: tuple[str, ...]) -> NameMatch | None:
+    """Where a lowercase name sits: None outside `zone`, APEX for the apex itself."""
     depth = len(zone)
-    if len(labels) <= depth or tuple(labels[len(labels) - depth :]) != tuple(zone):
-        return None
     position = len(labels) - depth - 1
+    if position < -1 or labels[position + 1 :] != zone:
+        return None
+    if position == -1:
+        return APEX
     return NameMatch(labels[position], tuple(labels[:position]))
-
-
-def in_zone(labels: Sequence[str], zone: Sequence[str]) -> bool:
-    """True for the apex and every name below it."""
-    depth = len(zone)
-    return len(labels) >= depth and tuple(labels[len(labels) - depth :]) == tuple(zone)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from dnslib import QTYPE
 
-from canaries.find import in_zone, split_name, under_zone
+from canaries.find import APEX, locate, split_name
 from canaries.model import Canary
 from canaries.tokens import TOKEN_LENGTH, decode_exfil
 from listeners.base import Context, format_peer, hit_event
@@ -36,7 +36,8 @@ from store.ledger import Entry
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[bytes], None]
+Peer = tuple[str, int]
+Send = Callable[[bytes, Peer], None]
 
 _DRAIN = 64
 _MAX_DATAGRAM = 4096
@@ -142,20 +143,19 @@ class DnsListener:
             except OSError:
                 # ICMP errors from earlier sends surface here; they say nothing about this socket.
                 continue
-            self.respond(packet, peer, self._udp_sender(udp, peer), "udp")
+            self.respond(packet, peer, self._send_udp, "udp")
 
-    def _udp_sender(self, udp: socket.socket, peer: tuple[str, int]) -> Send:
-        def send(reply: bytes) -> None:
-            try:
-                udp.sendto(reply, peer)
-            except OSError:
-                # A full socket buffer under flood: UDP may drop, the client retries.
-                self._context.counters.dropped += 1
+    def _send_udp(self, reply: bytes, peer: Peer) -> None:
+        if self._udp is None:
+            return
+        try:
+            self._udp.sendto(reply, peer)
+        except OSError:
+            # A full socket buffer under flood: UDP may drop, the client retries.
+            self._context.counters.dropped += 1
 
-        return send
-
-    def respond(self, packet: bytes, peer: tuple[str, int], send: Send, transport: str) -> None:
-        """Answer one query, recording it first if it names a canary."""
+    def respond(self, packet: bytes, peer: Peer, send: Send, transport: str) -> None:
+        """Answer one query through `send`, recording it first if it names a canary."""
         counters = self._context.counters
         counters.received += 1
         try:
@@ -164,21 +164,21 @@ class DnsListener:
             counters.malformed += 1
             log.debug("%s malformed query: %s", format_peer(peer), error)
             if error.answerable:
-                send(format_error(packet))
+                send(format_error(packet), peer)
             return
         if question.flags & OPCODE_MASK:
             counters.refused += 1
-            send(not_implemented(packet, question))
+            send(not_implemented(packet, question), peer)
             return
-        labels = [label.decode("latin-1").lower() for label in question.labels]
-        if question.qclass not in (CLASS_IN, CLASS_ANY) or not in_zone(labels, self._zone):
-            counters.refused += 1
-            send(refuse(packet, question))
-            return
-        match = under_zone(labels, self._zone)
-        reply = self._answers.answer(packet, question, apex=match is None)
+        labels = tuple([label.decode("latin-1").lower() for label in question.labels])
+        match = locate(labels, self._zone) if question.qclass in (CLASS_IN, CLASS_ANY) else None
         if match is None:
-            send(reply)
+            counters.refused += 1
+            send(refuse(packet, question), peer)
+            return
+        reply = self._answers.answer(packet, question, apex=match is APEX)
+        if match is APEX:
+            send(reply, peer)
             return
         canary = self._context.index.get(match.candidate)
         if canary is not None:
@@ -193,14 +193,14 @@ class DnsListener:
             task.add_done_callback(self._pending.discard)
         else:
             counters.junk += 1
-            send(reply)
+            send(reply, peer)
 
     async def _respond_late(
         self,
         question: Question,
         candidate: str,
         left: tuple[str, ...],
-        peer: tuple[str, int],
+        peer: Peer,
         transport: str,
         reply: bytes,
         send: Send,
@@ -208,7 +208,7 @@ class DnsListener:
         canary = await self._context.index.lookup(candidate)
         if canary is None:
             self._context.counters.junk += 1
-            send(reply)
+            send(reply, peer)
         else:
             self._record(canary, question, left, peer, transport, reply, send)
 
@@ -217,7 +217,7 @@ class DnsListener:
         canary: Canary,
         question: Question,
         left: tuple[str, ...],
-        peer: tuple[str, int],
+        peer: Peer,
         transport: str,
         reply: bytes,
         send: Send,
@@ -244,7 +244,7 @@ class DnsListener:
                 # Not durable, so not answered: the client's retry gets another chance.
                 counters.record_failures += 1
                 return
-            send(reply)
+            send(reply, peer)
 
         self._context.writer.submit(event, committed)
 
@@ -284,7 +284,7 @@ class DnsListener:
 
     @staticmethod
     def _tcp_sender(writer: asyncio.StreamWriter, answered: asyncio.Future[None]) -> Send:
-        def send(reply: bytes) -> None:
+        def send(reply: bytes, _peer: Peer) -> None:
             if not writer.is_closing():
                 writer.write(len(reply).to_bytes(2, "big") + reply)
             if not answered.done():

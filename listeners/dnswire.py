@@ -11,6 +11,7 @@ import ipaddress
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 _HEADER = struct.Struct("!HHHHHH")
 _TAIL = struct.Struct("!HH")
@@ -42,8 +43,7 @@ class MalformedQuery(ValueError):
         self.answerable = answerable
 
 
-@dataclass(frozen=True, slots=True)
-class Question:
+class Question(NamedTuple):
     """The parts of a query an authoritative answer depends on."""
 
     id: int
