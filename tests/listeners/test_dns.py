@@ -9,11 +9,18 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import pytest
+from dnslib import DNSRecord
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select
 
+from canaries.index import TokenIndex
 from canaries.mint import mint
+from listeners.base import Context
+from listeners.dns import DnsListener, DnsOptions
 from store import ledger
 from store.schema import ledger as ledger_table
+from store.writer import LedgerWriter
 from support import ZONE, run_dns
 
 QTYPES = [
@@ -56,15 +63,15 @@ async def tcp(port: int, name: str, qtype: str = "A") -> dns.message.Message:
     )
 
 
-async def test_every_query_type_fires_a_hit_over_udp_and_tcp(sqlite_engine: Engine) -> None:
-    canary_id, name = plant(sqlite_engine)
-    async with run_dns(sqlite_engine) as node:
+async def test_every_query_type_fires_a_hit_over_udp_and_tcp(engine: Engine) -> None:
+    canary_id, name = plant(engine)
+    async with run_dns(engine) as node:
         for qtype in QTYPES:
             reply = await udp(node.port, f"x.y.{name}", qtype)
             assert reply.rcode() == dns.rcode.NOERROR
             reply = await tcp(node.port, name.upper(), qtype)
             assert reply.rcode() == dns.rcode.NOERROR
-    recorded = hits(sqlite_engine)
+    recorded = hits(engine)
     assert len(recorded) == 2 * len(QTYPES)
     assert {entry.canary_id for entry in recorded} == {canary_id}
     assert [entry.evidence["qtype"] for entry in recorded[::2]] == QTYPES
@@ -79,13 +86,13 @@ async def test_every_query_type_fires_a_hit_over_udp_and_tcp(sqlite_engine: Engi
     assert first.evidence["location"] == "/etc/hosts"
 
 
-async def test_a_hit_is_committed_before_its_answer_arrives(sqlite_engine: Engine) -> None:
-    _, name = plant(sqlite_engine)
-    async with run_dns(sqlite_engine) as node:
+async def test_a_hit_is_committed_before_its_answer_arrives(engine: Engine) -> None:
+    _, name = plant(engine)
+    async with run_dns(engine) as node:
         for count in range(1, 21):
             await udp(node.port, f"n{count}.{name}")
             # Read straight after the answer, before yielding to the listener again.
-            with sqlite_engine.connect() as connection:
+            with engine.connect() as connection:
                 recorded = connection.execute(
                     select(func.count())
                     .select_from(ledger_table)
@@ -207,3 +214,21 @@ async def test_ipv6_listener(sqlite_engine: Engine, family: str) -> None:
         reply = await dns.asyncquery.udp(query, "::1", port=node.port, timeout=5)
         assert reply.rcode() == dns.rcode.NOERROR
     assert hits(sqlite_engine)[0].source.startswith("[::1]:")
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    packet=st.binary(max_size=300)
+    | st.builds(lambda b: b"\x12\x34\x01\x00\x00\x01" + b"\x00" * 6 + b, st.binary(max_size=80))
+)
+def test_any_packet_gets_a_well_formed_reply_or_none(sqlite_engine: Engine, packet: bytes) -> None:
+    """The whole respond path, not just the parser: it never raises and never sends garbage."""
+    index = TokenIndex(sqlite_engine)
+    listener = DnsListener(Context(index, LedgerWriter(sqlite_engine), "n"), DnsOptions(zone=ZONE))
+    sent: list[bytes] = []
+    listener.respond(packet, ("192.0.2.1", 53), lambda reply, _peer: sent.append(reply), "udp")
+    assert len(sent) <= 1
+    for reply in sent:
+        parsed = DNSRecord.parse(reply)
+        assert parsed.header.qr == 1
+        assert len(reply) <= len(packet) + 120
