@@ -37,7 +37,7 @@ bench: $(STAMP)
 	@if ! command -v dnsperf >/dev/null 2>&1 || ! command -v nsd >/dev/null 2>&1; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsperf nsd >/dev/null; \
 	fi
-	$(PY) bench/dns.py
+	$(PY) bench/dnsbench.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage
