@@ -8,7 +8,21 @@ from store.ledger import Entry
 
 LIMIT = 200
 
-_EVIDENCE_KEYS = ("qname", "qtype", "transport", "decoded")
+_EVIDENCE_KEYS = (
+    "qname",
+    "qtype",
+    "transport",
+    "decoded",
+    "trigger",
+    "rcpt",
+    "mail_from",
+    "helo",
+    "subject",
+    "method",
+    "target",
+    "user_agent",
+    "found_in",
+)
 
 
 def quote(value: Any, limit: int = LIMIT) -> str:

@@ -1,18 +1,32 @@
-"""Minting: a new token, its planted value, its row and its ledger event in one transaction."""
+"""Minting: a new token, what to plant, its row and its ledger event in one transaction."""
 
 import secrets
 from collections.abc import Mapping
 
 from sqlalchemy import Engine
 
+from canaries import kinds
 from canaries.model import Canary
 from canaries.tokens import new_token
 from store import ledger, registry
 from store.clock import now_us
 
 
-def dns_name(token: str, zone: str) -> str:
-    return f"{token}.{zone}"
+def plan(kind: str, token: str, zone: str, *, http_port: int, fmt: str | None) -> kinds.Planting:
+    """What to plant for a canary of `kind` with `token`."""
+    if fmt is not None and kind != "credential":
+        raise ValueError("--format applies to credential canaries only")
+    if kind == "dns":
+        return kinds.dns(token, zone)
+    if kind == "email":
+        return kinds.email(token, zone)
+    if kind == "url":
+        return kinds.url(token, zone, http_port)
+    if kind == "credential":
+        if fmt is None:
+            raise ValueError("credential canaries need a format")
+        return kinds.credential(fmt, token, zone, http_port)
+    raise ValueError(f"unknown canary kind {kind!r}")
 
 
 def mint(
@@ -26,22 +40,26 @@ def mint(
     labels: Mapping[str, str] | None = None,
     severity: str = "high",
     note: str = "",
+    fmt: str | None = None,
+    http_port: int = 80,
 ) -> Canary:
     """Create and record one canary of `kind` for `sandbox`."""
-    if kind != "dns":
-        raise ValueError(f"minting {kind!r} canaries is not supported yet")
     token = new_token()
+    planting = plan(kind, token, zone, http_port=http_port, fmt=fmt)
     canary = Canary(
         id="cn-" + secrets.token_hex(6),
         token=token,
         kind=kind,
-        value=dns_name(token, zone),
+        value=planting.value,
         sandbox=sandbox,
         location=location,
         labels=dict(labels or {}),
         severity=severity,
         note=note,
         created_us=now_us(),
+        format=planting.format,
+        path_hint=planting.path_hint,
+        files=planting.files,
     )
     minted = ledger.Event(
         type="canary_minted",
@@ -51,7 +69,8 @@ def mint(
         sandbox=sandbox,
         data={
             "kind": kind,
-            "value": canary.value,
+            "format": planting.format,
+            "value": canary.value if kind != "credential" else planting.path_hint,
             "location": location,
             "labels": dict(canary.labels),
             "severity": severity,

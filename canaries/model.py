@@ -27,6 +27,9 @@ class Canary:
     created_us: int = 0
     expires_us: int | None = None
     retired_us: int | None = None
+    format: str = ""
+    path_hint: str = ""
+    files: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> "Canary":
@@ -43,9 +46,13 @@ class Canary:
             created_us=row["created_us"],
             expires_us=row["expires_us"],
             retired_us=row["retired_us"],
+            format=row["format"],
+            path_hint=row["path_hint"],
+            files=json.loads(row["files"]),
         )
 
     def as_row(self) -> dict[str, Any]:
         row = {name: getattr(self, name) for name in self.__slots__}
         row["labels"] = json.dumps(dict(self.labels), sort_keys=True)
+        row["files"] = json.dumps(dict(self.files))
         return row

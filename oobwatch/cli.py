@@ -9,8 +9,10 @@ from pathlib import Path
 import click
 from sqlalchemy import Engine
 
+from canaries.kinds import CREDENTIAL_FORMATS
 from canaries.mint import mint
 from canaries.model import KINDS, SEVERITIES, Canary
+from canaries.plant import plant
 from oobwatch import output
 from oobwatch.config import DEFAULT_CONFIG, Config, ConfigError, load
 from oobwatch.serve import serve
@@ -64,7 +66,7 @@ def main(context: click.Context, config_path: Path | None, verbose: bool) -> Non
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("alembic", "apscheduler", "apprise"):
+    for noisy in ("alembic", "apscheduler", "apprise", "mail.log", "uvicorn.error"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     context.obj = State(config_path)
 
@@ -113,6 +115,12 @@ def _labels(
 @click.option("--label", "labels", multiple=True, callback=_labels, help="KEY=VALUE, repeatable.")
 @click.option("--severity", type=click.Choice(SEVERITIES), default="high", show_default=True)
 @click.option("--note", default="", help="A note for whoever gets paged.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(CREDENTIAL_FORMATS),
+    help="Credential format (credential only).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the canary as JSON.")
 @pass_state
 def mint_command(
@@ -123,9 +131,12 @@ def mint_command(
     labels: dict[str, str],
     severity: str,
     note: str,
+    fmt: str | None,
     as_json: bool,
 ) -> None:
-    """Mint a canary of KIND and print what to plant."""
+    """Mint a canary of KIND (dns, email, url, credential) and print what to plant."""
+    if kind == "credential" and fmt is None:
+        raise click.UsageError("credential canaries need --format")
     try:
         canary = mint(
             state.engine(),
@@ -137,13 +148,58 @@ def mint_command(
             labels=labels,
             severity=severity,
             note=note,
+            fmt=fmt,
+            http_port=state.config.http.port,
         )
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     if as_json:
         click.echo(json.dumps(output.canary_json(canary)))
+    elif canary.kind == "credential":
+        click.echo(f"{canary.id}  credential {canary.format}  plant at ~/{canary.path_hint}:")
+        for path, text in canary.files.items():
+            click.echo(f"--- ~/{path}\n{text}", nl=False)
     else:
         click.echo(f"{canary.id}  {canary.kind}  plant: {canary.value}")
+
+
+@main.command(name="plant")
+@click.option("--sandbox", required=True, help="The sandbox the bundle is planted in.")
+@click.option(
+    "--into",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The directory to plant into, as if it were a home directory.",
+)
+@click.option("--label", "labels", multiple=True, callback=_labels, help="KEY=VALUE, repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as a JSON array.")
+@pass_state
+def plant_command(
+    state: State, sandbox: str, into: Path, labels: dict[str, str], as_json: bool
+) -> None:
+    """Write a realistic bundle of credential, email and URL canaries into a directory."""
+    into.mkdir(parents=True, exist_ok=True)
+    planted = plant(
+        state.engine(),
+        into=into,
+        sandbox=sandbox,
+        zone=state.config.dns.zone,
+        node=state.config.node.name,
+        http_port=state.config.http.port,
+        labels=labels,
+    )
+    for path in planted.skipped:
+        click.echo(f"skipped {path}: it exists already", err=True)
+    if as_json:
+        click.echo(
+            json.dumps([output.canary_json(canary) for canary in planted.canaries], indent=2)
+        )
+        return
+    output.print_table(
+        f"planted into {into}",
+        ("id", "kind", "format", "location"),
+        ((c.id, c.kind, c.format, c.location) for c in planted.canaries),
+    )
 
 
 @main.command(name="list")

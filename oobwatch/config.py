@@ -9,9 +9,17 @@ import socket
 import tomllib
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -70,14 +78,60 @@ class DnsConfig(Section):
     @field_validator("zone")
     @classmethod
     def _zone(cls, zone: str) -> str:
-        name = zone.rstrip(".").lower()
-        labels = name.split(".")
-        if not name or not all(_LABEL.match(label) for label in labels):
-            raise ValueError(f"{zone!r} is not a valid DNS zone name")
+        name = _check_zone(zone)
         # Room for "<token>." plus a few labels of exfiltrated data on the left.
         if len(name) + TOKEN_LENGTH + 1 > 200:
             raise ValueError(f"{zone!r} is too long to leave room for tokens under it")
         return name
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, listen: str) -> str:
+        return _check_listen(listen)
+
+
+def _check_zone(zone: str) -> str:
+    name = zone.rstrip(".").lower()
+    labels = name.split(".")
+    if not name or not all(_LABEL.match(label) for label in labels):
+        raise ValueError(f"{zone!r} is not a valid DNS name")
+    return name
+
+
+class SmtpConfig(Section):
+    enabled: bool = True
+    listen: str = "127.0.0.1"
+    port: Port = 2525
+    domains: list[str] = []
+    max_message_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 10 * 1024 * 1024
+    max_connections_per_source: Annotated[int, Field(ge=1, le=10_000)] = 10
+    timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    tls_cert: FilePath | None = None
+    tls_key: FilePath | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, listen: str) -> str:
+        return _check_listen(listen)
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, domains: list[str]) -> list[str]:
+        return [_check_zone(domain) for domain in domains]
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> "SmtpConfig":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        return self
+
+
+class HttpConfig(Section):
+    enabled: bool = True
+    listen: str = "127.0.0.1"
+    port: Port = 8080
+    response: Literal["empty", "404", "pixel"] = "empty"
+    max_body_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 1024 * 1024
 
     @field_validator("listen")
     @classmethod
@@ -113,6 +167,8 @@ class Config(BaseSettings):
     node: NodeConfig = NodeConfig()
     store: StoreConfig = StoreConfig()
     dns: DnsConfig = DnsConfig()
+    smtp: SmtpConfig = SmtpConfig()
+    http: HttpConfig = HttpConfig()
     alerts: AlertsConfig = AlertsConfig()
 
 
@@ -174,6 +230,24 @@ answer_ipv4 = ["127.0.0.1"]           # A answers for every name in the zone: th
 answer_ipv6 = []                      # AAAA answers
 ttl = 0                               # keep 0 so every lookup reaches this server, not a cache
 # nameservers = ["ns1.canary.example.test"]   # NS/SOA names; default ns1.<zone>
+
+[smtp]
+# Mail for <token>@<zone> and anything@<token>.<zone> is a hit; everything else gets 550.
+listen = "127.0.0.1"                  # 0.0.0.0 or :: in production
+port = 2525                           # 25 in production (point the zone's MX here)
+domains = []                          # default: the DNS zone and every name under it
+max_message_bytes = 10485760
+max_connections_per_source = 10
+timeout = 30.0                        # seconds of silence before a session is dropped
+# tls_cert = "/etc/oobwatch/mail.pem"  # STARTTLS when both are set
+# tls_key = "/etc/oobwatch/mail.key"
+
+[http]
+# Any request carrying a token (Host, path, query, headers, cookies, body) is a hit.
+listen = "127.0.0.1"
+port = 8080                           # 80 in production
+response = "empty"                    # what everyone gets back: "empty" 200, "404", or "pixel"
+max_body_bytes = 1048576
 
 [alerts]
 # apprise URLs (https://github.com/caronc/apprise/wiki); every hit pages each of them.

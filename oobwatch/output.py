@@ -56,6 +56,9 @@ def canary_json(canary: Canary) -> dict[str, Any]:
         "created_at": to_iso(canary.created_us),
         "expires_at": None if canary.expires_us is None else to_iso(canary.expires_us),
         "retired_at": None if canary.retired_us is None else to_iso(canary.retired_us),
+        "format": canary.format or None,
+        "path_hint": canary.path_hint or None,
+        "files": dict(canary.files) or None,
     }
 
 
@@ -120,17 +123,27 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]
     Console(width=None if sys.stdout.isatty() else 240).print(table)
 
 
+def detail(entry: Entry) -> str:
+    """One line saying what an entry is about, from its evidence."""
+    data = entry.evidence
+    if entry.type == "hit" and entry.protocol == "dns":
+        text = f"{data.get('qtype', '')} {data.get('qname', '')}"
+        return text + (f" decoded={data['decoded']!r}" if data.get("decoded") else "")
+    if entry.type == "hit" and entry.protocol == "smtp":
+        if data.get("trigger") == "leaked":
+            return f"token leaked in mail {data.get('subject', '')!r}"
+        return f"RCPT {data.get('rcpt', '')} from {data.get('mail_from', '')}"
+    if entry.type == "hit" and entry.protocol == "http":
+        return f"{data.get('method', '')} {data.get('target', '')} (in {', '.join(data.get('found_in', []))})"
+    if entry.type == "evidence":
+        return f"mail {data.get('subject', '')!r}, {data.get('size', 0)} bytes"
+    if entry.type.startswith("alert_"):
+        return f"{data.get('target')} {data.get('error') or ''}".strip()
+    return str(data.get("value", ""))
+
+
 def timeline_rows(entries: Iterable[Entry]) -> Iterable[list[Any]]:
     for entry in entries:
-        data = entry.evidence
-        if entry.type == "hit":
-            detail = f"{data.get('qtype', '')} {data.get('qname', '')}".strip()
-            if data.get("decoded"):
-                detail += f" decoded={data['decoded']!r}"
-        elif entry.type.startswith("alert_"):
-            detail = f"{data.get('target')} {data.get('error') or ''}".strip()
-        else:
-            detail = str(data.get("value", ""))
         yield [
             to_iso(entry.time_us),
             entry.type,
@@ -138,5 +151,5 @@ def timeline_rows(entries: Iterable[Entry]) -> Iterable[list[Any]]:
             entry.sandbox,
             entry.protocol,
             entry.source,
-            detail,
+            detail(entry),
         ]

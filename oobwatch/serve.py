@@ -12,6 +12,8 @@ from alerts.pager import Pager
 from canaries.index import TokenIndex
 from listeners.base import Context, Listener
 from listeners.dns import DnsListener, DnsOptions
+from listeners.http import HttpListener, HttpOptions
+from listeners.smtp import SmtpListener, SmtpOptions
 from oobwatch.config import Config
 from store.engine import migrate, open_engine
 from store.writer import LedgerWriter
@@ -36,9 +38,39 @@ def _dns(config: Config, context: Context) -> Listener:
     return DnsListener(context, options)
 
 
+def _smtp(config: Config, context: Context) -> Listener:
+    smtp = config.smtp
+    options = SmtpOptions(
+        zone=config.dns.zone,
+        listen=smtp.listen,
+        port=smtp.port,
+        domains=smtp.domains,
+        max_message_bytes=smtp.max_message_bytes,
+        max_connections_per_source=smtp.max_connections_per_source,
+        timeout=smtp.timeout,
+        tls_cert=smtp.tls_cert,
+        tls_key=smtp.tls_key,
+    )
+    return SmtpListener(context, options)
+
+
+def _http(config: Config, context: Context) -> Listener:
+    http = config.http
+    options = HttpOptions(
+        zone=config.dns.zone,
+        listen=http.listen,
+        port=http.port,
+        response=http.response,
+        max_body=http.max_body_bytes,
+    )
+    return HttpListener(context, options)
+
+
 # Every listener kind, by name: how to build it and whether the config enables it.
 LISTENERS: dict[str, tuple[Callable[[Config, Context], Listener], Callable[[Config], bool]]] = {
     "dns": (_dns, lambda config: config.dns.enabled),
+    "smtp": (_smtp, lambda config: config.smtp.enabled),
+    "http": (_http, lambda config: config.http.enabled),
 }
 
 

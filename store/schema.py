@@ -35,6 +35,9 @@ canaries = Table(
     Column("created_us", BigInteger, nullable=False),
     Column("expires_us", BigInteger, nullable=True),
     Column("retired_us", BigInteger, nullable=True),
+    Column("format", String(32), nullable=False, default=""),
+    Column("path_hint", Text, nullable=False, default=""),
+    Column("files", Text, nullable=False, default="{}"),
 )
 
 ledger = Table(

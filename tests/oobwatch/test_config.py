@@ -38,7 +38,7 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     [
         (
             "[dns]\nzone = 'bad_zone!.test'\n",
-            "dns.zone: 'bad_zone!.test' is not a valid DNS zone name",
+            "dns.zone: 'bad_zone!.test' is not a valid DNS name",
         ),
         ("[dns]\nport = 'fifty'\n", "dns.port: Input should be a valid integer"),
         ("[dns]\nport = 70000\n", "dns.port: Input should be less than or equal to 65535"),

@@ -1,0 +1,300 @@
+"""The SMTP listener (aiosmtpd): canary recipients are hits, recorded at RCPT, enriched at DATA.
+
+It accepts mail only for recipients in its own domains that carry a known
+token, so it is never an open relay. A sender may hang up after RCPT, so the
+hit is committed before RCPT is answered; DATA is answered only after the
+message's evidence, and a `leaked` hit for every other canary token found
+inside it, are committed too.
+"""
+
+import asyncio
+import logging
+import ssl
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from canaries.find import in_address, in_domains, scan, split_name
+from canaries.model import Canary
+from listeners.base import Context, format_peer, hit_event
+from listeners.mailparse import MailDetails, inspect_message
+from store.clock import now_us
+from store.ledger import Entry, Event
+
+log = logging.getLogger(__name__)
+
+MAX_PROTOCOL_ERRORS = 10
+MAX_REJECTED_RECIPIENTS = 20
+_ERROR_CODES = ("500", "501", "502", "503", "504")
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpOptions:
+    """How the SMTP listener binds, which domains it serves, and its limits."""
+
+    zone: str
+    listen: str = "127.0.0.1"
+    port: int = 2525
+    domains: Sequence[str] = ()
+    max_message_bytes: int = 10 * 1024 * 1024
+    max_connections_per_source: int = 10
+    timeout: float = 30.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+class CanaryHandler:
+    """The aiosmtpd handler: RCPT and DATA turn the envelope into hits, nothing else."""
+
+    def __init__(self, context: Context, domains: tuple[tuple[str, ...], ...]) -> None:
+        self._context = context
+        self._domains = domains
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        counters = self._context.counters
+        domain = address.rpartition("@")[2]
+        if not in_domains(domain, self._domains):
+            counters.refused += 1
+            return "550 5.7.1 Relaying denied"
+        canary = None
+        for zone in self._domains:
+            match = in_address(address, zone)
+            if match is not None:
+                canary = await self._context.index.lookup(match.candidate)
+                if canary is not None:
+                    break
+        if canary is None:
+            counters.junk += 1
+            return "550 5.1.1 Mailbox unavailable"
+        evidence = {
+            "trigger": "rcpt",
+            "rcpt": address,
+            "mail_from": envelope.mail_from,
+            "helo": session.host_name,
+            "tls": session.ssl is not None,
+        }
+        try:
+            [entry] = await self._context.writer.append(self._hit(canary, session, evidence))
+        except RuntimeError:
+            counters.record_failures += 1
+            return "451 4.3.0 Try again later"
+        counters.hits += 1
+        envelope.rcpt_tos.append(address)
+        _hits(envelope).append((canary, entry))
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or b""
+        details = await asyncio.to_thread(inspect_message, raw)
+        recipients = {canary.token for canary, _ in _hits(envelope)}
+        leaked = []
+        for token in sorted(scan(details.text) - recipients):
+            canary = await self._context.index.lookup(token)
+            if canary is not None:
+                leaked.append(
+                    self._hit(
+                        canary,
+                        session,
+                        {"trigger": "leaked", "subject": details.subject, "sha256": details.sha256},
+                    )
+                )
+        events = [*self._evidence(session, envelope, details), *leaked]
+        try:
+            await self._context.writer.append(*events)
+        except RuntimeError:
+            self._context.counters.record_failures += 1
+            return "451 4.3.0 Try again later"
+        self._context.counters.hits += len(leaked)
+        return "250 2.0.0 OK"
+
+    def _hit(self, canary: Canary, session: Session, evidence: dict[str, Any]) -> Event:
+        return hit_event(
+            canary,
+            protocol="smtp",
+            source=_peer(session),
+            node=self._context.node,
+            evidence=evidence,
+        )
+
+    def _evidence(self, session: Session, envelope: Envelope, details: MailDetails) -> list[Event]:
+        """One evidence event per canary whose address received the message."""
+        events = []
+        seen = set()
+        for canary, entry in _hits(envelope):
+            if canary.id in seen:
+                continue
+            seen.add(canary.id)
+            events.append(
+                Event(
+                    type="evidence",
+                    time_us=now_us(),
+                    node=self._context.node,
+                    canary_id=canary.id,
+                    sandbox=canary.sandbox,
+                    protocol="smtp",
+                    source=_peer(session),
+                    data={
+                        "hit_seq": entry.seq,
+                        "mail_from": envelope.mail_from,
+                        "rcpt_tos": list(envelope.rcpt_tos),
+                        "helo": session.host_name,
+                        "tls": session.ssl is not None,
+                        "subject": details.subject,
+                        "headers": details.headers,
+                        "size": details.size,
+                        "sha256": details.sha256,
+                        "attachments": [
+                            {"name": a.name, "size": a.size, "sha256": a.sha256}
+                            for a in details.attachments
+                        ],
+                        "excerpt": details.excerpt,
+                        "parsed": details.parsed,
+                    },
+                )
+            )
+        return events
+
+
+class CanaryEnvelope(Envelope):
+    """An envelope that also carries the hits its recipients recorded at RCPT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits: list[tuple[Canary, Entry]] = []
+
+
+def _hits(envelope: Envelope) -> list[tuple[Canary, Entry]]:
+    assert isinstance(envelope, CanaryEnvelope)
+    return envelope.hits
+
+
+def _peer(session: Session | None) -> str:
+    # aiosmtpd types the peer as a string, but it is the socket's address tuple.
+    peer: Any = None if session is None else session.peer
+    return format_peer(peer) if isinstance(peer, tuple) else str(peer)
+
+
+class GuardedSMTP(SMTP):
+    """aiosmtpd's SMTP with the limits it lacks: connections per source, and error floods.
+
+    aiosmtpd does not count empty or non-ASCII lines toward its bogus-command
+    limit, and answers a buffered flood of them without yielding, stalling
+    every other session. Here every reply yields to the loop, and a session
+    that draws too many syntax errors or rejected recipients is closed.
+    """
+
+    def __init__(
+        self, *args: Any, connections: Counter[str], per_source: int, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._connections = connections
+        self._per_source = per_source
+        self._source: str | None = None
+        self._errors = 0
+        self._rejected = 0
+        self._closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # a new connection, not the STARTTLS upgrade of one
+            source = str(transport.get_extra_info("peername")[0])
+            if self._connections[source] >= self._per_source:
+                log.warning("%s over the connection limit; refused", source)
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(b"421 4.7.0 Too many connections from your address\r\n")
+                transport.close()
+                return
+            self._connections[source] += 1
+            self._source = source
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._source is None:
+            return  # refused in connection_made: aiosmtpd never started a session
+        self._connections[self._source] -= 1
+        if self._connections[self._source] <= 0:
+            del self._connections[self._source]
+        super().connection_lost(error)
+
+    def _create_envelope(self) -> Envelope:
+        return CanaryEnvelope()
+
+    async def push(self, status: AnyStr) -> None:
+        await super().push(status)
+        code = status[:3].decode() if isinstance(status, bytes) else status[:3]
+        if code in _ERROR_CODES:
+            self._errors += 1
+        elif code == "550":
+            self._rejected += 1
+        over = self._errors >= MAX_PROTOCOL_ERRORS or self._rejected >= MAX_REJECTED_RECIPIENTS
+        if over and not self._closing and self.transport is not None:
+            self._closing = True
+            log.warning("%s too many errors; closing", _peer(self.session))
+            await super().push("421 4.7.0 Too many errors, closing connection")
+            self.transport.close()
+        # Yield after every reply, so one client's buffered flood cannot starve other sessions.
+        await asyncio.sleep(0)
+
+
+class SmtpListener:
+    """Receives mail for the zone and its names; never relays."""
+
+    name = "smtp"
+
+    def __init__(self, context: Context, options: SmtpOptions) -> None:
+        self._context = context
+        self._options = options
+        domains = options.domains or (options.zone,)
+        self._handler = CanaryHandler(context, tuple(split_name(domain) for domain in domains))
+        self._connections: Counter[str] = Counter()
+        self._tls: ssl.SSLContext | None = None
+        if options.tls_cert is not None:
+            self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._tls.load_cert_chain(options.tls_cert, options.tls_key)
+        self._server: asyncio.Server | None = None
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self._context.counters.as_dict()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        if self._server is None:
+            return []
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return [(host, port)]
+
+    def _session(self) -> GuardedSMTP:
+        return GuardedSMTP(
+            self._handler,
+            connections=self._connections,
+            per_source=self._options.max_connections_per_source,
+            hostname=f"mail.{self._options.zone}",
+            ident="ESMTP",
+            data_size_limit=self._options.max_message_bytes,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            timeout=self._options.timeout,
+            # NOOP, RSET, VRFY and friends cost a reply each and carry nothing.
+            command_call_limit={"NOOP": 10, "RSET": 20, "VRFY": 5, "EXPN": 5, "HELP": 5, "*": 200},
+            tls_context=self._tls,
+            require_starttls=False,
+        )
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._session, self._options.listen, self._options.port, reuse_address=True
+        )
+        log.info("smtp listening on %s:%d", *self.addresses[0])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
