@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml
 # PostgreSQL (tests start their own server), dig, dnsperf and NSD (bench), when missing.
 system-deps:
 	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
-	   || ! command -v dig >/dev/null 2>&1; then \
+	   || ! command -v dig >/dev/null 2>&1 || ! command -v git >/dev/null 2>&1 \
+	   || ! command -v curl >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      postgresql bind9-dnsutils >/dev/null; \
-	  else echo "install postgresql and bind9-dnsutils (needs root and apt-get)"; fi; \
+	      postgresql bind9-dnsutils git curl >/dev/null; \
+	  else echo "install postgresql, bind9-dnsutils, git and curl (needs root and apt-get)"; fi; \
 	fi
 
 demo: $(STAMP)

@@ -42,6 +42,16 @@ _ANSWERS: dict[str, tuple[int, bytes, bytes]] = {
 }
 
 
+# Clients such as git and docker send a stored secret only when challenged.
+_CHALLENGE = ((b"www-authenticate", b'Basic realm="restricted"'),)
+
+
+def _challenge(hits: list[tuple[Canary, list[str]]], headers: list[tuple[str, str]]) -> bool:
+    """Challenge for credentials when a credential canary's host is asked without any."""
+    unauthenticated = all(name.lower() != "authorization" for name, _ in headers)
+    return unauthenticated and any(canary.kind == "credential" for canary, _ in hits)
+
+
 @dataclass(frozen=True, slots=True)
 class HttpOptions:
     """How the HTTP listener binds and answers."""
@@ -191,10 +201,12 @@ class HttpListener:
                 return
         else:
             counters.junk += 1
-        status, content_type, payload = _ANSWERS[self._options.response]
         if not body.complete:
-            status, content_type, payload = 413, b"text/plain", b""
-        await self._answer(send, status, content_type, payload)
+            await self._answer(send, 413, b"text/plain", b"")
+        elif _challenge(hits, headers):
+            await self._answer(send, 401, b"text/plain", b"", _CHALLENGE)
+        else:
+            await self._answer(send, *_ANSWERS[self._options.response])
 
     async def _read_body(self, receive: Receive) -> Body:
         digest = hashlib.sha256()
@@ -216,7 +228,13 @@ class HttpListener:
         return Body(bytes(head), size, digest.hexdigest(), complete=True)
 
     @staticmethod
-    async def _answer(send: Send, status: int, content_type: bytes, payload: bytes) -> None:
+    async def _answer(
+        send: Send,
+        status: int,
+        content_type: bytes,
+        payload: bytes,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -225,6 +243,7 @@ class HttpListener:
                     (b"content-type", content_type),
                     (b"content-length", str(len(payload)).encode()),
                     (b"cache-control", b"no-store"),
+                    *extra,
                 ],
             }
         )

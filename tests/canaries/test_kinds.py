@@ -1,0 +1,144 @@
+"""Each credential format parses with the real format's parser and carries the token where used."""
+
+import base64
+import configparser
+import json
+import netrc
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg.conninfo
+import pytest
+import yaml
+
+from canaries import kinds
+from canaries.find import in_host, scan, split_name
+from canaries.tokens import new_token
+
+ZONE = "canary.example.test"
+TOKEN = new_token()
+
+
+def render(fmt: str, port: int = 8080) -> kinds.Planting:
+    planting = kinds.credential(fmt, TOKEN, ZONE, port)
+    assert planting.format == fmt
+    assert planting.value == planting.files[planting.path_hint]
+    return planting
+
+
+def host_token(host: str) -> str | None:
+    return in_host(host, split_name(ZONE))
+
+
+def test_netrc(tmp_path: Path) -> None:
+    path = tmp_path / ".netrc"
+    path.write_text(render("netrc").value)
+    path.chmod(0o600)
+    [(host, (login, _, password))] = netrc.netrc(str(path)).hosts.items()
+    assert host_token(host) == TOKEN
+    assert login == "deploy-bot"
+    assert scan(password) == {TOKEN}
+
+
+def test_git_credentials() -> None:
+    url = urlsplit(render("git-credentials").value.strip())
+    assert url.scheme == "https"
+    assert host_token(url.hostname or "") == TOKEN
+    assert scan(url.password or "") == {TOKEN}
+
+
+def test_pgpass_and_postgres_url() -> None:
+    host, port, database, user, password = render("pgpass").value.strip().split(":")
+    assert (port, database, user) == ("5432", "app_production", "app_rw")
+    assert host_token(host) == TOKEN
+    assert scan(password) == {TOKEN}
+    line = render("postgres-url").value.strip()
+    name, _, url = line.partition("=")
+    assert name == "DATABASE_URL"
+    parsed = psycopg.conninfo.conninfo_to_dict(url)
+    assert host_token(str(parsed["host"])) == TOKEN
+    assert scan(str(parsed["password"])) == {TOKEN}
+
+
+def test_env() -> None:
+    pairs = dict(
+        line.split("=", 1)
+        for line in render("env", 80).value.splitlines()
+        if line and not line.startswith("#")
+    )
+    assert scan(pairs["OPENAI_API_KEY"]) == {TOKEN}
+    base = urlsplit(pairs["OPENAI_BASE_URL"])
+    assert base.port is None
+    assert host_token(base.netloc) == TOKEN
+
+
+def test_aws() -> None:
+    planting = render("aws", 18080)
+    credentials = configparser.ConfigParser()
+    credentials.read_string(planting.files[".aws/credentials"])
+    assert credentials["default"]["aws_access_key_id"].startswith("AKIA")
+    assert len(credentials["default"]["aws_access_key_id"]) == 20
+    assert len(credentials["default"]["aws_secret_access_key"]) == 40
+    assert scan(credentials["default"]["aws_secret_access_key"]) == {TOKEN}
+    config = configparser.ConfigParser()
+    config.read_string(planting.files[".aws/config"])
+    endpoint = urlsplit(config["default"]["endpoint_url"])
+    assert endpoint.port == 18080
+    assert host_token(endpoint.netloc) == TOKEN
+
+
+def test_kubeconfig() -> None:
+    config = yaml.safe_load(render("kubeconfig").value)
+    assert config["kind"] == "Config"
+    server = urlsplit(config["clusters"][0]["cluster"]["server"])
+    assert host_token(server.netloc) == TOKEN
+    assert config["users"][0]["user"]["token"] == TOKEN
+    assert config["current-context"] == config["contexts"][0]["name"]
+
+
+def test_ssh_config() -> None:
+    lines = dict(line.strip().split(" ", 1) for line in render("ssh-config").value.splitlines())
+    assert lines["Host"] == "bastion-prod"
+    assert host_token(lines["HostName"]) == TOKEN
+
+
+def test_docker_config() -> None:
+    [(registry, entry)] = json.loads(render("docker-config").value)["auths"].items()
+    assert host_token(registry) == TOKEN
+    user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+    assert user == "ci-bot"
+    assert password == TOKEN
+
+
+def test_mcp() -> None:
+    [server] = json.loads(render("mcp").value)["mcpServers"].values()
+    assert host_token(urlsplit(server["url"]).netloc) == TOKEN
+    assert scan(server["headers"]["Authorization"]) == {TOKEN}
+
+
+def test_every_format_is_covered() -> None:
+    assert set(kinds.CREDENTIAL_FORMATS) == {
+        "netrc",
+        "git-credentials",
+        "pgpass",
+        "postgres-url",
+        "env",
+        "aws",
+        "kubeconfig",
+        "ssh-config",
+        "docker-config",
+        "mcp",
+    }
+
+
+def test_unknown_format() -> None:
+    with pytest.raises(ValueError, match="unknown credential format"):
+        kinds.credential("nope", TOKEN, ZONE, 80)
+
+
+def test_email_and_url() -> None:
+    assert kinds.email(TOKEN, ZONE).value == f"{TOKEN}@{ZONE}"
+    url = urlsplit(kinds.url(TOKEN, ZONE, 80).value)
+    assert (url.scheme, url.netloc) == ("http", f"{TOKEN}.{ZONE}")
+    assert url.path.startswith("/")
+    assert urlsplit(kinds.url(TOKEN, ZONE, 8080).value).port == 8080

@@ -1,0 +1,81 @@
+"""`plant` writes real files at their real paths, records them, and never clobbers."""
+
+import stat
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from canaries.model import Canary
+from canaries.plant import BUNDLE, CONTACTS, plant
+from store import registry
+
+ZONE = "canary.example.test"
+
+
+def run(engine: Engine, into: Path) -> tuple[list[Canary], list[str]]:
+    planted = plant(
+        engine,
+        into=into,
+        sandbox="sbx-p",
+        zone=ZONE,
+        node="n",
+        http_port=8080,
+        labels={"team": "x"},
+    )
+    return planted.canaries, planted.skipped
+
+
+def test_plant_writes_the_bundle_and_records_it(sqlite_engine: Engine, tmp_path: Path) -> None:
+    tmp_path /= "home"
+    canaries, skipped = run(sqlite_engine, tmp_path)
+    assert skipped == []
+    expected = {
+        ".netrc",
+        ".git-credentials",
+        ".pgpass",
+        ".aws/credentials",
+        ".aws/config",
+        ".kube/config",
+        ".ssh/config",
+        ".docker/config.json",
+        "project/.env",
+        "project/.mcp.json",
+        CONTACTS,
+    }
+    written = {str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*") if path.is_file()}
+    assert written == expected
+    for path in written:
+        assert stat.S_IMODE((tmp_path / path).stat().st_mode) == 0o600
+    assert [canary.format for canary in canaries if canary.kind == "credential"] == list(BUNDLE)
+    assert sorted(canary.kind for canary in canaries if canary.kind != "credential") == [
+        "email",
+        "url",
+    ]
+    with sqlite_engine.connect() as connection:
+        stored = {row["id"]: Canary.from_row(row) for row in registry.listing(connection, "sbx-p")}
+    assert stored.keys() == {canary.id for canary in canaries}
+    for canary in canaries:
+        assert stored[canary.id] == canary
+        assert canary.labels == {"team": "x"}
+        for path, text in canary.files.items():
+            assert (tmp_path / path).read_text() == text
+    contacts = (tmp_path / CONTACTS).read_text()
+    assert all(canary.value in contacts for canary in canaries if canary.kind in ("email", "url"))
+    assert {canary.location for canary in canaries if canary.kind != "credential"} == {CONTACTS}
+
+
+def test_a_second_run_clobbers_nothing(sqlite_engine: Engine, tmp_path: Path) -> None:
+    tmp_path /= "home"
+    (tmp_path / ".ssh").mkdir(parents=True)
+    (tmp_path / ".ssh" / "config").write_text("Host mine\n")
+    (tmp_path / ".netrc").write_text("machine real.example\n")
+    first, skipped = run(sqlite_engine, tmp_path)
+    assert sorted(skipped) == [".netrc", ".ssh/config"]
+    assert {canary.format for canary in first} >= {"pgpass", "aws"}
+    assert "ssh-config" not in {canary.format for canary in first}
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    second, skipped_again = run(sqlite_engine, tmp_path)
+    assert second == []
+    assert len(skipped_again) == len(before)
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+    assert (tmp_path / ".ssh" / "config").read_text() == "Host mine\n"
