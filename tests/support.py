@@ -11,15 +11,20 @@ import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine
 
 from canaries.index import TokenIndex
+from canaries.mint import mint
+from canaries.model import Canary
 from listeners.base import Context
 from listeners.dns import DnsListener, DnsOptions
+from listeners.http import HttpListener, HttpOptions
+from listeners.smtp import SmtpListener, SmtpOptions
 from store import ledger
 from store.clock import now_us
 from store.engine import open_engine
@@ -130,34 +135,63 @@ class Receiver:
 
 
 @dataclass
-class DnsNode:
-    """A DNS listener on 127.0.0.1:0 with its writer and index, in this test's loop."""
+class Node:
+    """A listener on 127.0.0.1:0 with its writer and index, in this test's loop."""
 
     engine: Engine
-    listener: DnsListener
+    listener: Any
     writer: LedgerWriter
     index: TokenIndex
     context: Context
 
     @property
     def port(self) -> int:
-        return self.listener.addresses[0][1]
+        return int(self.listener.addresses[0][1])
 
 
 @contextlib.asynccontextmanager
-async def run_dns(engine: Engine, **options: object) -> AsyncIterator[DnsNode]:
+async def run_listener(engine: Engine, build: Callable[[Context], Any]) -> AsyncIterator[Node]:
     writer = LedgerWriter(engine)
     writer.start()
     index = TokenIndex(engine)
     index.refresh()
     context = Context(index, writer, "test-node")
-    listener = DnsListener(context, DnsOptions(zone=ZONE, port=0, **options))  # type: ignore[arg-type]
+    listener = build(context)
     await listener.start()
     try:
-        yield DnsNode(engine, listener, writer, index, context)
+        yield Node(engine, listener, writer, index, context)
     finally:
         await listener.stop()
         await writer.stop()
+
+
+def run_dns(engine: Engine, **options: Any) -> contextlib.AbstractAsyncContextManager[Node]:
+    return run_listener(
+        engine, lambda context: DnsListener(context, DnsOptions(zone=ZONE, port=0, **options))
+    )
+
+
+def run_smtp(engine: Engine, **options: Any) -> contextlib.AbstractAsyncContextManager[Node]:
+    return run_listener(
+        engine, lambda context: SmtpListener(context, SmtpOptions(zone=ZONE, port=0, **options))
+    )
+
+
+def run_http(engine: Engine, **options: Any) -> contextlib.AbstractAsyncContextManager[Node]:
+    return run_listener(
+        engine, lambda context: HttpListener(context, HttpOptions(zone=ZONE, port=0, **options))
+    )
+
+
+def hits(engine: Engine, type_: str = "hit") -> list[ledger.Entry]:
+    with engine.connect() as connection:
+        return [entry for entry in ledger.entries(connection) if entry.type == type_]
+
+
+def plant_canary(engine: Engine, kind: str = "dns", sandbox: str = "sbx-1", **extra: Any) -> Canary:
+    return mint(
+        engine, kind=kind, zone=ZONE, sandbox=sandbox, node="test", location="/etc/hosts", **extra
+    )
 
 
 def numbered_event(number: int, node: str = "n1") -> Event:

@@ -15,13 +15,12 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select
 
 from canaries.index import TokenIndex
-from canaries.mint import mint
 from listeners.base import Context
 from listeners.dns import DnsListener, DnsOptions
 from store import ledger
 from store.schema import ledger as ledger_table
 from store.writer import LedgerWriter
-from support import ZONE, run_dns
+from support import ZONE, hits, plant_canary, run_dns
 
 QTYPES = [
     "A",
@@ -40,15 +39,8 @@ QTYPES = [
 ]
 
 
-def hits(engine: Engine) -> list[ledger.Entry]:
-    with engine.connect() as connection:
-        return [entry for entry in ledger.entries(connection) if entry.type == "hit"]
-
-
-def plant(engine: Engine, sandbox: str = "sbx-1") -> tuple[str, str]:
-    canary = mint(
-        engine, kind="dns", zone=ZONE, sandbox=sandbox, node="test", location="/etc/hosts"
-    )
+def plant(engine: Engine) -> tuple[str, str]:
+    canary = plant_canary(engine)
     return canary.id, canary.value
 
 

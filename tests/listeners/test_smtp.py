@@ -1,0 +1,303 @@
+"""The SMTP listener over real sockets, driven by smtplib."""
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import smtplib
+import socket
+import ssl
+from collections.abc import Callable
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine
+
+from listeners.mailparse import inspect_message
+from support import ZONE, hits, plant_canary, run_smtp
+
+T = TypeVar("T")
+
+
+async def blocking(function: Callable[[], T]) -> T:
+    return await asyncio.to_thread(function)
+
+
+def message(
+    to: str, subject: str = "quarterly numbers", body: str = "see attached"
+) -> EmailMessage:
+    mail = EmailMessage(policy=SMTP_POLICY)
+    mail["From"] = "agent@sandbox.internal"
+    mail["To"] = to
+    mail["Subject"] = subject
+    mail.set_content(body)
+    return mail
+
+
+def send(
+    port: int, to: str, mail: EmailMessage | None = None, **login: object
+) -> dict[str, tuple[int, bytes]]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("sandbox-7")
+        return client.send_message(mail or message(to), "agent@sandbox.internal", [to])
+
+
+async def test_local_part_and_domain_forms_fire(sqlite_engine: Engine) -> None:
+    canary = plant_canary(sqlite_engine, "email")
+    token = canary.token
+    async with run_smtp(sqlite_engine) as node:
+        assert await blocking(lambda: send(node.port, canary.value)) == {}
+        assert await blocking(lambda: send(node.port, f"ceo@{token}.{ZONE}")) == {}
+        assert await blocking(lambda: send(node.port, f"x@mx.{token.upper()}.{ZONE}")) == {}
+    recorded = hits(sqlite_engine)
+    assert [entry.evidence["rcpt"] for entry in recorded] == [
+        canary.value,
+        f"ceo@{token}.{ZONE}",
+        f"x@mx.{token.upper()}.{ZONE}",
+    ]
+    assert {entry.canary_id for entry in recorded} == {canary.id}
+    first = recorded[0]
+    assert first.protocol == "smtp"
+    assert first.evidence["trigger"] == "rcpt"
+    assert first.evidence["mail_from"] == "agent@sandbox.internal"
+    assert first.evidence["helo"] == "sandbox-7"
+    assert first.evidence["tls"] is False
+    assert first.source is not None
+    assert first.source.startswith("127.0.0.1:")
+
+
+async def test_data_is_recorded_as_evidence_with_attachments(sqlite_engine: Engine) -> None:
+    canary = plant_canary(sqlite_engine, "email")
+    mail = message(canary.value, subject="=?utf-8?q?r=C3=A9sum=C3=A9?= <script>")
+    mail.add_attachment(
+        b"\x00secret bytes", maintype="application", subtype="octet-stream", filename="dump.bin"
+    )
+    async with run_smtp(sqlite_engine) as node:
+        await blocking(lambda: send(node.port, canary.value, mail))
+    [evidence] = hits(sqlite_engine, "evidence")
+    [hit] = hits(sqlite_engine)
+    data = evidence.evidence
+    assert evidence.canary_id == canary.id
+    assert data["hit_seq"] == hit.seq
+    assert data["rcpt_tos"] == [canary.value]
+    assert "<script>" in data["subject"]
+    assert data["attachments"] == [
+        {"name": "dump.bin", "size": 13, "sha256": hashlib.sha256(b"\x00secret bytes").hexdigest()}
+    ]
+    assert data["size"] > 0
+    assert "quarterly" not in data["subject"]
+    assert "see attached" in data["excerpt"]
+
+
+async def test_unknown_and_foreign_recipients_are_refused(sqlite_engine: Engine) -> None:
+    canary = plant_canary(sqlite_engine, "email")
+    async with run_smtp(sqlite_engine) as node:
+
+        def session() -> list[int]:
+            codes = []
+            with smtplib.SMTP("127.0.0.1", node.port, timeout=10) as client:
+                client.ehlo("x")
+                client.mail("spammer@example.org")
+                for rcpt in (
+                    f"nobody@{ZONE}",
+                    f"{'a' * 26}@{ZONE}",
+                    "victim@gmail.com",
+                    f"ok@{ZONE}.evil.com",
+                ):
+                    codes.append(client.rcpt(rcpt)[0])
+                codes.append(client.rcpt(canary.value)[0])
+            return codes
+
+        assert await blocking(session) == [550, 550, 550, 550, 250]
+        assert node.context.counters.refused == 2
+    assert len(hits(sqlite_engine)) == 1
+
+
+async def test_relay_attempt_is_denied(sqlite_engine: Engine) -> None:
+    async with run_smtp(sqlite_engine) as node:
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            await blocking(lambda: send(node.port, "someone@example.com"))
+        code, reply = refused.value.recipients["someone@example.com"]
+        assert code == 550
+        assert b"Relaying denied" in reply
+    assert hits(sqlite_engine) == []
+
+
+async def test_oversize_message_is_refused_with_552(sqlite_engine: Engine) -> None:
+    canary = plant_canary(sqlite_engine, "email")
+    async with run_smtp(sqlite_engine, max_message_bytes=4096) as node:
+
+        def oversize() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", node.port, timeout=10) as client:
+                client.ehlo("x")
+                assert client.has_extn("size")
+                assert client.esmtp_features["size"] == "4096"
+                client.mail("a@b.c")
+                client.rcpt(canary.value)
+                return client.data(message(canary.value, body="x" * 10_000).as_bytes())
+
+        code, _ = await blocking(oversize)
+        assert code == 552
+    # The RCPT hit was still recorded.
+    assert len(hits(sqlite_engine)) == 1
+
+
+async def test_a_token_inside_the_message_records_a_leaked_hit(sqlite_engine: Engine) -> None:
+    inbox = plant_canary(sqlite_engine, "email")
+    secret = plant_canary(sqlite_engine, "credential", sandbox="sbx-2", fmt="env")
+    mail = message(inbox.value, body=f"found this:\n{secret.value}")
+    async with run_smtp(sqlite_engine) as node:
+        await blocking(lambda: send(node.port, inbox.value, mail))
+    recorded = hits(sqlite_engine)
+    assert [(e.canary_id, e.evidence["trigger"]) for e in recorded] == [
+        (inbox.id, "rcpt"),
+        (secret.id, "leaked"),
+    ]
+    assert recorded[1].sandbox == "sbx-2"
+    assert recorded[1].evidence["subject"] == "quarterly numbers"
+
+
+async def test_the_hit_exists_when_the_sender_quits_before_data(sqlite_engine: Engine) -> None:
+    canary = plant_canary(sqlite_engine, "email")
+    async with run_smtp(sqlite_engine) as node:
+
+        def rcpt_then_drop() -> None:
+            client = smtplib.SMTP("127.0.0.1", node.port, timeout=10)
+            client.ehlo("x")
+            client.mail("a@b.c")
+            assert client.rcpt(canary.value)[0] == 250
+            assert len(hits(sqlite_engine)) == 1  # committed before the 250 arrived
+            client.sock.close()  # no QUIT, no DATA
+
+        await blocking(rcpt_then_drop)
+    assert len(hits(sqlite_engine, "evidence")) == 0
+
+
+async def test_connections_per_source_are_capped(sqlite_engine: Engine) -> None:
+    async with run_smtp(sqlite_engine, max_connections_per_source=2) as node:
+
+        def open_three() -> bytes:
+            keep = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(2)]
+            for sock in keep:
+                assert sock.recv(100).startswith(b"220")
+            with socket.create_connection(("127.0.0.1", node.port)) as third:
+                third.settimeout(5)
+                refused = third.recv(200)
+            for sock in keep:
+                sock.close()
+            return refused
+
+        assert (await blocking(open_three)).startswith(b"421")
+        await asyncio.sleep(0.1)
+        # Once the others close, the source may connect again.
+        canary = plant_canary(sqlite_engine, "email")
+        node.index.refresh()
+        assert await blocking(lambda: send(node.port, canary.value)) == {}
+
+
+async def test_floods_are_cut_off_and_do_not_stall_a_real_hit(sqlite_engine: Engine) -> None:
+    canary = plant_canary(sqlite_engine, "email")
+    async with run_smtp(sqlite_engine, max_connections_per_source=20) as node:
+        flood = b"\r\n" * 20_000 + b"\xff\xfe\r\n" * 5_000
+
+        def flooder() -> bytes:
+            with socket.create_connection(("127.0.0.1", node.port)) as sock:
+                sock.settimeout(10)
+                sock.recv(100)
+                with contextlib.suppress(OSError):  # the server may hang up mid-flood
+                    sock.sendall(flood)
+                received = b""
+                while chunk := sock.recv(65536):
+                    received += chunk
+                return received
+
+        flooders = [asyncio.create_task(blocking(flooder)) for _ in range(4)]
+        assert await asyncio.wait_for(blocking(lambda: send(node.port, canary.value)), 30) == {}
+        for replies in await asyncio.gather(*flooders):
+            assert b"421 4.7.0 Too many errors" in replies
+            assert replies.count(b"500") < 20
+    assert len(hits(sqlite_engine)) == 1
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"mail.{ZONE}")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "mail.pem", directory / "mail.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_starttls_when_a_certificate_is_configured(
+    sqlite_engine: Engine, tmp_path: Path
+) -> None:
+    cert, key = self_signed(tmp_path)
+    canary = plant_canary(sqlite_engine, "email")
+    async with run_smtp(sqlite_engine, tls_cert=cert, tls_key=key) as node:
+
+        def over_tls() -> None:
+            context = ssl.create_default_context(cafile=str(cert))
+            context.check_hostname = False
+            with smtplib.SMTP("127.0.0.1", node.port, timeout=10) as client:
+                client.ehlo("x")
+                assert client.has_extn("starttls")
+                client.starttls(context=context)
+                client.ehlo("x")
+                client.send_message(message(canary.value), "a@b.c", [canary.value])
+
+        await blocking(over_tls)
+    [hit] = hits(sqlite_engine)
+    assert hit.evidence["tls"] is True
+    assert hits(sqlite_engine, "evidence")[0].evidence["tls"] is True
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=3000))
+def test_inspecting_any_bytes_never_raises(raw: bytes) -> None:
+    details = inspect_message(raw)
+    assert details.size == len(raw)
+    assert len(details.excerpt) <= 4096
+
+
+@settings(max_examples=100)
+@given(
+    st.text(st.characters(exclude_categories=("Cc", "Cs")), max_size=200),
+    st.text(st.characters(exclude_categories=("Cc", "Cs")), max_size=50),
+)
+def test_inspecting_a_message_finds_its_text(body: str, filename: str) -> None:
+    mail = EmailMessage()
+    mail["Subject"] = "s"
+    mail.set_content(body)
+    mail.add_attachment(
+        b"attached", maintype="application", subtype="octet-stream", filename=filename or "f"
+    )
+    details = inspect_message(mail.as_bytes())
+    assert details.parsed
+    assert body.strip() in details.text
+    assert len(details.attachments) == 1
