@@ -5,15 +5,20 @@ import io
 import json
 import os
 import signal
+import smtplib
 import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dns.message
 import dns.query
 import dns.rcode
+import httpx
 import pytest
 
 from support import Receiver
@@ -45,6 +50,10 @@ zone = "canary.example.test"
 listen = "127.0.0.1"
 port = 0
 answer_ipv4 = ["192.0.2.10"]
+[smtp]
+port = 0
+[http]
+port = 0
 [alerts]
 urls = ["{receiver.url()}"]
 """
@@ -53,7 +62,8 @@ urls = ["{receiver.url()}"]
 
 
 @pytest.fixture
-def server(config: Path) -> Iterator[int]:
+def ports(config: Path) -> Iterator[dict[str, int]]:
+    """`oobwatch serve` running; the port of each listener, by name."""
     process = subprocess.Popen(
         [*OOBWATCH, "--config", str(config), "serve"],
         stdout=subprocess.PIPE,
@@ -61,10 +71,12 @@ def server(config: Path) -> Iterator[int]:
         text=True,
     )
     assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("dns listening on 127.0.0.1:"), line
+    bound = {}
+    for _ in range(3):
+        name, _, address = process.stdout.readline().partition(" listening on 127.0.0.1:")
+        bound[name] = int(address)
     try:
-        yield int(line.rsplit(":", 1)[1])
+        yield bound
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
@@ -75,7 +87,10 @@ def query(port: int, name: str, qtype: str = "A") -> dns.message.Message:
     return dns.query.udp(dns.message.make_query(name, qtype), "127.0.0.1", port=port, timeout=5)
 
 
-def test_mint_query_page_timeline_verify(config: Path, server: int, receiver: Receiver) -> None:
+def test_mint_query_page_timeline_verify(
+    config: Path, ports: dict[str, int], receiver: Receiver
+) -> None:
+    server = ports["dns"]
     minted = json.loads(
         run(
             config,
@@ -170,3 +185,54 @@ def test_serve_exits_cleanly_with_bad_config(tmp_path: Path) -> None:
         result.stderr.strip()
         == "config error: dns.port: Input should be greater than or equal to 0"
     )
+
+
+def test_email_url_and_credential_canaries_through_serve(
+    config: Path, ports: dict[str, int], receiver: Receiver, tmp_path: Path
+) -> None:
+    email = json.loads(run(config, "mint", "email", "--sandbox", "sbx-9", "--json").stdout)
+    assert email["value"] == f"{email['token']}@canary.example.test"
+    url = json.loads(run(config, "mint", "url", "--sandbox", "sbx-9", "--json").stdout)
+    assert url["value"].startswith(f"http://{url['token']}.canary.example.test:")
+    mcp = json.loads(
+        run(config, "mint", "credential", "--format", "mcp", "--sandbox", "sbx-9", "--json").stdout
+    )
+    assert mcp["path_hint"] == "project/.mcp.json"
+    assert json.loads(mcp["value"])["mcpServers"]
+
+    mail = EmailMessage(policy=SMTP_POLICY)
+    mail["From"] = "agent@sandbox"
+    mail["To"] = email["value"]
+    mail["Subject"] = "leak"
+    mail.set_content(f"config: {mcp['value']}")
+    with smtplib.SMTP("127.0.0.1", ports["smtp"], timeout=10) as client:
+        client.send_message(mail)
+    path = urlsplit(url["value"]).path
+    with httpx.Client() as client:
+        response = client.get(
+            f"http://127.0.0.1:{ports['http']}{path}",
+            headers={"Host": f"{url['token']}.canary.example.test"},
+        )
+    assert response.status_code == 200
+
+    receiver.wait_for(3)
+    events = json.loads(run(config, "timeline", "--sandbox", "sbx-9", "--format", "json").stdout)
+    fired = sorted(
+        (event["protocol"], event.get("trigger"), event["canary_id"])
+        for event in events
+        if event["type"] == "hit"
+    )
+    assert fired == sorted(
+        [("smtp", "rcpt", email["id"]), ("smtp", "leaked", mcp["id"]), ("http", None, url["id"])]
+    )
+    assert any(event["type"] == "evidence" and event["subject"] == "leak" for event in events)
+
+    home = tmp_path / "home"
+    manifest = json.loads(
+        run(config, "plant", "--sandbox", "sbx-9", "--into", str(home), "--json").stdout
+    )
+    assert len(manifest) == 11
+    assert (home / ".aws" / "credentials").is_file()
+    again = run(config, "plant", "--sandbox", "sbx-9", "--into", str(home), "--json")
+    assert json.loads(again.stdout) == []
+    assert "skipped .netrc: it exists already" in again.stderr

@@ -1,0 +1,229 @@
+"""Using a planted credential trips its canary: a DNS lookup of its host and an HTTP request with its secret.
+
+Every format is exercised by resolving its host against the DNS listener and
+sending its secret the way its client would; curl, git and boto3 are also
+driven for real, pointed at the listeners on 127.0.0.1.
+"""
+
+import asyncio
+import configparser
+import contextlib
+import json
+import netrc
+import shutil
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import dns.asyncquery
+import dns.message
+import httpx
+import psycopg.conninfo
+import pytest
+import yaml
+from sqlalchemy import Engine
+
+from canaries.kinds import CREDENTIAL_FORMATS
+from canaries.model import Canary
+from support import ZONE, Node, hits, plant_canary, run_dns, run_http
+
+
+@contextlib.asynccontextmanager
+async def listeners(engine: Engine) -> AsyncIterator[tuple[Node, Node]]:
+    async with run_dns(engine) as dns_node, run_http(engine) as http_node:
+        yield dns_node, http_node
+
+
+def use(canary: Canary, scratch: Path) -> tuple[str, dict[str, Any]]:
+    """The host a client of this format resolves, and the HTTP request it would send, if any."""
+    files = canary.files
+    text = canary.value
+    if canary.format == "netrc":
+        (scratch / ".netrc").write_text(text)
+        [(host, (login, _, password))] = netrc.netrc(str(scratch / ".netrc")).hosts.items()
+        return host, {"auth": (login, password)}
+    if canary.format == "git-credentials":
+        url = urlsplit(text.strip())
+        return url.hostname or "", {"auth": (url.username, url.password)}
+    if canary.format == "pgpass":
+        return text.split(":")[0], {}
+    if canary.format == "postgres-url":
+        return str(psycopg.conninfo.conninfo_to_dict(text.split("=", 1)[1].strip())["host"]), {}
+    if canary.format == "env":
+        pairs = dict(
+            line.split("=", 1)
+            for line in text.splitlines()
+            if "=" in line and not line.startswith("#")
+        )
+        base = urlsplit(pairs["OPENAI_BASE_URL"])
+        return base.hostname or "", {
+            "headers": {"Authorization": f"Bearer {pairs['OPENAI_API_KEY']}"},
+            "path": "/v1/models",
+        }
+    if canary.format == "aws":
+        config = configparser.ConfigParser()
+        config.read_string(files[".aws/config"])
+        return urlsplit(config["default"]["endpoint_url"]).hostname or "", {"path": "/"}
+    if canary.format == "kubeconfig":
+        config = yaml.safe_load(text)
+        server = urlsplit(config["clusters"][0]["cluster"]["server"])
+        token = config["users"][0]["user"]["token"]
+        return server.hostname or "", {
+            "headers": {"Authorization": f"Bearer {token}"},
+            "path": "/api",
+        }
+    if canary.format == "ssh-config":
+        return next(line.split()[1] for line in text.splitlines() if "HostName" in line), {}
+    if canary.format == "docker-config":
+        [(registry, entry)] = json.loads(text)["auths"].items()
+        return registry, {"headers": {"Authorization": f"Basic {entry['auth']}"}, "path": "/v2/"}
+    if canary.format == "mcp":
+        [server] = json.loads(text)["mcpServers"].values()
+        url = urlsplit(server["url"])
+        return url.hostname or "", {
+            "headers": server["headers"],
+            "path": url.path,
+            "method": "POST",
+        }
+    raise AssertionError(canary.format)
+
+
+@pytest.mark.parametrize("fmt", CREDENTIAL_FORMATS)
+async def test_using_each_format_trips_its_canary(
+    sqlite_engine: Engine, tmp_path: Path, fmt: str
+) -> None:
+    async with listeners(sqlite_engine) as (dns_node, http_node):
+        canary = plant_canary(sqlite_engine, "credential", fmt=fmt, http_port=http_node.port)
+        host, http = use(canary, tmp_path)
+        reply = await dns.asyncquery.udp(
+            dns.message.make_query(host, "A"), "127.0.0.1", port=dns_node.port, timeout=5
+        )
+        assert reply.answer
+        if http:
+            method = http.pop("method", "GET")
+            path = http.pop("path", "/")
+            headers = {"Host": host, **http.pop("headers", {})}
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_node.port}") as client:
+                await client.request(method, path, headers=headers, **http)
+    recorded = hits(sqlite_engine)
+    assert {entry.canary_id for entry in recorded} == {canary.id}
+    assert recorded[0].protocol == "dns"
+    if http:
+        assert [entry.protocol for entry in recorded] == ["dns", "http"]
+        # The secret itself was seen, not just the host.
+        assert len(recorded[1].evidence["found_in"]) >= 2 or fmt == "aws"
+
+
+@contextlib.contextmanager
+def resolve_to_loopback(suffix: str) -> Iterator[None]:
+    """In this process only, names under `suffix` resolve to 127.0.0.1, as the planted host would."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host.endswith(suffix):
+            host = "127.0.0.1"
+        return real(host, *args, **kwargs)
+
+    socket.getaddrinfo = getaddrinfo
+    try:
+        yield
+    finally:
+        socket.getaddrinfo = real
+
+
+async def run(*command: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode or 0, output.decode(errors="replace")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_curl_with_the_planted_netrc(sqlite_engine: Engine, tmp_path: Path) -> None:
+    async with run_http(sqlite_engine) as node:
+        canary = plant_canary(sqlite_engine, "credential", fmt="netrc")
+        (tmp_path / ".netrc").write_text(canary.value)
+        host = canary.value.split()[1]
+        code, output = await run(
+            "curl",
+            "-sS",
+            "--netrc-file",
+            str(tmp_path / ".netrc"),
+            "--resolve",
+            f"{host}:{node.port}:127.0.0.1",
+            f"http://{host}:{node.port}/artifacts/release.tar.gz",
+        )
+        assert code == 0, output
+    [hit] = hits(sqlite_engine)
+    assert hit.canary_id == canary.id
+    assert hit.evidence["found_in"] == ["host", "header:authorization"]
+    assert hit.evidence["user_agent"].startswith("curl/")
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+async def test_git_sends_the_stored_credential_when_challenged(
+    sqlite_engine: Engine, tmp_path: Path
+) -> None:
+    async with run_http(sqlite_engine) as node:
+        canary = plant_canary(sqlite_engine, "credential", fmt="git-credentials")
+        planted = urlsplit(canary.value.strip())
+        host = planted.hostname or ""
+        # The planted line names https; git's store matches on scheme and port, so the
+        # test listener's plain-HTTP port is written in the same line shape.
+        store = tmp_path / "git-credentials"
+        store.write_text(f"http://{planted.username}:{planted.password}@{host}:{node.port}\n")
+        _, output = await run(
+            "git",
+            "-c",
+            f"credential.helper=store --file={store}",
+            "-c",
+            f"http.curloptResolve={host}:{node.port}:127.0.0.1",
+            "ls-remote",
+            f"http://{host}:{node.port}/platform/infra.git",
+            env={"HOME": str(tmp_path), "GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/bin:/bin"},
+        )
+    recorded = hits(sqlite_engine)
+    assert {entry.canary_id for entry in recorded} == {canary.id}, output
+    assert recorded[0].evidence["found_in"] == ["host"]
+    assert ["host", "header:authorization"] in [entry.evidence["found_in"] for entry in recorded]
+    assert recorded[-1].evidence["user_agent"].startswith("git/")
+
+
+async def test_boto3_with_the_planted_aws_files(
+    sqlite_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    boto3 = pytest.importorskip("boto3")
+    async with run_http(sqlite_engine) as node:
+        canary = plant_canary(sqlite_engine, "credential", fmt="aws", http_port=node.port)
+        for path, text in canary.files.items():
+            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / path).write_text(text)
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / ".aws/config"))
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / ".aws/credentials"))
+        for name in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_ENDPOINT_URL",
+        ):
+            monkeypatch.delenv(name, raising=False)
+
+        def list_buckets() -> None:
+            client = boto3.session.Session().client("s3")
+            with contextlib.suppress(Exception):  # the canary answers nothing S3 understands
+                client.list_buckets()
+
+        with resolve_to_loopback(f".{ZONE}"):
+            await asyncio.to_thread(list_buckets)
+    recorded = hits(sqlite_engine)
+    assert recorded
+    assert {entry.canary_id for entry in recorded} == {canary.id}
+    key_id = configparser.ConfigParser()
+    key_id.read_string(canary.files[".aws/credentials"])
+    authorization = dict(recorded[0].evidence["headers"])["authorization"]
+    # The SigV4 signature names the planted key id: boto3 loaded the planted files.
+    assert key_id["default"]["aws_access_key_id"] in authorization
