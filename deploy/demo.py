@@ -1,21 +1,25 @@
 """`make demo`: the real service on 127.0.0.1 high ports, a canary minted and tripped.
 
 Starts a local HTTP receiver standing in for on-call's pager, runs
-`oobwatch serve` on SQLite, mints a DNS canary, trips it with a real DNS
-query (dig when installed, dnspython otherwise), prints the page the
-receiver got and the sandbox's timeline, then keeps serving until Ctrl-C.
-Set DEMO_ONCE=1 to stop after showing everything.
+`oobwatch serve` on SQLite, mints a DNS canary and trips it with a real DNS
+query (dig when installed, dnspython otherwise), mails an email canary with
+smtplib, plants a sandbox home directory and uses its .netrc with curl, then
+prints the pages the receiver got and the sandbox's timeline, and keeps
+serving until Ctrl-C. Set DEMO_ONCE=1 to stop after showing everything.
 """
 
 import json
 import os
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
 import threading
 import time
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -81,6 +85,45 @@ def trip(port: int, name: str) -> str:
     return " ".join(rdata.to_text() for rrset in reply.answer for rdata in rrset)
 
 
+def mail(port: int, to: str) -> str:
+    message = EmailMessage(policy=SMTP_POLICY)
+    message["From"] = "agent@sbx-demo.internal"
+    message["To"] = to
+    message["Subject"] = "Urgent: prod credentials attached"
+    message.set_content("AWS_SECRET=hunter2 (from the sandbox)")
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        refused = client.send_message(message)
+    return f"$ (smtplib) MAIL FROM:<agent@sbx-demo.internal> RCPT TO:<{to}> -> refused: {refused or 'none'}"
+
+
+def fetch(host: str, port: int, netrc: Path) -> str:
+    url = f"http://{host}:{port}/artifacts/release.tar.gz"
+    if shutil.which("curl"):
+        command = [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--netrc-file",
+            str(netrc),
+        ]
+        command += ["--resolve", f"{host}:{port}:127.0.0.1", url]
+        print("$", " ".join(command))
+        return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    import httpx
+
+    login, password = netrc.read_text().split()[3], netrc.read_text().split()[5]
+    print(f"$ (httpx) GET {url} with the .netrc login")
+    response = httpx.get(
+        f"http://127.0.0.1:{port}/artifacts/release.tar.gz",
+        headers={"Host": f"{host}:{port}"},
+        auth=(login, password),
+    )
+    return str(response.status_code)
+
+
 def main() -> None:
     if WORK.exists():
         shutil.rmtree(WORK)
@@ -88,6 +131,8 @@ def main() -> None:
     pages = Pages()
     receiver = start_receiver(pages)
     dns_port = free_port(15353)
+    smtp_port = free_port(12525)
+    http_port = free_port(18080)
     config = WORK / "oobwatch.toml"
     config.write_text(
         f"""[node]
@@ -99,6 +144,12 @@ zone = "{ZONE}"
 listen = "127.0.0.1"
 port = {dns_port}
 answer_ipv4 = ["127.0.0.1"]
+[smtp]
+listen = "127.0.0.1"
+port = {smtp_port}
+[http]
+listen = "127.0.0.1"
+port = {http_port}
 [alerts]
 urls = ["json://127.0.0.1:{receiver.server_address[1]}/page"]
 """
@@ -111,7 +162,8 @@ urls = ["json://127.0.0.1:{receiver.server_address[1]}/page"]
     )
     try:
         assert server.stdout is not None
-        print("== oobwatch serve:", server.stdout.readline().strip())
+        for _ in range(3):
+            print("== oobwatch serve:", server.stdout.readline().strip())
         minted = json.loads(
             oobwatch(
                 config,
@@ -132,10 +184,29 @@ urls = ["json://127.0.0.1:{receiver.server_address[1]}/page"]
         exfil = "iflvgx2tivbverkuhvuhk3tumvzde"
         print("\n== something in the sandbox resolves it:")
         print(trip(dns_port, f"{exfil}.{minted['value']}"))
-        if not pages.arrived.wait(15):
-            raise SystemExit("no page arrived within 15 s")
+        email = json.loads(
+            oobwatch(
+                config, "mint", "email", "--sandbox", SANDBOX, "--location", "CONTACTS.md", "--json"
+            )
+        )
+        print(f"\n== an agent mails the escalation address {email['value']}:")
+        print(mail(smtp_port, email["value"]))
+
+        home = WORK / "home"
+        print(f"\n== plant a sandbox home directory into {home.relative_to(REPO)}:")
+        print(oobwatch(config, "plant", "--sandbox", SANDBOX, "--into", str(home)))
+        netrc = (home / ".netrc").read_text()
+        host = netrc.split()[1]
+        print("~/.netrc as planted:\n" + netrc)
+        print("== the agent uses it: resolves the host, then fetches with the stored password")
+        print(trip(dns_port, host))
+        print(fetch(host, http_port, home / ".netrc"))
+
+        deadline = time.monotonic() + 15
+        while len(pages.received) < 5 and time.monotonic() < deadline:
+            pages.arrived.wait(0.2)
         time.sleep(0.5)
-        print("\n== the page on-call received:")
+        print("\n== the pages on-call received:")
         for page in pages.received:
             print(f"title: {page['title']}\n{page['message']}\n")
         print("== the timeline of the sandbox:")
