@@ -166,3 +166,11 @@ def test_in_request_never_raises(
 )
 def test_basic_credentials(value: str, expected: str) -> None:
     assert basic_credentials(value) == expected
+
+
+@given(st.text(max_size=80), st.sampled_from(["", "x.", "a.b."]))
+def test_in_address_never_raises_and_finds_only_positional_tokens(local: str, prefix: str) -> None:
+    assert in_address(local, ZONE) is None or "@" in local
+    match = in_address(f"{local}@{prefix}{TOKEN}.canary.example.test", ZONE)
+    if local.lstrip().lstrip("<>") and "@" not in local:
+        assert match == AddressMatch(TOKEN, "domain")
