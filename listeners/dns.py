@@ -78,10 +78,6 @@ class DnsListener:
         self._pending: set[asyncio.Task[None]] = set()
 
     @property
-    def counters(self) -> dict[str, int]:
-        return self._context.counters.as_dict()
-
-    @property
     def addresses(self) -> list[tuple[str, int]]:
         if self._udp is None:
             return []

@@ -95,10 +95,6 @@ class HttpListener:
         self._task: asyncio.Task[None] | None = None
 
     @property
-    def counters(self) -> dict[str, int]:
-        return self._context.counters.as_dict()
-
-    @property
     def addresses(self) -> list[tuple[str, int]]:
         if self._socket is None:
             return []

@@ -259,10 +259,6 @@ class SmtpListener:
         self._server: asyncio.Server | None = None
 
     @property
-    def counters(self) -> dict[str, int]:
-        return self._context.counters.as_dict()
-
-    @property
     def addresses(self) -> list[tuple[str, int]]:
         if self._server is None:
             return []

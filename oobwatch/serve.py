@@ -84,6 +84,7 @@ class Node:
     pager: Pager
     scheduler: AsyncIOScheduler
     listeners: dict[str, Listener] = field(default_factory=dict)
+    contexts: dict[str, Context] = field(default_factory=dict)
 
     async def stop(self) -> None:
         for listener in self.listeners.values():
@@ -110,8 +111,8 @@ async def start(config: Config) -> Node:
         await asyncio.to_thread(index.refresh)
 
     def stats() -> None:
-        for name, listener in node.listeners.items():
-            log.info("%s counters %s", name, getattr(listener, "counters", {}))
+        for name, context in node.contexts.items():
+            log.info("%s counters %s", name, context.counters.as_dict())
         log.info(
             "ledger appended=%d batches=%d; pager backlog=%d",
             writer.appended,
@@ -127,9 +128,11 @@ async def start(config: Config) -> Node:
     for name, (build, enabled) in LISTENERS.items():
         if not enabled(config):
             continue
-        listener = build(config, Context(index, writer, config.node.name))
+        context = Context(index, writer, config.node.name)
+        listener = build(config, context)
         await listener.start()
         node.listeners[name] = listener
+        node.contexts[name] = context
     log.info("oobwatch node %s serving %d canaries", config.node.name, len(index))
     return node
 
