@@ -3,21 +3,23 @@
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 from sqlalchemy import Engine
 
+from alerts.incidents import Incidents, list_alerts
 from canaries.kinds import CREDENTIAL_FORMATS
 from canaries.mint import mint
 from canaries.model import KINDS, SEVERITIES, Canary
 from canaries.plant import plant
 from oobwatch import output
 from oobwatch.config import DEFAULT_CONFIG, Config, ConfigError, load
-from oobwatch.serve import serve
+from oobwatch.serve import alerting, serve
 from store import ledger, registry
-from store.clock import from_iso
+from store.clock import from_iso, now_us
 from store.engine import migrate, open_engine
 from store.timeline import TimelineQuery, timeline
 
@@ -267,6 +269,71 @@ def timeline_command(
             ("time", "type", "canary", "sandbox", "protocol", "source", "detail"),
             output.timeline_rows(entries),
         )
+
+
+@main.group(name="alerts")
+def alerts_group() -> None:
+    """List, acknowledge and resolve alerts."""
+
+
+def _incidents(state: State) -> Incidents:
+    incidents, _ = alerting(state.config, state.engine())
+    return incidents
+
+
+@alerts_group.command(name="list")
+@click.option("--open", "open_only", is_flag=True, help="Only alerts not yet resolved.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@pass_state
+def alerts_list(state: State, open_only: bool, as_json: bool) -> None:
+    """Alerts, oldest first."""
+    rows = [output.alert_json(row) for row in list_alerts(state.engine(), open_only)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    output.print_table(
+        "alerts",
+        ("id", "status", "canary", "sandbox", "hits", "opened", "last hit", "acked by"),
+        (
+            (
+                a["id"],
+                a["status"],
+                a["canary_id"],
+                a["sandbox"],
+                a["hit_count"],
+                a["opened_at"],
+                a["last_hit_at"],
+                a["acked_by"],
+            )
+            for a in rows
+        ),
+    )
+
+
+@alerts_group.command(name="ack")
+@click.argument("alert_id")
+@click.option("--by", default=lambda: os.environ.get("USER", "unknown"), help="Who acknowledges.")
+@pass_state
+def alerts_ack(state: State, alert_id: str, by: str) -> None:
+    """Acknowledge an alert: stops its escalation, acknowledges it in PagerDuty."""
+    try:
+        _incidents(state).acknowledge(alert_id, by, now_us())
+    except (LookupError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"acknowledged {alert_id} by {by}")
+
+
+@alerts_group.command(name="resolve")
+@click.argument("alert_id")
+@click.option("--by", default=lambda: os.environ.get("USER", "unknown"), help="Who resolves.")
+@pass_state
+def alerts_resolve(state: State, alert_id: str, by: str) -> None:
+    """Resolve an alert: later hits of its canary open a new one; resolves it in PagerDuty."""
+    try:
+        _incidents(state).resolve(alert_id, by, now_us())
+    except (LookupError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"resolved {alert_id}")
 
 
 @main.group(name="ledger")

@@ -7,15 +7,20 @@ key and the problem, never as a traceback.
 import re
 import socket
 import tomllib
+from datetime import UTC, date, datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     FilePath,
+    HttpUrl,
+    IPvAnyNetwork,
     ValidationError,
     field_validator,
     model_validator,
@@ -29,7 +34,8 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from alerts.pager import check_url
+from alerts.policy import DEFAULT_ROUTE, IgnoreRule, Match, Policy, Route, Sink
+from alerts.sinks import check_url
 from canaries.tokens import TOKEN_LENGTH
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -139,18 +145,108 @@ class HttpConfig(Section):
         return _check_listen(listen)
 
 
-class AlertsConfig(Section):
-    urls: list[str] = []
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_UNIT_US = {"ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
 
-    @field_validator("urls")
+
+def _duration_us(value: Any) -> int:
+    """Microseconds for "250ms", "60s", "10m", "2h", "1d" or a number of seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+        if seconds < 0:
+            raise ValueError("must not be negative")
+        return int(seconds * 1_000_000)
+    found = _DURATION.match(str(value).strip())
+    if found is None:
+        raise ValueError(f"{value!r} is not a duration such as 30s, 10m or 2h")
+    return int(float(found.group(1)) * _UNIT_US[found.group(2)])
+
+
+Duration = Annotated[int, BeforeValidator(_duration_us)]
+
+
+def _check_apprise(url: str) -> str:
+    problem = check_url(url)
+    if problem is not None:
+        raise ValueError(f"{url.split('://', 1)[0]}://... : {problem}")
+    return url
+
+
+AppriseUrl = Annotated[str, AfterValidator(_check_apprise)]
+
+
+class MatchConfig(Section):
+    severity: list[Literal["low", "medium", "high", "critical"]] | None = None
+    sandbox: str | list[str] | None = None
+    kind: list[Literal["dns", "email", "url", "credential"]] | None = None
+    labels: dict[str, str] = {}
+
+
+class PagerDutyConfig(Section):
+    routing_key: str = Field(min_length=1)
+    url: HttpUrl = HttpUrl("https://events.pagerduty.com/v2/enqueue")
+
+
+class WebhookConfig(Section):
+    url: HttpUrl
+    secret: str = Field(min_length=16)
+
+
+class RouteConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    match: MatchConfig = MatchConfig()
+    urls: list[AppriseUrl] = []
+    pagerduty: PagerDutyConfig | None = None
+    webhooks: list[WebhookConfig] = []
+    escalate_after: Duration | None = None
+    escalate_to: str | None = None
+
+
+class AlertsConfig(Section):
+    urls: list[AppriseUrl] = []
+    dedupe_window: Duration = _duration_us("10m")
+    digest_every: Duration = _duration_us("5m")
+    retry_base: Duration = _duration_us("5s")
+    retry_max: Duration = _duration_us("10m")
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 12
+    routes: list[RouteConfig] = []
+
+    @model_validator(mode="after")
+    def _route_names(self) -> "AlertsConfig":
+        names = [route.name for route in self.routes]
+        if len(set(names)) != len(names) or DEFAULT_ROUTE in names:
+            raise ValueError(f"route names must be unique and not {DEFAULT_ROUTE!r}")
+        for route in self.routes:
+            if route.escalate_to is not None and route.escalate_to not in {*names, DEFAULT_ROUTE}:
+                raise ValueError(
+                    f"route {route.name!r}: escalate_to names no route: {route.escalate_to!r}"
+                )
+        return self
+
+
+class IgnoreConfig(Section):
+    reason: str = Field(min_length=1)
+    cidr: IPvAnyNetwork | None = None
+    protocol: Literal["dns", "smtp", "http"] | None = None
+    user_agent: str | None = None
+    expires: datetime | date | None = None
+
+    @field_validator("user_agent")
     @classmethod
-    def _urls(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            problem = check_url(url)
-            if problem is not None:
-                scheme = url.split("://", 1)[0]
-                raise ValueError(f"{scheme}://... : {problem}")
-        return urls
+    def _regex(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"not a regular expression: {error}") from None
+        return pattern
+
+
+class HeartbeatConfig(Section):
+    enabled: bool = True
+    interval: Duration = _duration_us("60s")
+    deadline: Duration = _duration_us("10s")
+    route: str | None = None
 
 
 class NodeConfig(Section):
@@ -170,6 +266,70 @@ class Config(BaseSettings):
     smtp: SmtpConfig = SmtpConfig()
     http: HttpConfig = HttpConfig()
     alerts: AlertsConfig = AlertsConfig()
+    ignore: list[IgnoreConfig] = []
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
+
+    @model_validator(mode="after")
+    def _heartbeat_route(self) -> "Config":
+        route = self.heartbeat.route
+        if route is not None and route not in {r.name for r in self.alerts.routes} | {
+            DEFAULT_ROUTE
+        }:
+            raise ValueError(f"heartbeat.route names no route: {route!r}")
+        return self
+
+    def policy(self) -> Policy:
+        """Routes (with the default route from `alerts.urls`) and ignore rules."""
+        routes = {DEFAULT_ROUTE: Route(DEFAULT_ROUTE, _sinks(self.alerts.urls, None, []))}
+        for route in self.alerts.routes:
+            sandbox = route.match.sandbox
+            match = Match(
+                severity=tuple(route.match.severity or ()),
+                sandbox=tuple([sandbox] if isinstance(sandbox, str) else sandbox or ()),
+                kind=tuple(route.match.kind or ()),
+                labels=dict(route.match.labels),
+            )
+            routes[route.name] = Route(
+                route.name,
+                _sinks(route.urls, route.pagerduty, route.webhooks),
+                match,
+                route.escalate_after,
+                route.escalate_to,
+            )
+        ignore = [
+            IgnoreRule(
+                reason=rule.reason,
+                cidr=rule.cidr,
+                protocol=rule.protocol,
+                user_agent=None if rule.user_agent is None else re.compile(rule.user_agent),
+                expires_us=_expiry_us(rule.expires),
+            )
+            for rule in self.ignore
+        ]
+        return Policy(routes, ignore)
+
+
+def _sinks(
+    urls: list[str], pagerduty: PagerDutyConfig | None, webhooks: list[WebhookConfig]
+) -> tuple[Sink, ...]:
+    found = [Sink(f"apprise:{n}", "apprise", url) for n, url in enumerate(urls)]
+    if pagerduty is not None:
+        found.append(Sink("pagerduty", "pagerduty", str(pagerduty.url), pagerduty.routing_key))
+    found += [
+        Sink(f"webhook:{n}", "webhook", str(hook.url), hook.secret)
+        for n, hook in enumerate(webhooks)
+    ]
+    return tuple(found)
+
+
+def _expiry_us(expires: datetime | date | None) -> int | None:
+    if expires is None:
+        return None
+    if not isinstance(expires, datetime):
+        expires = datetime.combine(expires, datetime.min.time())
+    if expires.tzinfo is None:
+        expires = expires.replace(tzinfo=UTC)
+    return int(expires.timestamp() * 1_000_000)
 
 
 def load(path: Path | None) -> Config:
@@ -250,7 +410,39 @@ response = "empty"                    # what everyone gets back: "empty" 200, "4
 max_body_bytes = 1048576
 
 [alerts]
-# apprise URLs (https://github.com/caronc/apprise/wiki); every hit pages each of them.
+# The default route: apprise URLs (https://github.com/caronc/apprise/wiki) paged
+# for every hit that matches no route below.
 urls = []
 # urls = ["json://127.0.0.1:8099/hook", "slack://token_a/token_b/token_c"]
+dedupe_window = "10m"                 # further hits of a canary fold into its open alert
+digest_every = "5m"                   # a follow-up summarising folded hits, while open
+retry_base = "5s"                     # failed deliveries retry with exponential backoff + jitter
+retry_max = "10m"
+max_attempts = 12                     # then the delivery is recorded failed and escalated
+
+# Every route whose match fits a hit fires; empty conditions match anything.
+# [[alerts.routes]]
+# name = "oncall"
+# match = { severity = ["high", "critical"], sandbox = "prod-*", kind = ["credential", "email"], labels = { team = "evals" } }
+# urls = ["slack://...", "mailto://..."]
+# pagerduty = { routing_key = "..." }          # Events API v2; url = "..." to override
+# webhooks = [{ url = "https://siem.example/hook", secret = "at least 16 characters" }]
+# escalate_after = "15m"                       # unacknowledged -> escalate_to
+# escalate_to = "security-leads"
+
+# Hits matching every condition of a rule are recorded but do not page.
+# [[ignore]]
+# cidr = "192.0.2.0/24"
+# protocol = "http"
+# user_agent = "(?i)safelinks"
+# reason = "mail link scanner"
+# expires = "2027-01-31"
+
+[heartbeat]
+# Every interval each listener is probed over the network with a built-in canary;
+# a listener whose hit is not recorded within the deadline pages heartbeat.route.
+enabled = true
+interval = "60s"
+deadline = "10s"
+# route = "ops"                       # default: the default route
 """

@@ -9,7 +9,7 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -59,6 +59,28 @@ def canary_json(canary: Canary) -> dict[str, Any]:
         "format": canary.format or None,
         "path_hint": canary.path_hint or None,
         "files": dict(canary.files) or None,
+    }
+
+
+def alert_json(alert: Mapping[Any, Any]) -> dict[str, Any]:
+    def when(value: int | None) -> str | None:
+        return None if value is None else to_iso(value)
+
+    return {
+        "id": alert["id"],
+        "status": alert["status"],
+        "canary_id": alert["canary_id"],
+        "sandbox": alert["sandbox"],
+        "routes": json.loads(alert["routes"]),
+        "hit_count": alert["hit_count"],
+        "sources": json.loads(alert["sources"]),
+        "protocols": json.loads(alert["protocols"]),
+        "opened_at": when(alert["opened_us"]),
+        "last_hit_at": when(alert["last_hit_us"]),
+        "acked_by": alert["acked_by"],
+        "acked_at": when(alert["acked_us"]),
+        "resolved_at": when(alert["resolved_us"]),
+        "escalated_at": when(alert["escalated_us"]),
     }
 
 

@@ -3,24 +3,31 @@
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy import Engine
 
-from alerts.pager import Pager
+from alerts.incidents import Incidents, Timing
+from alerts.outbox import Outbox, Retry
 from canaries.index import TokenIndex
 from listeners.base import Context, Listener
 from listeners.dns import DnsListener, DnsOptions
 from listeners.http import HttpListener, HttpOptions
 from listeners.smtp import SmtpListener, SmtpOptions
 from oobwatch.config import Config
+from oobwatch.heartbeat import Heartbeat, heartbeat_canary
+from store.clock import now_us
 from store.engine import migrate, open_engine
+from store.ledger import Entry
 from store.writer import LedgerWriter
 
 log = logging.getLogger(__name__)
 
 INDEX_REFRESH_SECONDS = 1.0
+OUTBOX_SECONDS = 1.0
+ALERT_TIMERS_SECONDS = 1.0
 STATS_SECONDS = 60.0
 
 
@@ -81,31 +88,105 @@ class Node:
     config: Config
     writer: LedgerWriter
     index: TokenIndex
-    pager: Pager
+    incidents: Incidents
+    outbox: Outbox
     scheduler: AsyncIOScheduler
+    heartbeat: Heartbeat | None = None
     listeners: dict[str, Listener] = field(default_factory=dict)
     contexts: dict[str, Context] = field(default_factory=dict)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    dispatch_due: asyncio.Event = field(default_factory=asyncio.Event)
+    send_due: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def stop(self) -> None:
         for listener in self.listeners.values():
             await listener.stop()
         self.scheduler.shutdown(wait=False)
-        await self.pager.stop()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.outbox.close()
         await self.writer.stop()
+
+    def committed(self, entries: Sequence[Entry]) -> None:
+        """The writer's commit notification: new hits mean alert work."""
+        if any(entry.type == "hit" for entry in entries):
+            self.dispatch_due.set()
+
+    async def dispatching(self) -> None:
+        while True:
+            await self.dispatch_due.wait()
+            self.dispatch_due.clear()
+            try:
+                if await asyncio.to_thread(self.incidents.dispatch, now_us()):
+                    self.send_due.set()
+            except Exception:
+                log.exception("alert dispatch failed; retrying")
+                await asyncio.sleep(1)
+                self.dispatch_due.set()
+
+    async def sending(self) -> None:
+        while True:
+            await self.send_due.wait()
+            self.send_due.clear()
+            try:
+                await self.outbox.work()
+            except Exception:
+                log.exception("outbox work failed; retrying")
+                await asyncio.sleep(1)
+
+    async def timed_alert_work(self) -> None:
+        """Digests and escalations that have come due."""
+        moment = now_us()
+        queued = await asyncio.to_thread(self.incidents.digests, moment)
+        queued += await asyncio.to_thread(self.incidents.escalations, moment)
+        if queued:
+            self.send_due.set()
+
+    async def self_test(self) -> None:
+        if self.heartbeat is None:
+            return
+        await self.heartbeat.check({name: lsn.addresses for name, lsn in self.listeners.items()})
+        self.send_due.set()
+
+
+def alerting(config: Config, engine: Engine) -> tuple[Incidents, Outbox]:
+    """The alert pipeline's two halves, from configuration."""
+    alerts = config.alerts
+    policy = config.policy()
+    incidents = Incidents(
+        engine, policy, Timing(alerts.dedupe_window, alerts.digest_every), config.node.name
+    )
+    retry = Retry(alerts.retry_base, alerts.retry_max, alerts.max_attempts)
+    return incidents, Outbox(engine, policy, retry, config.node.name, now_us)
 
 
 async def start(config: Config) -> Node:
-    """Open the store, start the writer, listeners, pager and scheduler."""
+    """Open the store, start the writer, listeners, alert pipeline and scheduler."""
     engine = open_engine(config.store.url)
     await asyncio.to_thread(migrate, engine)
     writer = LedgerWriter(engine)
     writer.start()
     index = TokenIndex(engine)
-    await asyncio.to_thread(index.refresh)
-    pager = Pager(writer, config.alerts.urls, config.node.name)
-    pager.start()
+    incidents, outbox = alerting(config, engine)
     scheduler = AsyncIOScheduler()
-    node = Node(config, writer, index, pager, scheduler)
+    node = Node(config, writer, index, incidents, outbox, scheduler)
+    writer.subscribe(node.committed)
+    if config.heartbeat.enabled:
+        canary = await asyncio.to_thread(
+            heartbeat_canary, engine, config.node.name, config.dns.zone
+        )
+        node.heartbeat = Heartbeat(
+            engine,
+            config.policy(),
+            canary,
+            config.dns.zone,
+            config.node.name,
+            config.heartbeat.route,
+            config.heartbeat.deadline,
+            now_us,
+        )
+    await asyncio.to_thread(index.refresh)
 
     async def refresh() -> None:
         await asyncio.to_thread(index.refresh)
@@ -114,17 +195,22 @@ async def start(config: Config) -> Node:
         for name, context in node.contexts.items():
             log.info("%s counters %s", name, context.counters.as_dict())
         log.info(
-            "ledger appended=%d batches=%d; pager backlog=%d",
+            "ledger appended=%d batches=%d; deliveries sent=%d failed=%d",
             writer.appended,
             writer.batches,
-            pager.backlog,
+            outbox.sent,
+            outbox.failed,
         )
 
-    scheduler.add_job(
-        refresh, "interval", seconds=INDEX_REFRESH_SECONDS, max_instances=1, coalesce=True
-    )
+    every = {"max_instances": 1, "coalesce": True}
+    scheduler.add_job(refresh, "interval", seconds=INDEX_REFRESH_SECONDS, **every)
+    scheduler.add_job(node.send_due.set, "interval", seconds=OUTBOX_SECONDS, **every)
+    scheduler.add_job(node.timed_alert_work, "interval", seconds=ALERT_TIMERS_SECONDS, **every)
     scheduler.add_job(stats, "interval", seconds=STATS_SECONDS)
-    scheduler.start()
+    if node.heartbeat is not None:
+        scheduler.add_job(
+            node.self_test, "interval", seconds=config.heartbeat.interval / 1_000_000, **every
+        )
     for name, (build, enabled) in LISTENERS.items():
         if not enabled(config):
             continue
@@ -133,6 +219,11 @@ async def start(config: Config) -> Node:
         await listener.start()
         node.listeners[name] = listener
         node.contexts[name] = context
+    node.tasks = [asyncio.create_task(node.dispatching()), asyncio.create_task(node.sending())]
+    # Hits committed before a restart, and deliveries left pending, are taken up at once.
+    node.dispatch_due.set()
+    node.send_due.set()
+    scheduler.start()
     log.info("oobwatch node %s serving %d canaries", config.node.name, len(index))
     return node
 

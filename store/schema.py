@@ -68,3 +68,59 @@ ledger_head = Table(
     Column("seq", BigInteger, nullable=False),
     Column("hash", String(64), nullable=False),
 )
+
+# One row per incident: the first hit of a canary opens it; hits inside its
+# window fold into it. Mutable, unlike the ledger: every change to it is also
+# a ledger event.
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("canary_id", String(32), nullable=False),
+    Column("sandbox", String(200), nullable=False),
+    Column("routes", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("opened_us", BigInteger, nullable=False),
+    Column("window_ends_us", BigInteger, nullable=False),
+    Column("last_hit_us", BigInteger, nullable=False),
+    Column("first_hit_seq", BigInteger, nullable=False),
+    Column("hit_count", Integer, nullable=False),
+    Column("digested_count", Integer, nullable=False),
+    Column("next_digest_us", BigInteger, nullable=False),
+    Column("sources", Text, nullable=False),
+    Column("protocols", Text, nullable=False),
+    Column("acked_by", String(200), nullable=True),
+    Column("acked_us", BigInteger, nullable=True),
+    Column("resolved_us", BigInteger, nullable=True),
+    Column("escalated_us", BigInteger, nullable=True),
+    Index("ix_alerts_canary_status", "canary_id", "status"),
+)
+
+# The outbox: a delivery is written in the same transaction that decides it,
+# then worked by the sender until it is sent or given up.
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("alert_id", String(32), nullable=True),
+    Column("purpose", String(16), nullable=False),
+    Column("route", String(100), nullable=False),
+    Column("sink", String(100), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_us", BigInteger, nullable=False),
+    Column("lease_until_us", BigInteger, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("created_us", BigInteger, nullable=False),
+    Column("sent_us", BigInteger, nullable=True),
+    Index("ix_deliveries_due", "status", "next_attempt_us"),
+)
+
+# How far into the ledger the alert dispatcher has read (one row, id = 1).
+dispatch_cursor = Table(
+    "dispatch_cursor",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+)

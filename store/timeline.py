@@ -18,6 +18,7 @@ class TimelineQuery:
     since_us: int | None = None
     until_us: int | None = None
     types: Iterable[str] | None = None
+    exclude_sandbox: str | None = None
 
 
 def timeline(connection: Connection, query: TimelineQuery) -> list[Entry]:
@@ -30,6 +31,10 @@ def timeline(connection: Connection, query: TimelineQuery) -> list[Entry]:
         statement = statement.where(ledger.c.time_us >= query.since_us)
     if query.until_us is not None:
         statement = statement.where(ledger.c.time_us < query.until_us)
+    if query.exclude_sandbox is not None:
+        statement = statement.where(
+            (ledger.c.sandbox.is_(None)) | (ledger.c.sandbox != query.exclude_sandbox)
+        )
     if query.types is not None:
         statement = statement.where(ledger.c.type.in_(list(query.types)))
     return [Entry(**row._mapping) for row in connection.execute(statement)]

@@ -48,10 +48,36 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ("[surprise]\nx = 1\n", "surprise: unknown key"),
         (
             "[alerts]\nurls = ['nosuch://x']\n",
-            "alerts.urls: nosuch://... : apprise does not recognise",
+            "alerts.urls.0: nosuch://... : apprise does not recognise",
         ),
         ("[store]\nurl = 'not a url'\n", "store.url: not a SQLAlchemy database URL"),
         ("[dns\nzone = 1\n", "not valid TOML"),
+        (
+            "[alerts]\ndedupe_window = 'ten minutes'\n",
+            "alerts.dedupe_window: 'ten minutes' is not a duration",
+        ),
+        (
+            "[[alerts.routes]]\nname = 'a'\nescalate_to = 'nobody'\n",
+            "alerts: route 'a': escalate_to names no route: 'nobody'",
+        ),
+        (
+            "[[alerts.routes]]\nname = 'a'\n[[alerts.routes]]\nname = 'a'\n",
+            "route names must be unique",
+        ),
+        (
+            "[[alerts.routes]]\nname = 'a'\nwebhooks = [{ url = 'https://x.test/h', secret = 'short' }]\n",
+            "alerts.routes.0.webhooks.0.secret: String should have at least 16 characters",
+        ),
+        (
+            "[[alerts.routes]]\nname = 'a'\nmatch = { severity = ['urgent'] }\n",
+            "alerts.routes.0.match.severity.0:",
+        ),
+        ("[[ignore]]\nreason = 'x'\ncidr = '300.0.0.0/8'\n", "ignore.0.cidr:"),
+        (
+            "[[ignore]]\nreason = 'x'\nuser_agent = '(unclosed'\n",
+            "ignore.0.user_agent: not a regular expression",
+        ),
+        ("[heartbeat]\nroute = 'ops'\n", "heartbeat.route names no route: 'ops'"),
     ],
 )
 def test_bad_config_names_the_key_and_exits_non_zero(
@@ -99,3 +125,45 @@ def test_init_writes_and_refuses_to_overwrite(tmp_path: Path) -> None:
     again = runner.invoke(main, ["init", "--config", str(target)])
     assert again.exit_code != 0
     assert "exists" in again.output
+
+
+def test_routes_ignore_rules_and_durations_become_a_policy(tmp_path: Path) -> None:
+    config = load(
+        write(
+            tmp_path,
+            """
+[alerts]
+urls = ["json://127.0.0.1:9/default"]
+dedupe_window = "90s"
+[[alerts.routes]]
+name = "oncall"
+match = { severity = ["high"], sandbox = "prod-*", labels = { team = "evals" } }
+pagerduty = { routing_key = "key", url = "http://127.0.0.1:9/pd" }
+webhooks = [{ url = "http://127.0.0.1:9/wh", secret = "0123456789abcdef" }]
+escalate_after = "15m"
+escalate_to = "leads"
+[[alerts.routes]]
+name = "leads"
+urls = ["form://127.0.0.1:9/leads"]
+[[ignore]]
+reason = "scanner"
+cidr = "192.0.2.0/24"
+expires = "2027-01-31"
+[heartbeat]
+route = "leads"
+interval = "2m"
+""",
+        )
+    )
+    assert config.alerts.dedupe_window == 90_000_000
+    assert config.heartbeat.interval == 120_000_000
+    policy = config.policy()
+    assert list(policy.routes) == ["default", "oncall", "leads"]
+    oncall = policy.routes["oncall"]
+    assert [sink.key for sink in oncall.sinks] == ["pagerduty", "webhook:0"]
+    assert oncall.escalate_after_us == 15 * 60_000_000
+    assert oncall.match is not None
+    assert oncall.match.sandbox == ("prod-*",)
+    [rule] = policy.ignore
+    assert str(rule.cidr) == "192.0.2.0/24"
+    assert rule.expires_us == 1801353600_000_000

@@ -9,6 +9,7 @@ import smtplib
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
@@ -128,9 +129,19 @@ def test_mint_query_page_timeline_verify(
     assert query(server, "www.example.com").rcode() == dns.rcode.REFUSED
     query(server, f'=HYPERLINK("http://x").{minted["value"]}', "TXT")
 
-    pages = receiver.wait_for(2)
-    assert len(pages) == 2
-    assert minted["id"] in str(pages[0].json()["title"])
+    [page] = receiver.wait_for(1)
+    assert minted["id"] in str(page.json()["message"])
+    # The second hit folds into the open alert instead of paging again.
+    [alert] = json.loads(run(config, "alerts", "list", "--json").stdout)
+    assert alert["canary_id"] == minted["id"]
+    assert alert["status"] == "open"
+    for _ in range(50):
+        if alert["hit_count"] == 2:
+            break
+        time.sleep(0.1)
+        [alert] = json.loads(run(config, "alerts", "list", "--json").stdout)
+    assert alert["hit_count"] == 2
+    assert receiver.wait_for(2, timeout=0.5) == [page]
 
     events = json.loads(run(config, "timeline", "--sandbox", "sbx-42", "--format", "json").stdout)
     types = [event["type"] for event in events]

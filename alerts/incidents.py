@@ -1,0 +1,409 @@
+"""Turning committed hits into alerts: open, fold, digest, escalate, acknowledge, resolve.
+
+The dispatcher reads hits from the ledger after a cursor kept in the store,
+and moves the cursor in the same transaction that opens or folds alerts and
+writes their deliveries to the outbox. A crash therefore neither loses a hit
+nor pages it twice, and several nodes sharing a database take turns on the
+cursor instead of each paging the same hit.
+
+Dedupe: the first hit of a canary opens an alert and pages at once; hits in
+the `dedupe_window` that follows the opening fold into it (count, last seen,
+sources, protocols) and are summarised by digests every `digest_every`; the
+first hit after the window opens a new alert. Every hit stays in the ledger.
+"""
+
+import json
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, RowMapping, insert, select, update
+
+from alerts.policy import DEFAULT_ROUTE, Facts, Policy, Route
+from alerts.render import Line, Message, for_hit, truncate
+from store import ledger
+from store.clock import to_iso
+from store.ledger import Entry, Event
+from store.schema import alerts, deliveries, dispatch_cursor
+from store.schema import ledger as ledger_table
+
+HEARTBEAT_SANDBOX = "oobwatch-heartbeat"
+MAX_SOURCES = 50
+BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Dedupe and digest periods, in microseconds."""
+
+    dedupe_window_us: int
+    digest_every_us: int
+
+
+class Incidents:
+    """Alert state in the store, driven by hits and by the clock."""
+
+    def __init__(self, engine: Engine, policy: Policy, timing: Timing, node: str) -> None:
+        self._engine = engine
+        self._policy = policy
+        self._timing = timing
+        self._node = node
+
+    def dispatch(self, now_us: int) -> int:
+        """Process hits committed since the cursor; returns how many deliveries were queued."""
+        queued = 0
+        while True:
+            with self._engine.begin() as connection:
+                # Lock the cursor first: one dispatcher at a time, across processes and nodes.
+                connection.execute(
+                    update(dispatch_cursor)
+                    .where(dispatch_cursor.c.id == 1)
+                    .values(seq=dispatch_cursor.c.seq)
+                )
+                cursor = connection.execute(select(dispatch_cursor.c.seq)).scalar_one()
+                rows = connection.execute(
+                    select(ledger_table)
+                    .where(ledger_table.c.seq > cursor, ledger_table.c.type == "hit")
+                    .order_by(ledger_table.c.seq)
+                    .limit(BATCH)
+                ).all()
+                if not rows:
+                    return queued
+                events: list[Event] = []
+                for row in rows:
+                    entry = Entry(**row._mapping)
+                    if entry.sandbox != HEARTBEAT_SANDBOX:
+                        queued += self._take(connection, entry, now_us, events)
+                ledger.append(connection, events)
+                connection.execute(
+                    update(dispatch_cursor)
+                    .where(dispatch_cursor.c.id == 1)
+                    .values(seq=rows[-1].seq)
+                )
+
+    def _take(self, connection: Connection, entry: Entry, now_us: int, events: list[Event]) -> int:
+        facts = Facts.of(entry)
+        rule = self._policy.suppressed_by(facts, now_us)
+        if rule is not None:
+            events.append(
+                self._event("suppressed", entry, {"hit_seq": entry.seq, **rule.describe()})
+            )
+            return 0
+        current = (
+            connection.execute(
+                select(alerts).where(
+                    alerts.c.canary_id == entry.canary_id,
+                    alerts.c.status != "resolved",
+                    alerts.c.window_ends_us > entry.time_us,
+                )
+            )
+            .mappings()
+            .first()
+        )
+        if current is not None:
+            sources = _bounded_union(current["sources"], entry.source)
+            protocols = _bounded_union(current["protocols"], entry.protocol)
+            connection.execute(
+                update(alerts)
+                .where(alerts.c.id == current["id"])
+                .values(
+                    hit_count=alerts.c.hit_count + 1,
+                    last_hit_us=max(current["last_hit_us"], entry.time_us),
+                    sources=sources,
+                    protocols=protocols,
+                )
+            )
+            return 0
+        routes = self._policy.routes_for(facts)
+        alert_id = "al-" + secrets.token_hex(6)
+        connection.execute(
+            insert(alerts).values(
+                id=alert_id,
+                canary_id=entry.canary_id,
+                sandbox=entry.sandbox,
+                routes=json.dumps([route.name for route in routes]),
+                status="open",
+                opened_us=entry.time_us,
+                window_ends_us=entry.time_us + self._timing.dedupe_window_us,
+                last_hit_us=entry.time_us,
+                first_hit_seq=entry.seq,
+                hit_count=1,
+                digested_count=1,
+                next_digest_us=entry.time_us + self._timing.digest_every_us,
+                sources=json.dumps([entry.source]),
+                protocols=json.dumps([entry.protocol]),
+            )
+        )
+        events.append(
+            self._event(
+                "alert_opened",
+                entry,
+                {"alert_id": alert_id, "hit_seq": entry.seq, "routes": [r.name for r in routes]},
+            )
+        )
+        payload = self._payload(
+            "page",
+            alert_id,
+            entry.canary_id,
+            entry.sandbox,
+            for_hit(entry, alert_id),
+            entry.evidence.get("severity"),
+        )
+        return sum(queue(connection, route, payload, now_us) for route in routes)
+
+    def digests(self, now_us: int) -> int:
+        """Queue a digest for every alert with hits folded in since its last page or digest."""
+        queued = 0
+        with self._engine.begin() as connection:
+            due = (
+                connection.execute(
+                    select(alerts).where(
+                        alerts.c.status != "resolved",
+                        alerts.c.hit_count > alerts.c.digested_count,
+                        alerts.c.next_digest_us <= now_us,
+                    )
+                )
+                .mappings()
+                .all()
+            )
+            events = []
+            for alert in due:
+                new = alert["hit_count"] - alert["digested_count"]
+                message = Message(
+                    f"oobwatch: {new} more hits, sandbox {alert['sandbox']}",
+                    f"{new} more hits of canary {alert['canary_id']} (sandbox {alert['sandbox']}) "
+                    f"since the last page; {alert['hit_count']} in all",
+                    [
+                        Line("alert", alert["id"]),
+                        Line("new hits", str(new)),
+                        Line("total hits", str(alert["hit_count"])),
+                        Line("first", to_iso(alert["opened_us"])),
+                        Line("last", to_iso(alert["last_hit_us"])),
+                        Line("sources", truncate(json.loads(alert["sources"]), 500)),
+                        Line("protocols", ", ".join(json.loads(alert["protocols"]))),
+                    ],
+                )
+                payload = self._payload(
+                    "digest", alert["id"], alert["canary_id"], alert["sandbox"], message, None
+                )
+                payload["new_hits"] = new
+                payload["total_hits"] = alert["hit_count"]
+                for route in self._routes(alert):
+                    queued += queue(connection, route, payload, now_us)
+                connection.execute(
+                    update(alerts)
+                    .where(alerts.c.id == alert["id"])
+                    .values(
+                        digested_count=alert["hit_count"],
+                        next_digest_us=now_us + self._timing.digest_every_us,
+                    )
+                )
+                events.append(
+                    _alert_event(
+                        "alert_digest",
+                        alert,
+                        self._node,
+                        now_us,
+                        {"new_hits": new, "total_hits": alert["hit_count"]},
+                    )
+                )
+            ledger.append(connection, events)
+        return queued
+
+    def escalations(self, now_us: int) -> int:
+        """Page `escalate_to` for open alerts nobody acknowledged within `escalate_after`."""
+        queued = 0
+        with self._engine.begin() as connection:
+            candidates = (
+                connection.execute(
+                    select(alerts).where(alerts.c.status == "open", alerts.c.escalated_us.is_(None))
+                )
+                .mappings()
+                .all()
+            )
+            events = []
+            for alert in candidates:
+                targets = [
+                    route.escalate_to
+                    for route in self._routes(alert)
+                    if route.escalate_to
+                    and route.escalate_after_us is not None
+                    and alert["opened_us"] + route.escalate_after_us <= now_us
+                ]
+                if not targets:
+                    continue
+                waited = (now_us - alert["opened_us"]) // 60_000_000
+                message = Message(
+                    f"oobwatch ESCALATED: unacknowledged alert, sandbox {alert['sandbox']}",
+                    f"Alert {alert['id']} on canary {alert['canary_id']} (sandbox {alert['sandbox']}) "
+                    f"has not been acknowledged for {waited} min; {alert['hit_count']} hits so far",
+                    [Line("alert", alert["id"]), Line("opened", to_iso(alert["opened_us"]))],
+                )
+                payload = self._payload(
+                    "escalation",
+                    alert["id"],
+                    alert["canary_id"],
+                    alert["sandbox"],
+                    message,
+                    "critical",
+                )
+                for name in dict.fromkeys(targets):
+                    queued += queue(connection, self._policy.routes[name], payload, now_us)
+                connection.execute(
+                    update(alerts).where(alerts.c.id == alert["id"]).values(escalated_us=now_us)
+                )
+                events.append(
+                    _alert_event(
+                        "alert_escalated",
+                        alert,
+                        self._node,
+                        now_us,
+                        {"to": list(dict.fromkeys(targets))},
+                    )
+                )
+            ledger.append(connection, events)
+        return queued
+
+    def acknowledge(self, alert_id: str, by: str, now_us: int) -> None:
+        self._settle(
+            alert_id, "acknowledged", "ack", now_us, {"acked_by": by, "acked_us": now_us}, by
+        )
+
+    def resolve(self, alert_id: str, by: str, now_us: int) -> None:
+        self._settle(alert_id, "resolved", "resolve", now_us, {"resolved_us": now_us}, by)
+
+    def _settle(
+        self, alert_id: str, status: str, purpose: str, now_us: int, values: dict[str, Any], by: str
+    ) -> None:
+        with self._engine.begin() as connection:
+            connection.execute(
+                update(alerts).where(alerts.c.id == alert_id).values(status=alerts.c.status)
+            )
+            alert = (
+                connection.execute(select(alerts).where(alerts.c.id == alert_id)).mappings().first()
+            )
+            if alert is None:
+                raise LookupError(f"no alert {alert_id}")
+            if alert["status"] == "resolved":
+                raise ValueError(f"alert {alert_id} is already resolved")
+            if status == "acknowledged" and alert["status"] == "acknowledged":
+                raise ValueError(f"alert {alert_id} is already acknowledged by {alert['acked_by']}")
+            connection.execute(
+                update(alerts).where(alerts.c.id == alert_id).values(status=status, **values)
+            )
+            payload = self._payload(
+                purpose, alert_id, alert["canary_id"], alert["sandbox"], None, None
+            )
+            for route in self._routes(alert, escalated=alert["escalated_us"] is not None):
+                queue(connection, route, payload, now_us, kinds=("pagerduty",))
+            event_type = "alert_acked" if purpose == "ack" else "alert_resolved"
+            ledger.append(
+                connection, [_alert_event(event_type, alert, self._node, now_us, {"by": by})]
+            )
+
+    def _routes(self, alert: RowMapping, escalated: bool = False) -> list[Route]:
+        names = list(json.loads(alert["routes"]))
+        if escalated:
+            names += [self._policy.routes[n].escalate_to for n in names if n in self._policy.routes]
+        return [
+            self._policy.routes[name]
+            for name in dict.fromkeys(names)
+            if name in self._policy.routes
+        ]
+
+    def _payload(
+        self,
+        purpose: str,
+        alert_id: str,
+        canary_id: str | None,
+        sandbox: str | None,
+        message: Message | None,
+        severity: Any,
+    ) -> dict[str, Any]:
+        return {
+            "purpose": purpose,
+            "alert_id": alert_id,
+            "canary_id": canary_id,
+            "dedup_key": alert_id,
+            "sandbox": sandbox,
+            "node": self._node,
+            "severity": severity,
+            "message": None if message is None else message.as_json(),
+        }
+
+    def _event(self, type_: str, entry: Entry, data: dict[str, Any]) -> Event:
+        return Event(
+            type=type_,
+            time_us=entry.time_us,
+            node=self._node,
+            canary_id=entry.canary_id,
+            sandbox=entry.sandbox,
+            protocol=entry.protocol,
+            source=entry.source,
+            data=data,
+        )
+
+
+def queue(
+    connection: Connection,
+    route: Route,
+    payload: dict[str, Any],
+    now_us: int,
+    kinds: Sequence[str] = ("apprise", "pagerduty", "webhook"),
+) -> int:
+    """Write one pending delivery per sink of `route` into the outbox."""
+    rows = [
+        {
+            "alert_id": payload.get("alert_id"),
+            "purpose": payload["purpose"],
+            "route": route.name,
+            "sink": sink.key,
+            "payload": json.dumps({**payload, "route": route.name}),
+            "status": "pending",
+            "attempts": 0,
+            "next_attempt_us": now_us,
+            "lease_until_us": 0,
+            "created_us": now_us,
+        }
+        for sink in route.sinks
+        if sink.kind in kinds
+    ]
+    if rows:
+        connection.execute(insert(deliveries), rows)
+    return len(rows)
+
+
+def escalation_route(policy: Policy, failed_route: str) -> Route | None:
+    """Where a delivery that keeps failing is escalated: its route's escalate_to, else the default route."""
+    route = policy.routes.get(failed_route)
+    target = route.escalate_to if route is not None and route.escalate_to else DEFAULT_ROUTE
+    return None if target == failed_route else policy.routes.get(target)
+
+
+def _alert_event(
+    type_: str, alert: RowMapping, node: str, now_us: int, data: dict[str, Any]
+) -> Event:
+    return Event(
+        type=type_,
+        time_us=now_us,
+        node=node,
+        canary_id=alert["canary_id"],
+        sandbox=alert["sandbox"],
+        data={"alert_id": alert["id"], **data},
+    )
+
+
+def _bounded_union(encoded: str, value: str | None) -> str:
+    values: list[Any] = json.loads(encoded)
+    if value is not None and value not in values and len(values) < MAX_SOURCES:
+        values.append(value)
+    return json.dumps(values)
+
+
+def list_alerts(engine: Engine, open_only: bool = False) -> Sequence[RowMapping]:
+    query = select(alerts).order_by(alerts.c.opened_us)
+    if open_only:
+        query = query.where(alerts.c.status != "resolved")
+    with engine.connect() as connection:
+        return connection.execute(query).mappings().all()

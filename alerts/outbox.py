@@ -1,0 +1,211 @@
+"""The outbox sender: works pending deliveries until each is sent or given up.
+
+Deliveries are claimed with a lease, so a second node (or a restarted one)
+never sends a delivery another is sending. Each attempt is a ledger event.
+A failed attempt is retried with exponential backoff and full jitter; one
+that fails `max_attempts` times is recorded as failed and escalated. Each
+sink is called on its own, so one failing never holds up the others.
+
+Delivery is at least once: a crash between a sink accepting a delivery and
+its row being marked sent sends it again after restart. PagerDuty folds
+such repeats by dedup_key; webhook receivers get the delivery id to do the same.
+"""
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from sqlalchemy import Engine, RowMapping, func, select, update
+
+from alerts import sinks
+from alerts.incidents import escalation_route, queue
+from alerts.policy import Policy
+from alerts.sinks import DeliveryFailed, Sender
+from store import ledger
+from store.ledger import Event
+from store.schema import deliveries
+
+log = logging.getLogger(__name__)
+
+LEASE_US = 60_000_000
+BATCH = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """How failed deliveries are retried."""
+
+    base_us: int
+    max_us: int
+    max_attempts: int
+
+    def delay_us(self, attempts: int) -> int:
+        ceiling = min(self.max_us, self.base_us * 2 ** (attempts - 1))
+        # Full jitter: retries from many alerts do not arrive at a recovering sink together.
+        return random.randint(ceiling // 2, ceiling)  # noqa: S311 - spreading load, not secrecy
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    delivery: RowMapping
+    error: str | None
+
+
+class Outbox:
+    """Sends due deliveries through their sinks and records every attempt."""
+
+    def __init__(
+        self, engine: Engine, policy: Policy, retry: Retry, node: str, clock: Callable[[], int]
+    ) -> None:
+        self._engine = engine
+        self._policy = policy
+        self._retry = retry
+        self._node = node
+        self._clock = clock
+        self._client = httpx.AsyncClient(follow_redirects=False)
+        self._senders: dict[tuple[str, str], Sender] = {}
+        self._lock = asyncio.Lock()
+        self.sent = 0
+        self.failed = 0
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def depth(self) -> int:
+        """Deliveries not yet sent or given up."""
+        with self._engine.connect() as connection:
+            query = (
+                select(func.count()).select_from(deliveries).where(deliveries.c.status == "pending")
+            )
+            return int(connection.execute(query).scalar_one())
+
+    async def work(self) -> int:
+        """Send every due delivery once; returns how many were attempted."""
+        async with self._lock:
+            attempted = 0
+            while due := await asyncio.to_thread(self._claim, self._clock()):
+                outcomes = await asyncio.gather(*(self._attempt(row) for row in due))
+                await asyncio.to_thread(self._record, outcomes, self._clock())
+                attempted += len(due)
+            return attempted
+
+    def _claim(self, now_us: int) -> list[RowMapping]:
+        claimed = []
+        with self._engine.begin() as connection:
+            rows = (
+                connection.execute(
+                    select(deliveries)
+                    .where(
+                        deliveries.c.status == "pending",
+                        deliveries.c.next_attempt_us <= now_us,
+                        deliveries.c.lease_until_us <= now_us,
+                    )
+                    .order_by(deliveries.c.id)
+                    .limit(BATCH)
+                )
+                .mappings()
+                .all()
+            )
+            for row in rows:
+                taken = connection.execute(
+                    update(deliveries)
+                    .where(deliveries.c.id == row["id"], deliveries.c.lease_until_us <= now_us)
+                    .values(lease_until_us=now_us + LEASE_US)
+                )
+                if taken.rowcount == 1:
+                    claimed.append(row)
+        return claimed
+
+    async def _attempt(self, row: RowMapping) -> Outcome:
+        sender = self._sender(row["route"], row["sink"])
+        if sender is None:
+            return Outcome(row, f"sink {row['route']}/{row['sink']} is no longer configured")
+        try:
+            await sender.send(row["id"], json.loads(row["payload"]))
+        except DeliveryFailed as failure:
+            return Outcome(row, str(failure))
+        except Exception as failure:
+            log.exception("delivery %d to %s/%s crashed", row["id"], row["route"], row["sink"])
+            return Outcome(row, f"{type(failure).__name__}")
+        return Outcome(row, None)
+
+    def _sender(self, route_name: str, key: str) -> Sender | None:
+        if (route_name, key) not in self._senders:
+            route = self._policy.routes.get(route_name)
+            sink = None if route is None else next((s for s in route.sinks if s.key == key), None)
+            if sink is None:
+                return None
+            self._senders[(route_name, key)] = sinks.build(sink, self._client)
+        return self._senders[(route_name, key)]
+
+    def _record(self, outcomes: list[Outcome], now_us: int) -> None:
+        with self._engine.begin() as connection:
+            events = []
+            for outcome in outcomes:
+                row = outcome.delivery
+                attempt = row["attempts"] + 1
+                payload: dict[str, Any] = json.loads(row["payload"])
+                data = {
+                    "delivery": row["id"],
+                    "alert_id": row["alert_id"],
+                    "purpose": row["purpose"],
+                    "route": row["route"],
+                    "target": row["sink"],
+                    "attempt": attempt,
+                    "error": outcome.error,
+                }
+                if outcome.error is None:
+                    self.sent += 1
+                    values: dict[str, Any] = {
+                        "status": "sent",
+                        "sent_us": now_us,
+                        "attempts": attempt,
+                    }
+                    events.append(self._event("alert_sent", payload, now_us, data))
+                elif attempt >= self._retry.max_attempts:
+                    self.failed += 1
+                    values = {"status": "failed", "attempts": attempt, "last_error": outcome.error}
+                    events.append(
+                        self._event("alert_failed", payload, now_us, {**data, "final": True})
+                    )
+                    log.error(
+                        "delivery %d to %s/%s given up: %s",
+                        row["id"],
+                        row["route"],
+                        row["sink"],
+                        outcome.error,
+                    )
+                    target = escalation_route(self._policy, row["route"])
+                    if target is not None and row["purpose"] not in ("ack", "resolve"):
+                        queue(connection, target, {**payload, "purpose": "escalation"}, now_us)
+                else:
+                    values = {
+                        "attempts": attempt,
+                        "last_error": outcome.error,
+                        "next_attempt_us": now_us + self._retry.delay_us(attempt),
+                        "lease_until_us": 0,
+                    }
+                    events.append(
+                        self._event("alert_failed", payload, now_us, {**data, "final": False})
+                    )
+                connection.execute(
+                    update(deliveries).where(deliveries.c.id == row["id"]).values(**values)
+                )
+            ledger.append(connection, events)
+
+    def _event(
+        self, type_: str, payload: dict[str, Any], now_us: int, data: dict[str, Any]
+    ) -> Event:
+        return Event(
+            type=type_,
+            time_us=now_us,
+            node=self._node,
+            canary_id=payload.get("canary_id"),
+            sandbox=payload.get("sandbox"),
+            data=data,
+        )
