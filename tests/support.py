@@ -118,20 +118,46 @@ class Received:
 
 @dataclass
 class Receiver:
-    """A real HTTP server on 127.0.0.1 recording every request; answers `status`."""
+    """A real HTTP server on 127.0.0.1 recording every request.
+
+    It answers `status`, or for a path in `failing`, 500 while that path's
+    count of failures to give is above zero.
+    """
 
     port: int = 0
     status: int = 200
+    failing: dict[str, int] = field(default_factory=dict)
     requests: list[Received] = field(default_factory=list)
+    attempts: list[Received] = field(default_factory=list)
     arrived: threading.Condition = field(default_factory=threading.Condition)
 
     def url(self, scheme: str = "json", path: str = "/hook") -> str:
         return f"{scheme}://127.0.0.1:{self.port}{path}"
 
-    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+    def http(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def answer(self, received: Received) -> int:
         with self.arrived:
-            self.arrived.wait_for(lambda: len(self.requests) >= count, timeout)
-            return list(self.requests)
+            self.attempts.append(received)
+            status = self.status
+            if self.failing.get(received.path, 0) > 0:
+                self.failing[received.path] -= 1
+                status = 500
+            if status < 300:
+                self.requests.append(received)
+            self.arrived.notify_all()
+            return status
+
+    def wait_for(
+        self, count: int, timeout: float = 10.0, path: str | None = None
+    ) -> list[Received]:
+        def matching() -> list[Received]:
+            return [r for r in self.requests if path is None or r.path == path]
+
+        with self.arrived:
+            self.arrived.wait_for(lambda: len(matching()) >= count, timeout)
+            return matching()
 
 
 @dataclass

@@ -1,0 +1,296 @@
+"""The alert pipeline against a real local HTTP receiver standing in for every sink, clock controlled."""
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from alerts.incidents import Incidents, Timing, list_alerts
+from alerts.outbox import Outbox, Retry
+from alerts.policy import DEFAULT_ROUTE, IgnoreRule, Match, Policy, Route, Sink
+from canaries.model import Canary
+from listeners.base import hit_event
+from store import ledger
+from store.ledger import Entry
+from support import Receiver, hits, plant_canary
+
+MINUTE = 60_000_000
+START = 1_800_000_000_000_000
+SECRET = "0123456789abcdef-webhook"
+
+
+@dataclass
+class Clock:
+    now: int = START
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def build_policy(receiver: Receiver, ignore: list[IgnoreRule] | None = None) -> Policy:
+    return Policy(
+        {
+            DEFAULT_ROUTE: Route(
+                DEFAULT_ROUTE, (Sink("apprise:0", "apprise", receiver.url("json", "/default")),)
+            ),
+            "oncall": Route(
+                "oncall",
+                (
+                    Sink("apprise:0", "apprise", receiver.url("form", "/oncall")),
+                    Sink("pagerduty", "pagerduty", receiver.http("/pd"), "routing-key-1"),
+                    Sink("webhook:0", "webhook", receiver.http("/wh"), SECRET),
+                ),
+                Match(sandbox=("prod-*",)),
+                escalate_after_us=15 * MINUTE,
+                escalate_to="leads",
+            ),
+            "leads": Route(
+                "leads", (Sink("apprise:0", "apprise", receiver.url("json", "/leads")),)
+            ),
+        },
+        ignore or [],
+    )
+
+
+@dataclass
+class Pipeline:
+    engine: Engine
+    incidents: Incidents
+    outbox: Outbox
+    clock: Clock
+
+    canaries: dict[str, Canary] = field(default_factory=dict)
+
+    def hit(
+        self, sandbox: str = "prod-eu1", count: int = 1, source: str = "198.51.100.7:4000"
+    ) -> list[Entry]:
+        """Record `count` DNS hits of the sandbox's canary, as the listener would, at the clock's time."""
+        if sandbox not in self.canaries:
+            self.canaries[sandbox] = plant_canary(self.engine, "dns", sandbox=sandbox)
+        evidence = {"qname": "q.example.", "qtype": "A"}
+        events = [
+            replace(
+                hit_event(
+                    self.canaries[sandbox],
+                    protocol="dns",
+                    source=source,
+                    node="n",
+                    evidence=evidence,
+                ),
+                time_us=self.clock.now,
+            )
+            for _ in range(count)
+        ]
+        with self.engine.begin() as connection:
+            return ledger.append(connection, events)
+
+    async def run(self) -> int:
+        queued = self.incidents.dispatch(self.clock.now)
+        await self.outbox.work()
+        return queued
+
+
+@pytest.fixture
+async def pipeline(engine: Engine, receiver: Receiver) -> Any:
+    clock = Clock()
+    policy = build_policy(receiver)
+    outbox = Outbox(engine, policy, Retry(1_000_000, 8_000_000, 4), "n", clock)
+    yield Pipeline(
+        engine, Incidents(engine, policy, Timing(10 * MINUTE, 5 * MINUTE), "n"), outbox, clock
+    )
+    await outbox.close()
+
+
+def verify_signature(headers: dict[str, str], body: bytes) -> bool:
+    expected = hmac.new(
+        SECRET.encode(), headers["X-Oobwatch-Timestamp"].encode() + b"." + body, hashlib.sha256
+    ).hexdigest()
+    return hmac.compare_digest(headers["X-Oobwatch-Signature"], f"sha256={expected}")
+
+
+async def test_a_hit_pages_every_sink_of_every_matching_route(
+    pipeline: Pipeline, receiver: Receiver
+) -> None:
+    [hit] = pipeline.hit()
+    assert await pipeline.run() == 3
+    [alert] = list_alerts(pipeline.engine)
+    by_path = {request.path: request for request in receiver.requests}
+    assert set(by_path) == {"/oncall", "/pd", "/wh"}
+    assert b"DNS+lookup+of+canary" in by_path["/oncall"].body  # apprise form:// is urlencoded
+    pd = by_path["/pd"].json()
+    assert pd["event_action"] == "trigger"
+    assert pd["dedup_key"] == alert["id"]
+    assert pd["routing_key"] == "routing-key-1"
+    assert pd["payload"]["summary"].startswith(
+        f"DNS lookup of canary {hit.canary_id} (sandbox prod-eu1"
+    )
+    webhook = by_path["/wh"]
+    assert verify_signature(webhook.headers, webhook.body)
+    assert not verify_signature({**webhook.headers, "X-Oobwatch-Timestamp": "1"}, webhook.body)
+    body = webhook.json()
+    assert body["purpose"] == "page"
+    assert body["alert_id"] == alert["id"]
+    sent = hits(pipeline.engine, "alert_sent")
+    assert sorted(e.evidence["target"] for e in sent) == ["apprise:0", "pagerduty", "webhook:0"]
+    assert {e.canary_id for e in sent} == {hit.canary_id}
+
+
+async def test_unmatched_hits_go_to_the_default_route(
+    pipeline: Pipeline, receiver: Receiver
+) -> None:
+    pipeline.hit(sandbox="staging-3")
+    assert await pipeline.run() == 1
+    assert [request.path for request in receiver.requests] == ["/default"]
+
+
+async def test_fifty_hits_one_page_then_digests_that_account_for_all(
+    pipeline: Pipeline, receiver: Receiver
+) -> None:
+    pipeline.hit(count=1)
+    pipeline.hit(count=19, source="203.0.113.5:1")
+    await pipeline.run()
+    assert len(receiver.wait_for(1, path="/oncall")) == 1
+    pipeline.clock.now += 5 * MINUTE
+    pipeline.incidents.digests(pipeline.clock.now)
+    pipeline.hit(count=30)
+    await pipeline.run()
+    pipeline.clock.now += 5 * MINUTE
+    pipeline.incidents.digests(pipeline.clock.now)
+    await pipeline.run()
+    pages = [r.json() for r in receiver.requests if r.path == "/wh"]
+    assert [page["purpose"] for page in pages] == ["page", "digest", "digest"]
+    assert 1 + sum(page["new_hits"] for page in pages[1:]) == 50
+    assert pages[-1]["total_hits"] == 50
+    [alert] = list_alerts(pipeline.engine)
+    assert alert["hit_count"] == 50
+    assert json.loads(alert["sources"]) == ["198.51.100.7:4000", "203.0.113.5:1"]
+    assert len(hits(pipeline.engine)) == 50  # every hit stays in the ledger
+
+
+async def test_a_hit_after_the_window_opens_a_new_alert(pipeline: Pipeline) -> None:
+    pipeline.hit()
+    await pipeline.run()
+    pipeline.clock.now += 11 * MINUTE
+    pipeline.hit()
+    await pipeline.run()
+    assert len(list_alerts(pipeline.engine)) == 2
+
+
+async def test_a_failing_sink_is_retried_until_it_accepts_and_pages_once(
+    pipeline: Pipeline, receiver: Receiver
+) -> None:
+    receiver.failing["/default"] = 3
+    pipeline.hit(sandbox="dev-1")
+    await pipeline.run()
+    for _ in range(10):
+        pipeline.clock.now += 10_000_000  # past any backoff
+        await pipeline.outbox.work()
+    assert len([r for r in receiver.attempts if r.path == "/default"]) == 4
+    assert len(receiver.wait_for(1, path="/default")) == 1
+    failures = hits(pipeline.engine, "alert_failed")
+    assert [f.evidence["attempt"] for f in failures] == [1, 2, 3]
+    assert not any(f.evidence["final"] for f in failures)
+    [sent] = hits(pipeline.engine, "alert_sent")
+    assert sent.evidence["attempt"] == 4
+
+
+async def test_backoff_waits_before_retrying(pipeline: Pipeline, receiver: Receiver) -> None:
+    receiver.failing["/default"] = 1
+    pipeline.hit(sandbox="dev-1")
+    await pipeline.run()
+    await pipeline.outbox.work()  # same instant: nothing is due yet
+    assert len(receiver.attempts) == 1
+    pipeline.clock.now += 1_000_000
+    await pipeline.outbox.work()
+    assert len(receiver.requests) == 1
+
+
+async def test_a_delivery_failing_past_its_limit_is_recorded_and_escalated(
+    pipeline: Pipeline, receiver: Receiver
+) -> None:
+    receiver.failing["/oncall"] = 100
+    pipeline.hit()
+    await pipeline.run()
+    for _ in range(6):
+        pipeline.clock.now += 10_000_000
+        await pipeline.outbox.work()
+    failures = [f for f in hits(pipeline.engine, "alert_failed") if f.evidence["route"] == "oncall"]
+    assert len(failures) == 4
+    assert failures[-1].evidence["final"] is True
+    [escalated] = receiver.wait_for(1, path="/leads")
+    assert b"DNS lookup" in escalated.body
+
+
+async def test_unacknowledged_alerts_escalate_and_acknowledged_ones_do_not(
+    pipeline: Pipeline, receiver: Receiver
+) -> None:
+    pipeline.hit(sandbox="prod-a")
+    pipeline.hit(sandbox="prod-b")
+    await pipeline.run()
+    first, second = list_alerts(pipeline.engine)
+    pipeline.incidents.acknowledge(second["id"], "alice", pipeline.clock.now + MINUTE)
+    pipeline.clock.now += 14 * MINUTE
+    assert pipeline.incidents.escalations(pipeline.clock.now) == 0
+    pipeline.clock.now += 2 * MINUTE
+    assert pipeline.incidents.escalations(pipeline.clock.now) == 1
+    assert pipeline.incidents.escalations(pipeline.clock.now) == 0  # once only
+    await pipeline.outbox.work()
+    [escalation] = receiver.wait_for(1, path="/leads")
+    assert first["id"] in escalation.json()["message"]
+    pd = [r.json() for r in receiver.requests if r.path == "/pd"]
+    assert [(event["event_action"], event["dedup_key"]) for event in pd[2:]] == [
+        ("acknowledge", second["id"])
+    ]
+    pipeline.incidents.resolve(second["id"], "alice", pipeline.clock.now)
+    await pipeline.outbox.work()
+    assert receiver.wait_for(4, path="/pd")[-1].json() == {
+        "routing_key": "routing-key-1",
+        "event_action": "resolve",
+        "dedup_key": second["id"],
+    }
+    types = [e.type for e in hits(pipeline.engine, "alert_acked")] + [
+        e.type for e in hits(pipeline.engine, "alert_resolved")
+    ]
+    assert types == ["alert_acked", "alert_resolved"]
+    with pytest.raises(ValueError, match="already resolved"):
+        pipeline.incidents.acknowledge(second["id"], "bob", pipeline.clock.now)
+    with pytest.raises(LookupError):
+        pipeline.incidents.resolve("al-nope", "bob", pipeline.clock.now)
+
+
+async def test_ignore_rules_suppress_until_they_expire(engine: Engine, receiver: Receiver) -> None:
+    import ipaddress
+
+    clock = Clock()
+    rule = IgnoreRule(
+        "mail link scanner", cidr=ipaddress.ip_network("192.0.2.0/24"), expires_us=START + MINUTE
+    )
+    policy = build_policy(receiver, [rule])
+    outbox = Outbox(engine, policy, Retry(1_000_000, 8_000_000, 4), "n", clock)
+    pipeline = Pipeline(
+        engine, Incidents(engine, policy, Timing(10 * MINUTE, 5 * MINUTE), "n"), outbox, clock
+    )
+    [suppressed_hit] = pipeline.hit(sandbox="dev-1", source="192.0.2.9:1")
+    assert await pipeline.run() == 0
+    [suppressed] = hits(engine, "suppressed")
+    assert suppressed.evidence["hit_seq"] == suppressed_hit.seq
+    assert suppressed.evidence["reason"] == "mail link scanner"
+    clock.now += 2 * MINUTE
+    pipeline.hit(sandbox="dev-1", source="192.0.2.9:1")
+    assert await pipeline.run() == 1
+    assert len(receiver.requests) == 1
+    await outbox.close()
+
+
+async def test_dispatch_is_exactly_once_across_dispatchers(
+    pipeline: Pipeline, engine: Engine, receiver: Receiver
+) -> None:
+    pipeline.hit(sandbox="dev-1", count=3)
+    other = Incidents(engine, build_policy(receiver), Timing(10 * MINUTE, 5 * MINUTE), "other-node")
+    assert pipeline.incidents.dispatch(pipeline.clock.now) == 1
+    assert other.dispatch(pipeline.clock.now) == 0
+    assert len(list_alerts(engine)) == 1
