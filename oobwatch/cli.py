@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from sqlalchemy import Engine
 
-from alerts.incidents import Incidents, list_alerts
+from alerts.incidents import HEARTBEAT_SANDBOX, Incidents, list_alerts
 from canaries.kinds import CREDENTIAL_FORMATS
 from canaries.mint import mint
 from canaries.model import KINDS, SEVERITIES, Canary
@@ -246,6 +246,7 @@ def _time(_context: click.Context, param: click.Parameter, value: str | None) ->
     default="table",
     show_default=True,
 )
+@click.option("--include-heartbeat", is_flag=True, help="Show the built-in self-test canaries too.")
 @pass_state
 def timeline_command(
     state: State,
@@ -254,9 +255,16 @@ def timeline_command(
     since: int | None,
     until: int | None,
     fmt: str,
+    include_heartbeat: bool,
 ) -> None:
     """Everything recorded for a sandbox or canary, oldest first."""
-    query = TimelineQuery(sandbox=sandbox, canary_id=canary_id, since_us=since, until_us=until)
+    query = TimelineQuery(
+        sandbox=sandbox,
+        canary_id=canary_id,
+        since_us=since,
+        until_us=until,
+        exclude_sandbox=None if include_heartbeat else HEARTBEAT_SANDBOX,
+    )
     with state.engine().connect() as connection:
         entries = timeline(connection, query)
     if fmt == "json":

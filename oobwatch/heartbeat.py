@@ -130,7 +130,7 @@ class Heartbeat:
             else:
                 await probe_http(address, self.canary.value, timeout)
         except (OSError, TimeoutError, httpx.HTTPError, smtplib.SMTPException) as error:
-            log.warning("heartbeat probe of %s at %s:%d failed: %s", name, *address, error)
+            log.warning("heartbeat probe of %s at %s:%d failed: %r", name, *address, error)
             return False
         while self.clock() - started < self.deadline_us:
             if await asyncio.to_thread(self._landed, name, started):

@@ -1,0 +1,217 @@
+"""Alerting inside a running node: restart survival, the heartbeat self-test, ack and resolve from the CLI."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dns.message
+import dns.query
+import pytest
+from click.testing import CliRunner
+
+from oobwatch.cli import main
+from oobwatch.config import load
+from oobwatch.serve import start
+from support import Receiver
+
+OOBWATCH = [sys.executable, "-m", "oobwatch.cli"]
+
+
+def write_config(tmp_path: Path, receiver: Receiver, extra: str = "") -> Path:
+    path = tmp_path / "oobwatch.toml"
+    path.write_text(
+        f"""
+[node]
+name = "n1"
+[store]
+url = "sqlite:///{tmp_path / "oobwatch.db"}"
+[dns]
+zone = "canary.example.test"
+port = 0
+[smtp]
+port = 0
+[http]
+port = 0
+[alerts]
+urls = ["{receiver.url("json", "/default")}"]
+retry_base = "200ms"
+retry_max = "400ms"
+[[alerts.routes]]
+name = "ops"
+urls = ["{receiver.url("json", "/ops")}"]
+match = {{ sandbox = "never-*" }}
+[[alerts.routes]]
+name = "prod"
+match = {{ sandbox = "prod-*" }}
+pagerduty = {{ routing_key = "rk", url = "{receiver.http("/pd")}" }}
+webhooks = [{{ url = "{receiver.http("/wh")}", secret = "0123456789abcdef" }}]
+{extra}
+"""
+    )
+    return path
+
+
+class Serving:
+    """`oobwatch serve` as a real process, restartable."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.process: subprocess.Popen[str] | None = None
+        self.ports: dict[str, int] = {}
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [*OOBWATCH, "--config", str(self.config), "serve"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        for _ in range(3):
+            name, _, port = self.process.stdout.readline().partition(" listening on 127.0.0.1:")
+            self.ports[name] = int(port)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+        self._close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            assert self.process.wait(30) == 0
+        self._close()
+
+    def _close(self) -> None:
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@pytest.fixture
+def serving(tmp_path: Path, receiver: Receiver) -> Iterator[Serving]:
+    node = Serving(write_config(tmp_path, receiver, "[heartbeat]\nenabled = false\n"))
+    yield node
+    node.stop()
+
+
+def cli(config: Path, *args: str) -> str:
+    result = CliRunner().invoke(main, ["--config", str(config), *args])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_pending_deliveries_survive_a_kill_and_go_out_once_after_restart(
+    serving: Serving, receiver: Receiver
+) -> None:
+    receiver.failing = {"/pd": 10_000, "/wh": 10_000}
+    serving.start()
+    canary = json.loads(cli(serving.config, "mint", "dns", "--sandbox", "prod-1", "--json"))
+    dns.query.udp(
+        dns.message.make_query(canary["value"], "A"),
+        "127.0.0.1",
+        port=serving.ports["dns"],
+        timeout=5,
+    )
+    deadline = time.monotonic() + 10
+    while (
+        len([r for r in receiver.attempts if r.path == "/wh"]) < 2 and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert len([r for r in receiver.attempts if r.path == "/wh"]) >= 2  # retrying when killed
+    serving.kill()
+    receiver.failing = {}
+    serving.start()
+    [pd] = receiver.wait_for(1, path="/pd")
+    [webhook] = receiver.wait_for(1, path="/wh")
+    time.sleep(1.5)  # a few more outbox rounds: nothing is sent twice
+    assert [r.path for r in receiver.requests].count("/pd") == 1
+    assert [r.path for r in receiver.requests].count("/wh") == 1
+    [alert] = json.loads(cli(serving.config, "alerts", "list", "--json"))
+    assert pd.json()["dedup_key"] == alert["id"]
+    assert webhook.json()["alert_id"] == alert["id"]
+
+
+def test_ack_and_resolve_from_the_cli_reach_pagerduty(serving: Serving, receiver: Receiver) -> None:
+    serving.start()
+    canary = json.loads(cli(serving.config, "mint", "dns", "--sandbox", "prod-2", "--json"))
+    dns.query.udp(
+        dns.message.make_query(canary["value"], "A"),
+        "127.0.0.1",
+        port=serving.ports["dns"],
+        timeout=5,
+    )
+    receiver.wait_for(1, path="/pd")
+    [alert] = json.loads(cli(serving.config, "alerts", "list", "--open", "--json"))
+    assert "acknowledged" in cli(serving.config, "alerts", "ack", alert["id"], "--by", "alice")
+    assert receiver.wait_for(2, path="/pd")[1].json()["event_action"] == "acknowledge"
+    cli(serving.config, "alerts", "resolve", alert["id"])
+    assert receiver.wait_for(3, path="/pd")[2].json()["event_action"] == "resolve"
+    assert json.loads(cli(serving.config, "alerts", "list", "--open", "--json")) == []
+    [listed] = json.loads(cli(serving.config, "alerts", "list", "--json"))
+    assert listed["status"] == "resolved"
+    assert listed["acked_by"] == "alice"
+    table = cli(serving.config, "alerts", "list")
+    assert alert["id"] in table
+    refused = CliRunner().invoke(
+        main, ["--config", str(serving.config), "alerts", "ack", alert["id"]]
+    )
+    assert refused.exit_code == 1
+    assert "already resolved" in refused.output
+
+
+async def test_a_stopped_listener_makes_the_heartbeat_page_ops_and_recovery_pages_again(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    config = load(
+        write_config(
+            tmp_path, receiver, '[heartbeat]\nroute = "ops"\ninterval = "1h"\ndeadline = "2s"\n'
+        )
+    )
+    node = await start(config)
+    try:
+        assert node.heartbeat is not None
+        assert await node.heartbeat.check(
+            {n: lsn.addresses for n, lsn in node.listeners.items()}
+        ) == {
+            "dns": True,
+            "smtp": True,
+            "http": True,
+        }
+        assert await node.outbox.work() == 0  # healthy: nothing to page
+        dns_listener = node.listeners["dns"]
+        addresses = dns_listener.addresses
+        await dns_listener.stop()
+        outcome = await node.heartbeat.check(
+            {"dns": addresses, "smtp": node.listeners["smtp"].addresses}
+        )
+        assert outcome == {"dns": False, "smtp": True}
+        await node.outbox.work()
+        [page] = receiver.wait_for(1, path="/ops")
+        assert "DNS listener on node n1 is failing its self-test since" in page.json()["message"]
+        # Still failing: no second page.
+        await node.heartbeat.check({"dns": addresses})
+        assert await node.outbox.work() == 0
+        await dns_listener.start()
+        assert await node.heartbeat.check({"dns": dns_listener.addresses}) == {"dns": True}
+        await node.outbox.work()
+        recovered = receiver.wait_for(2, path="/ops")[1]
+        assert "DNS listener on node n1 recovered" in recovered.json()["message"]
+        await node.timed_alert_work()
+        await node.outbox.work()
+        # Heartbeat hits never page as incidents.
+        assert receiver.wait_for(1, timeout=0.2, path="/default") == []
+    finally:
+        await node.stop()
+    timeline = json.loads(cli(tmp_path / "oobwatch.toml", "timeline", "--format", "json"))
+    assert all(event["sandbox"] != "oobwatch-heartbeat" for event in timeline)
+    shown = json.loads(
+        cli(tmp_path / "oobwatch.toml", "timeline", "--format", "json", "--include-heartbeat")
+    )
+    types = [event["type"] for event in shown]
+    assert "heartbeat_failed" in types
+    assert "heartbeat_recovered" in types
