@@ -39,6 +39,7 @@ bench: $(STAMP)
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsperf nsd >/dev/null; \
 	fi
 	$(PY) bench/dnsbench.py
+	$(PY) bench/latency.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage

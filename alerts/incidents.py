@@ -55,12 +55,7 @@ class Incidents:
         queued = 0
         while True:
             with self._engine.begin() as connection:
-                # Lock the cursor first: one dispatcher at a time, across processes and nodes.
-                connection.execute(
-                    update(dispatch_cursor)
-                    .where(dispatch_cursor.c.id == 1)
-                    .values(seq=dispatch_cursor.c.seq)
-                )
+                _lock(connection)
                 cursor = connection.execute(select(dispatch_cursor.c.seq)).scalar_one()
                 rows = connection.execute(
                     select(ledger_table)
@@ -156,6 +151,7 @@ class Incidents:
         """Queue a digest for every alert with hits folded in since its last page or digest."""
         queued = 0
         with self._engine.begin() as connection:
+            _lock(connection)
             due = (
                 connection.execute(
                     select(alerts).where(
@@ -215,6 +211,7 @@ class Incidents:
         """Page `escalate_to` for open alerts nobody acknowledged within `escalate_after`."""
         queued = 0
         with self._engine.begin() as connection:
+            _lock(connection)
             candidates = (
                 connection.execute(
                     select(alerts).where(alerts.c.status == "open", alerts.c.escalated_us.is_(None))
@@ -277,9 +274,7 @@ class Incidents:
         self, alert_id: str, status: str, purpose: str, now_us: int, values: dict[str, Any], by: str
     ) -> None:
         with self._engine.begin() as connection:
-            connection.execute(
-                update(alerts).where(alerts.c.id == alert_id).values(status=alerts.c.status)
-            )
+            _lock(connection)
             alert = (
                 connection.execute(select(alerts).where(alerts.c.id == alert_id)).mappings().first()
             )
@@ -379,6 +374,17 @@ def escalation_route(policy: Policy, failed_route: str) -> Route | None:
     route = policy.routes.get(failed_route)
     target = route.escalate_to if route is not None and route.escalate_to else DEFAULT_ROUTE
     return None if target == failed_route else policy.routes.get(target)
+
+
+def _lock(connection: Connection) -> None:
+    """Take the dispatch lock: alert state changes one transaction at a time, across nodes.
+
+    A no-op write, first in the transaction, so SQLite takes its write lock
+    and PostgreSQL a row lock before anything is read.
+    """
+    connection.execute(
+        update(dispatch_cursor).where(dispatch_cursor.c.id == 1).values(seq=dispatch_cursor.c.seq)
+    )
 
 
 def _alert_event(
