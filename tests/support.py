@@ -241,3 +241,12 @@ def append_many(url: str, node: str, rounds: int) -> None:
         with engine.begin() as connection:
             ledger.append(connection, [numbered_event(number, node), numbered_event(number, node)])
     engine.dispose()
+
+
+def drop_ledger_guards(connection: Any) -> None:
+    """What a deliberate tamperer does first: remove the triggers that refuse UPDATE and DELETE."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("DROP TRIGGER ledger_no_change ON ledger")
+    else:
+        connection.exec_driver_sql("DROP TRIGGER ledger_no_update")
+        connection.exec_driver_sql("DROP TRIGGER ledger_no_delete")

@@ -176,6 +176,9 @@ def test_ledger_verify_names_a_tampered_row(config: Path, tmp_path: Path) -> Non
         run(config, "mint", "dns", "--sandbox", sandbox)
     assert run(config, "ledger", "verify").returncode == 0
     database = sqlite3.connect(tmp_path / "oobwatch.db")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        database.execute("UPDATE ledger SET sandbox = 'innocent' WHERE seq = 2")
+    database.execute("DROP TRIGGER ledger_no_update")
     database.execute("UPDATE ledger SET sandbox = 'innocent' WHERE seq = 2")
     database.commit()
     database.close()

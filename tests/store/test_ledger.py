@@ -5,12 +5,13 @@ import multiprocessing
 
 import pytest
 from sqlalchemy import Engine, delete, insert, text, update
+from sqlalchemy.exc import DatabaseError
 
 from store import ledger
 from store.engine import migrate, open_engine
 from store.ledger import GENESIS
 from store.schema import ledger as ledger_table
-from support import append_many, numbered_event
+from support import append_many, drop_ledger_guards, numbered_event
 
 
 def fill(engine: Engine, count: int) -> list[ledger.Entry]:
@@ -47,6 +48,7 @@ def test_appended_entries_chain(engine: Engine) -> None:
 def test_edited_row_is_named(engine: Engine) -> None:
     fill(engine, 10)
     with engine.begin() as connection:
+        drop_ledger_guards(connection)
         connection.execute(
             update(ledger_table).where(ledger_table.c.seq == 4).values(source="10.0.0.1:1")
         )
@@ -59,6 +61,7 @@ def test_edited_row_is_named(engine: Engine) -> None:
 def test_deleted_row_is_named(engine: Engine) -> None:
     fill(engine, 10)
     with engine.begin() as connection:
+        drop_ledger_guards(connection)
         connection.execute(delete(ledger_table).where(ledger_table.c.seq == 6))
     result = verdict(engine)
     assert result.bad_seq == 7
@@ -68,6 +71,7 @@ def test_deleted_row_is_named(engine: Engine) -> None:
 def test_deleted_tail_is_caught_by_the_head(engine: Engine) -> None:
     fill(engine, 10)
     with engine.begin() as connection:
+        drop_ledger_guards(connection)
         connection.execute(delete(ledger_table).where(ledger_table.c.seq >= 9))
     result = verdict(engine)
     assert not result.intact
@@ -78,6 +82,7 @@ def test_inserted_row_is_named(engine: Engine) -> None:
     entries = fill(engine, 5)
     forged = {name: getattr(entries[2], name) for name in ledger.Entry.__slots__}
     with engine.begin() as connection:
+        drop_ledger_guards(connection)
         connection.execute(
             update(ledger_table).where(ledger_table.c.seq >= 3).values(seq=ledger_table.c.seq + 100)
         )
@@ -95,6 +100,7 @@ def test_inserted_row_is_named(engine: Engine) -> None:
 def test_reordered_rows_are_caught(engine: Engine) -> None:
     fill(engine, 5)
     with engine.begin() as connection:
+        drop_ledger_guards(connection)
         connection.execute(update(ledger_table).where(ledger_table.c.seq == 2).values(seq=-2))
         connection.execute(update(ledger_table).where(ledger_table.c.seq == 3).values(seq=2))
         connection.execute(update(ledger_table).where(ledger_table.c.seq == -2).values(seq=3))
@@ -128,3 +134,16 @@ def test_migrations_are_idempotent(store_url: str) -> None:
 def test_canonical_encoding_is_stable(size: int) -> None:
     data = {"b": [1, 2], "a": "x" * size}
     assert ledger.canonical(data) == ledger.canonical(dict(reversed(list(data.items()))))
+
+
+@pytest.mark.parametrize("change", ["update", "delete"])
+def test_the_store_refuses_to_change_ledger_rows(engine: Engine, change: str) -> None:
+    fill(engine, 3)
+    statement = (
+        update(ledger_table).where(ledger_table.c.seq == 2).values(source="x")
+        if change == "update"
+        else delete(ledger_table).where(ledger_table.c.seq == 2)
+    )
+    with pytest.raises(DatabaseError, match="append-only"), engine.begin() as connection:
+        connection.execute(statement)
+    assert verdict(engine).intact
