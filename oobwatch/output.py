@@ -159,8 +159,18 @@ def detail(entry: Entry) -> str:
         return f"{data.get('method', '')} {data.get('target', '')} (in {', '.join(data.get('found_in', []))})"
     if entry.type == "evidence":
         return f"mail {data.get('subject', '')!r}, {data.get('size', 0)} bytes"
+    if entry.type in ("alert_sent", "alert_failed"):
+        text = f"{data.get('purpose')} via {data.get('route')}/{data.get('target')}, attempt {data.get('attempt')}"
+        return text + (f": {data['error']}" if data.get("error") else "")
+    if entry.type == "alert_opened":
+        return f"alert {data.get('alert_id')} to {', '.join(data.get('routes', []))}"
     if entry.type.startswith("alert_"):
-        return f"{data.get('target')} {data.get('error') or ''}".strip()
+        extra = {key: value for key, value in data.items() if key != "alert_id"}
+        return f"alert {data.get('alert_id')} {json.dumps(extra, sort_keys=True)}"
+    if entry.type == "suppressed":
+        return f"hit {data.get('hit_seq')} not paged: {data.get('reason')}"
+    if entry.type.startswith("heartbeat_"):
+        return f"{data.get('listener')} listener"
     return str(data.get("value", ""))
 
 
