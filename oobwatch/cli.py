@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -18,7 +19,7 @@ from canaries.plant import plant
 from oobwatch import output
 from oobwatch.config import DEFAULT_CONFIG, Config, ConfigError, load
 from oobwatch.serve import alerting, serve
-from store import ledger, registry
+from store import anchors, ledger, registry
 from store.clock import from_iso, now_us
 from store.engine import migrate, open_engine
 from store.timeline import TimelineQuery, timeline
@@ -350,20 +351,84 @@ def ledger_group() -> None:
 
 
 @ledger_group.command(name="verify")
+@click.option(
+    "--anchor",
+    "anchor_file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Saved heads (JSON lines) the chain must still contain.",
+)
+@click.option(
+    "--file",
+    "export_file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Verify an exported chain (JSONL) instead of the store.",
+)
 @pass_state
-def verify_command(state: State) -> None:
+def verify_command(state: State, anchor_file: Path | None, export_file: Path | None) -> None:
     """Recompute the whole chain; exit 1 naming the first bad row."""
-    with state.engine().connect() as connection:
-        verdict = ledger.verify(connection)
-    if verdict.intact:
-        click.echo(f"ledger intact: {verdict.count} entries, head {verdict.head_hash}")
+    try:
+        saved = [] if anchor_file is None else anchors.load(anchor_file)
+        if export_file is not None:
+            verdict, problem = _verify_export(export_file, saved)
+        else:
+            with state.engine().connect() as connection:
+                verdict = ledger.verify(connection)
+                problem = verdict.problem or ledger.missed_anchor(connection, saved)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    if problem is None:
+        checked = f", {len(saved)} anchored heads present" if saved else ""
+        click.echo(f"ledger intact: {verdict.count} entries, head {verdict.head_hash}{checked}")
         return
+    where = f"at row {verdict.bad_seq}: " if verdict.problem else ""
     click.echo(
-        f"ledger BROKEN at row {verdict.bad_seq}: {verdict.problem} "
-        f"({verdict.count} entries verified before it)",
-        err=True,
+        f"ledger BROKEN {where}{problem} ({verdict.count} entries verified before it)", err=True
     )
     sys.exit(1)
+
+
+def _verify_export(path: Path, saved: list[tuple[int, str]]) -> tuple[ledger.Verdict, str | None]:
+    with path.open(encoding="utf-8") as handle:
+        hashes = {}
+        wanted = dict(saved)
+
+        def remember(entries: Iterator[ledger.Entry]) -> Iterator[ledger.Entry]:
+            for entry in entries:
+                if entry.seq in wanted:
+                    hashes[entry.seq] = entry.hash
+                yield entry
+
+        verdict = ledger.walk(remember(ledger.read_export(handle)))
+    if verdict.problem:
+        return verdict, verdict.problem
+    for seq, digest in saved:
+        if hashes.get(seq) != digest:
+            return verdict, f"anchored head {seq} ({digest[:16]}…) is not in the export"
+    return verdict, None
+
+
+@ledger_group.command(name="head")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def head_command(state: State, as_json: bool) -> None:
+    """The current head: sequence number and hash."""
+    with state.engine().connect() as connection:
+        seq, digest = ledger.head(connection)
+    click.echo(json.dumps({"seq": seq, "hash": digest}) if as_json else f"{seq} {digest}")
+
+
+@ledger_group.command(name="export")
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File to write (default stdout).",
+)
+@pass_state
+def export_command(state: State, output: Path | None) -> None:
+    """Write the whole chain as JSON lines, hashes included, for archiving and offline verify."""
+    with state.engine().connect() as connection, click.open_file(str(output or "-"), "w") as handle:
+        for entry in ledger.entries(connection):
+            handle.write(ledger.export_line(entry) + "\n")
 
 
 if __name__ == "__main__":

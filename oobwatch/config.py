@@ -249,6 +249,13 @@ class HeartbeatConfig(Section):
     route: str | None = None
 
 
+class LedgerConfig(Section):
+    anchor_file: Path | None = None
+    anchor_route: str | None = None
+    anchor_every: Duration = _duration_us("1h")
+    verify_every: Duration = _duration_us("1h")
+
+
 class NodeConfig(Section):
     name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
 
@@ -268,14 +275,18 @@ class Config(BaseSettings):
     alerts: AlertsConfig = AlertsConfig()
     ignore: list[IgnoreConfig] = []
     heartbeat: HeartbeatConfig = HeartbeatConfig()
+    ledger: LedgerConfig = LedgerConfig()
 
     @model_validator(mode="after")
-    def _heartbeat_route(self) -> "Config":
-        route = self.heartbeat.route
-        if route is not None and route not in {r.name for r in self.alerts.routes} | {
-            DEFAULT_ROUTE
-        }:
-            raise ValueError(f"heartbeat.route names no route: {route!r}")
+    def _named_routes(self) -> "Config":
+        routes = {r.name for r in self.alerts.routes} | {DEFAULT_ROUTE}
+        named = (
+            ("heartbeat.route", self.heartbeat.route),
+            ("ledger.anchor_route", self.ledger.anchor_route),
+        )
+        for key, route in named:
+            if route is not None and route not in routes:
+                raise ValueError(f"{key} names no route: {route!r}")
         return self
 
     def policy(self) -> Policy:
@@ -437,6 +448,13 @@ max_attempts = 12                     # then the delivery is recorded failed and
 # user_agent = "(?i)safelinks"
 # reason = "mail link scanner"
 # expires = "2027-01-31"
+
+[ledger]
+# Copies of the chain head outside the database, so a rewritten chain is caught:
+# anchor_file = "/var/lib/oobwatch/anchors.jsonl"   # append-only JSON lines
+# anchor_route = "audit"              # a route (apprise URLs, webhooks) that receives the head
+anchor_every = "1h"
+verify_every = "1h"                   # a broken chain pages heartbeat.route
 
 [heartbeat]
 # Every interval each listener is probed over the network with a built-in canary;

@@ -18,6 +18,7 @@ from listeners.http import HttpListener, HttpOptions
 from listeners.smtp import SmtpListener, SmtpOptions
 from oobwatch.config import Config
 from oobwatch.heartbeat import Heartbeat, heartbeat_canary
+from oobwatch.integrity import Integrity
 from store.clock import now_us
 from store.engine import migrate, open_engine
 from store.ledger import Entry
@@ -92,6 +93,7 @@ class Node:
     outbox: Outbox
     scheduler: AsyncIOScheduler
     heartbeat: Heartbeat | None = None
+    integrity: Integrity | None = None
     listeners: dict[str, Listener] = field(default_factory=dict)
     contexts: dict[str, Context] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -143,6 +145,16 @@ class Node:
         if queued:
             self.send_due.set()
 
+    async def anchor_head(self) -> None:
+        assert self.integrity is not None
+        await asyncio.to_thread(self.integrity.anchor, now_us())
+        self.send_due.set()
+
+    async def verify_ledger(self) -> None:
+        assert self.integrity is not None
+        await asyncio.to_thread(self.integrity.check, now_us())
+        self.send_due.set()
+
     async def self_test(self) -> None:
         if self.heartbeat is None:
             return
@@ -186,6 +198,14 @@ async def start(config: Config) -> Node:
             config.heartbeat.deadline,
             now_us,
         )
+    node.integrity = Integrity(
+        engine,
+        config.policy(),
+        config.node.name,
+        config.ledger.anchor_file,
+        config.ledger.anchor_route,
+        config.heartbeat.route,
+    )
     await asyncio.to_thread(index.refresh)
 
     async def refresh() -> None:
@@ -207,6 +227,13 @@ async def start(config: Config) -> Node:
     scheduler.add_job(node.send_due.set, "interval", seconds=OUTBOX_SECONDS, **every)
     scheduler.add_job(node.timed_alert_work, "interval", seconds=ALERT_TIMERS_SECONDS, **every)
     scheduler.add_job(stats, "interval", seconds=STATS_SECONDS)
+    scheduler.add_job(
+        node.verify_ledger, "interval", seconds=config.ledger.verify_every / 1e6, **every
+    )
+    if config.ledger.anchor_file is not None or config.ledger.anchor_route is not None:
+        scheduler.add_job(
+            node.anchor_head, "interval", seconds=config.ledger.anchor_every / 1e6, **every
+        )
     if node.heartbeat is not None:
         scheduler.add_job(
             node.self_test, "interval", seconds=config.heartbeat.interval / 1_000_000, **every

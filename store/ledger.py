@@ -9,13 +9,14 @@ lock, so writers in several processes or on several nodes extend one chain.
 
 import hashlib
 import json
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, func, select, update
 
+from store.clock import to_iso as _iso
 from store.schema import ledger, ledger_head
 
 GENESIS = "0" * 64
@@ -157,22 +158,66 @@ def head(connection: Connection) -> tuple[int, str]:
     return int(seq), str(digest)
 
 
-def entries(connection: Connection) -> Generator[Entry]:
-    """Every entry in chain order, streamed."""
-    with connection.execution_options(yield_per=2000).execute(
-        select(ledger).order_by(ledger.c.seq)
-    ) as result:
+def entries(connection: Connection, upto: int | None = None) -> Generator[Entry]:
+    """Every entry in chain order (up to seq `upto`), streamed."""
+    query = select(ledger).order_by(ledger.c.seq)
+    if upto is not None:
+        query = query.where(ledger.c.seq <= upto)
+    with connection.execution_options(yield_per=2000).execute(query) as result:
         for row in result:
             yield Entry(**row._mapping)
 
 
 def verify(connection: Connection) -> Verdict:
-    """Walk the whole chain; name the first row that does not follow from its predecessor."""
-    with closing(entries(connection)) as chain:
-        return _walk(connection, chain)
+    """Walk the whole chain; name the first row that does not follow from its predecessor.
+
+    The walk stops at the head read before it, so rows appended meanwhile are
+    not mistaken for tampering; rows beyond that head which no append put
+    there (an append moves the head in the same transaction) are.
+    """
+    last = select(func.max(ledger.c.seq)).scalar_subquery()
+    head_seq, head_hash, last_seq = connection.execute(
+        select(ledger_head.c.seq, ledger_head.c.hash, last).where(ledger_head.c.id == 1)
+    ).one()
+    with closing(entries(connection, upto=head_seq)) as chain:
+        verdict = walk(chain, (head_seq, head_hash))
+    if verdict.intact and (last_seq or 0) > head_seq:
+        return _broken(
+            head_seq, head_hash, head_seq + 1, f"row {head_seq + 1} lies beyond the head"
+        )
+    return verdict
 
 
-def _walk(connection: Connection, chain: Iterator[Entry]) -> Verdict:
+def export_line(entry: Entry) -> str:
+    """One entry as a JSON line: every hashed field as stored, and the time for people."""
+    row = _as_row(entry)
+    return json.dumps({**row, "time": _iso(entry.time_us)}, ensure_ascii=False)
+
+
+def read_export(lines: Iterable[str]) -> Iterator[Entry]:
+    """Entries back from `export_line` output; raises ValueError naming a malformed line."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            fields = json.loads(line)
+            yield Entry(**{name: fields[name] for name in Entry.__slots__})
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"line {number} is not a ledger entry: {error}") from None
+
+
+def missed_anchor(connection: Connection, anchors: Iterable[tuple[int, str]]) -> str | None:
+    """The first saved head the ledger no longer contains, described; None if all are there."""
+    for seq, digest in anchors:
+        found = connection.execute(select(ledger.c.hash).where(ledger.c.seq == seq)).scalar()
+        if found != digest:
+            state = "missing" if found is None else f"has hash {found[:16]}…"
+            return f"anchored head {seq} ({digest[:16]}…) is not in the ledger: row {seq} {state}"
+    return None
+
+
+def walk(chain: Iterable[Entry], expected_head: tuple[int, str] | None = None) -> Verdict:
+    """Check `chain` links from the genesis; with `expected_head`, that it ends there."""
     prev = GENESIS
     expected = 1
     for entry in chain:
@@ -198,7 +243,9 @@ def _walk(connection: Connection, chain: Iterator[Entry]) -> Verdict:
         prev = entry.hash
         expected += 1
     count = expected - 1
-    head_seq, head_hash = head(connection)
+    if expected_head is None:
+        return Verdict(count, count, prev)
+    head_seq, head_hash = expected_head
     if (head_seq, head_hash) != (count, prev):
         return _broken(
             count,
