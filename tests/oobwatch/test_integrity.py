@@ -13,7 +13,7 @@ from oobwatch.integrity import Integrity
 from store import ledger
 from store.engine import migrate, open_engine
 from store.schema import ledger as ledger_table
-from store.schema import deliveries, ledger_head
+from store.schema import ledger_head
 from support import Receiver, drop_ledger_guards, numbered_event
 
 
