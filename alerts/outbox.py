@@ -76,6 +76,16 @@ class Outbox:
     async def close(self) -> None:
         await self._client.aclose()
 
+    def release_own_leases(self) -> int:
+        """At start: leases this node held when it last stopped (or died) are free again."""
+        with self._engine.begin() as connection:
+            released = connection.execute(
+                update(deliveries)
+                .where(deliveries.c.status == "pending", deliveries.c.lease_owner == self._node)
+                .values(lease_until_us=0, lease_owner=None)
+            )
+        return int(released.rowcount)
+
     def depth(self) -> int:
         """Deliveries not yet sent or given up."""
         with self._engine.connect() as connection:
@@ -115,7 +125,7 @@ class Outbox:
                 taken = connection.execute(
                     update(deliveries)
                     .where(deliveries.c.id == row["id"], deliveries.c.lease_until_us <= now_us)
-                    .values(lease_until_us=now_us + LEASE_US)
+                    .values(lease_until_us=now_us + LEASE_US, lease_owner=self._node)
                 )
                 if taken.rowcount == 1:
                     claimed.append(row)

@@ -1,12 +1,16 @@
 """The `oobwatch` command line."""
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 from sqlalchemy import Engine
@@ -22,7 +26,9 @@ from oobwatch.serve import alerting, serve
 from store import anchors, ledger, registry
 from store.clock import from_iso, now_us
 from store.engine import migrate, open_engine
-from store.timeline import TimelineQuery, timeline
+from store.timeline import IpNetwork, TimelineQuery, incidents, timeline
+
+FOLLOW_SECONDS = 0.5
 
 
 class State:
@@ -235,11 +241,37 @@ def _time(_context: click.Context, param: click.Parameter, value: str | None) ->
         raise click.BadParameter(f"{value!r} is not an ISO 8601 time") from None
 
 
+def _network(
+    _context: click.Context, _param: click.Parameter, value: str | None
+) -> IpNetwork | None:
+    if value is None:
+        return None
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an IP network such as 198.51.100.0/24"
+        ) from None
+
+
+def _query(state: State, **filters: Any) -> TimelineQuery:
+    include_heartbeat = filters.pop("include_heartbeat")
+    return TimelineQuery(
+        **filters, exclude_sandbox=None if include_heartbeat else HEARTBEAT_SANDBOX
+    )
+
+
 @main.command(name="timeline")
 @click.option("--sandbox", default=None)
 @click.option("--canary", "canary_id", default=None)
-@click.option("--since", callback=_time, help="ISO 8601; inclusive.")
-@click.option("--until", callback=_time, help="ISO 8601; exclusive.")
+@click.option("--since", "since_us", callback=_time, help="ISO 8601; inclusive.")
+@click.option("--until", "until_us", callback=_time, help="ISO 8601; exclusive.")
+@click.option("--protocol", type=click.Choice(["dns", "smtp", "http"]), default=None)
+@click.option("--source", callback=_network, help="Only hits from this network (CIDR).")
+@click.option(
+    "--kind", type=click.Choice(KINDS), default=None, help="Only events of this canary kind."
+)
+@click.option("--include-heartbeat", is_flag=True, help="Show the built-in self-test canaries too.")
 @click.option(
     "--format",
     "fmt",
@@ -247,37 +279,66 @@ def _time(_context: click.Context, param: click.Parameter, value: str | None) ->
     default="table",
     show_default=True,
 )
-@click.option("--include-heartbeat", is_flag=True, help="Show the built-in self-test canaries too.")
+@click.option("--incidents", "as_incidents", is_flag=True, help="Group into incidents per sandbox.")
+@click.option("--follow", is_flag=True, help="Keep printing new events as they are committed.")
 @pass_state
 def timeline_command(
-    state: State,
-    sandbox: str | None,
-    canary_id: str | None,
-    since: int | None,
-    until: int | None,
-    fmt: str,
-    include_heartbeat: bool,
+    state: State, /, fmt: str, as_incidents: bool, follow: bool, **filters: Any
 ) -> None:
     """Everything recorded for a sandbox or canary, oldest first."""
-    query = TimelineQuery(
-        sandbox=sandbox,
-        canary_id=canary_id,
-        since_us=since,
-        until_us=until,
-        exclude_sandbox=None if include_heartbeat else HEARTBEAT_SANDBOX,
-    )
-    with state.engine().connect() as connection:
+    query = _query(state, **filters)
+    engine = state.engine()
+    with engine.connect() as connection:
         entries = timeline(connection, query)
-    if fmt == "json":
-        click.echo(json.dumps([output.event_json(entry) for entry in entries], indent=2))
-    elif fmt == "csv":
-        click.echo(output.timeline_csv(entries), nl=False)
-    else:
-        output.print_table(
-            "timeline",
-            ("time", "type", "canary", "sandbox", "protocol", "source", "detail"),
-            output.timeline_rows(entries),
-        )
+    if as_incidents:
+        grouped = incidents(entries, state.config.timeline.incident_gap)
+        output.print_incidents(grouped, fmt)
+        return
+    output.print_timeline(entries, fmt, stream=follow)
+    if follow:
+        last = max((entry.seq for entry in entries), default=_head_seq(engine))
+        while True:
+            time.sleep(FOLLOW_SECONDS)
+            with engine.connect() as connection:
+                fresh = timeline(connection, replace(query, after_seq=last))
+            if fresh:
+                output.print_timeline(fresh, fmt, stream=True, header=False)
+                last = max(entry.seq for entry in fresh)
+
+
+def _head_seq(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return ledger.head(connection)[0]
+
+
+@main.group(name="incident")
+def incident_group() -> None:
+    """Look at one incident."""
+
+
+@incident_group.command(name="show")
+@click.argument("incident_id")
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@pass_state
+def incident_show(state: State, incident_id: str, fmt: str) -> None:
+    """One incident's full story, hit by hit, with the evidence."""
+    try:
+        first_seq = int(incident_id.removeprefix("in-"))
+    except ValueError:
+        raise click.BadParameter(f"{incident_id!r} is not an incident id such as in-42") from None
+    with state.engine().connect() as connection:
+        first = timeline(connection, TimelineQuery(after_seq=first_seq - 1, types=["hit"]))[:1]
+        if not first or first[0].seq != first_seq or first[0].sandbox is None:
+            raise click.ClickException(f"no incident {incident_id}")
+        entries = timeline(connection, TimelineQuery(sandbox=first[0].sandbox))
+    found = [
+        i for i in incidents(entries, state.config.timeline.incident_gap) if i.id == incident_id
+    ]
+    if not found:
+        raise click.ClickException(f"no incident {incident_id}")
+    output.print_incident_story(found[0], fmt)
 
 
 @main.group(name="alerts")

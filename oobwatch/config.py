@@ -256,6 +256,10 @@ class LedgerConfig(Section):
     verify_every: Duration = _duration_us("1h")
 
 
+class TimelineConfig(Section):
+    incident_gap: Duration = _duration_us("30m")
+
+
 class NodeConfig(Section):
     name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
 
@@ -276,6 +280,7 @@ class Config(BaseSettings):
     ignore: list[IgnoreConfig] = []
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     ledger: LedgerConfig = LedgerConfig()
+    timeline: TimelineConfig = TimelineConfig()
 
     @model_validator(mode="after")
     def _named_routes(self) -> "Config":
@@ -455,6 +460,9 @@ max_attempts = 12                     # then the delivery is recorded failed and
 # anchor_route = "audit"              # a route (apprise URLs, webhooks) that receives the head
 anchor_every = "1h"
 verify_every = "1h"                   # a broken chain pages heartbeat.route
+
+[timeline]
+incident_gap = "30m"                  # a sandbox quiet this long ends an incident
 
 [heartbeat]
 # Every interval each listener is probed over the network with a built-in canary;

@@ -19,6 +19,7 @@ from rich.text import Text
 from canaries.model import Canary
 from store.clock import to_iso
 from store.ledger import Entry
+from store.timeline import Incident
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -110,10 +111,11 @@ def spreadsheet_safe(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
-def timeline_csv(entries: Iterable[Entry]) -> str:
+def timeline_csv(entries: Iterable[Entry], header: bool = True) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(TIMELINE_COLUMNS)
+    if header:
+        writer.writerow(TIMELINE_COLUMNS)
     for entry in entries:
         event = event_json(entry)
         detail = {key: value for key, value in event.items() if key not in TIMELINE_COLUMNS}
@@ -185,3 +187,109 @@ def timeline_rows(entries: Iterable[Entry]) -> Iterable[list[Any]]:
             entry.source,
             detail(entry),
         ]
+
+
+TABLE_COLUMNS = ("time", "type", "canary", "sandbox", "protocol", "source", "detail")
+
+
+def print_timeline(entries: Sequence[Entry], fmt: str, stream: bool, header: bool = True) -> None:
+    """Entries as a JSON array, CSV or a table; streamed as JSON lines or plain rows when following."""
+    if fmt == "csv":
+        sys.stdout.write(timeline_csv(entries, header=header))
+    elif fmt == "json" and stream:
+        for entry in entries:
+            print(json.dumps(event_json(entry)))
+    elif fmt == "json":
+        print(json.dumps([event_json(entry) for entry in entries], indent=2))
+    elif stream:
+        for row in timeline_rows(entries):
+            print("  ".join(str(terminal_safe(cell)) for cell in row))
+    else:
+        print_table("timeline", TABLE_COLUMNS, timeline_rows(entries))
+    sys.stdout.flush()
+
+
+INCIDENT_COLUMNS = (
+    "id",
+    "sandbox",
+    "first",
+    "last",
+    "hits",
+    "channels",
+    "sources",
+    "canaries",
+    "alerts",
+    "acked_by",
+)
+
+
+def incident_json(incident: Incident) -> dict[str, Any]:
+    opened = [e.evidence.get("alert_id") for e in incident.entries if e.type == "alert_opened"]
+    acked = [e.evidence.get("by") for e in incident.entries if e.type == "alert_acked"]
+    return {
+        "id": incident.id,
+        "sandbox": incident.sandbox,
+        "first": to_iso(incident.first_us),
+        "last": to_iso(incident.last_us),
+        "hits": len(incident.hits),
+        "channels": incident.channels,
+        "sources": incident.sources,
+        "canaries": incident.canaries,
+        "alerts": opened,
+        "acked_by": acked,
+        "follow_up": [
+            {"time": to_iso(e.time_us), "type": e.type, "detail": detail(e)}
+            for e in incident.follow_up
+        ],
+    }
+
+
+def print_incidents(incidents: Sequence[Incident], fmt: str) -> None:
+    rows = [incident_json(incident) for incident in incidents]
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\r\n")
+        writer.writerow(INCIDENT_COLUMNS)
+        for row in rows:
+            writer.writerow([spreadsheet_safe(row[column]) for column in INCIDENT_COLUMNS])
+        sys.stdout.write(out.getvalue())
+        return
+    print_table(
+        "incidents",
+        INCIDENT_COLUMNS,
+        ([row[column] for column in INCIDENT_COLUMNS] for row in rows),
+    )
+
+
+def print_incident_story(incident: Incident, fmt: str) -> None:
+    """One incident hit by hit, each with its evidence."""
+    summary = incident_json(incident)
+    if fmt == "json":
+        summary["events"] = [event_json(entry) for entry in incident.entries]
+        print(json.dumps(summary, indent=2))
+        return
+    console = Console(width=None if sys.stdout.isatty() else 240)
+    console.print(
+        terminal_safe(
+            f"Incident {incident.id}: sandbox {incident.sandbox}, {summary['hits']} hits "
+            f"from {summary['first']} to {summary['last']}"
+        )
+    )
+    console.print(
+        terminal_safe(
+            f"channels {', '.join(incident.channels)}; sources {', '.join(incident.sources)}; "
+            f"canaries {', '.join(incident.canaries)}"
+        )
+    )
+    for entry in incident.entries:
+        console.print(
+            terminal_safe(
+                f"\n{to_iso(entry.time_us)}  {entry.type}  {entry.protocol or ''}  {entry.source or ''}  {detail(entry)}"
+            )
+        )
+        if entry.type == "hit":
+            for key, value in sorted(entry.evidence.items()):
+                console.print(terminal_safe(f"    {key}: {json.dumps(value, ensure_ascii=False)}"))

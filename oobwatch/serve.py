@@ -183,6 +183,7 @@ async def start(config: Config) -> Node:
     incidents, outbox = alerting(config, engine)
     scheduler = AsyncIOScheduler()
     node = Node(config, writer, index, incidents, outbox, scheduler)
+    await asyncio.to_thread(outbox.release_own_leases)
     writer.subscribe(node.committed)
     if config.heartbeat.enabled:
         canary = await asyncio.to_thread(

@@ -112,6 +112,7 @@ deliveries = Table(
     Column("next_attempt_us", BigInteger, nullable=False),
     Column("lease_until_us", BigInteger, nullable=False),
     Column("last_error", Text, nullable=True),
+    Column("lease_owner", String(64), nullable=True),
     Column("created_us", BigInteger, nullable=False),
     Column("sent_us", BigInteger, nullable=True),
     Index("ix_deliveries_due", "status", "next_attempt_us"),

@@ -1,12 +1,21 @@
-"""Timeline queries: ledger entries for a sandbox or canary over a time range, oldest first."""
+"""Timelines and incidents: what a sandbox did that reached the outside, in order.
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+A timeline is ledger entries matching a responder's filters, oldest first.
+An incident groups one sandbox's hits that follow each other with no quiet
+gap longer than `gap_us`, with the alert events (pages, acks, escalations)
+that followed them.
+"""
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, select
 
 from store.ledger import Entry
 from store.schema import ledger
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +28,22 @@ class TimelineQuery:
     until_us: int | None = None
     types: Iterable[str] | None = None
     exclude_sandbox: str | None = None
+    protocol: str | None = None
+    kind: str | None = None
+    source: IpNetwork | None = None
+    after_seq: int | None = None
+
+    def keeps(self, entry: Entry) -> bool:
+        """The filters not expressed in SQL: canary kind and source network."""
+        if self.kind is not None and entry.evidence.get("kind") != self.kind:
+            return False
+        if self.source is not None:
+            host = (entry.source or "").rsplit(":", 1)[0].strip("[]")
+            try:
+                return ipaddress.ip_address(host) in self.source
+            except ValueError:
+                return False
+        return True
 
 
 def timeline(connection: Connection, query: TimelineQuery) -> list[Entry]:
@@ -37,4 +62,69 @@ def timeline(connection: Connection, query: TimelineQuery) -> list[Entry]:
         )
     if query.types is not None:
         statement = statement.where(ledger.c.type.in_(list(query.types)))
-    return [Entry(**row._mapping) for row in connection.execute(statement)]
+    if query.protocol is not None:
+        statement = statement.where(ledger.c.protocol == query.protocol)
+    if query.after_seq is not None:
+        statement = statement.where(ledger.c.seq > query.after_seq)
+    found = (Entry(**row._mapping) for row in connection.execute(statement))
+    return [entry for entry in found if query.keeps(entry)]
+
+
+@dataclass(slots=True)
+class Incident:
+    """A burst of one sandbox's hits and what followed them."""
+
+    sandbox: str
+    entries: list[Entry] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return f"in-{self.hits[0].seq}"
+
+    @property
+    def hits(self) -> list[Entry]:
+        return [entry for entry in self.entries if entry.type == "hit"]
+
+    @property
+    def first_us(self) -> int:
+        return self.hits[0].time_us
+
+    @property
+    def last_us(self) -> int:
+        return self.hits[-1].time_us
+
+    @property
+    def channels(self) -> list[str]:
+        return sorted({entry.protocol for entry in self.hits if entry.protocol})
+
+    @property
+    def sources(self) -> list[str]:
+        return list(dict.fromkeys(entry.source for entry in self.hits if entry.source))
+
+    @property
+    def canaries(self) -> list[str]:
+        return list(dict.fromkeys(entry.canary_id for entry in self.hits if entry.canary_id))
+
+    @property
+    def follow_up(self) -> list[Entry]:
+        """Alert events after the first hit: pages, failures, digests, escalations, acks."""
+        return [entry for entry in self.entries if entry.type.startswith("alert_")]
+
+
+def incidents(entries: Sequence[Entry], gap_us: int) -> list[Incident]:
+    """Group time-ordered entries into incidents per sandbox, split by quiet gaps."""
+    current: dict[str, Incident] = {}
+    found: list[Incident] = []
+    for entry in entries:
+        sandbox = entry.sandbox
+        if sandbox is None:
+            continue
+        open_incident = current.get(sandbox)
+        if entry.type == "hit":
+            if open_incident is None or entry.time_us - open_incident.last_us > gap_us:
+                open_incident = current[sandbox] = Incident(sandbox)
+                found.append(open_incident)
+            open_incident.entries.append(entry)
+        elif open_incident is not None:
+            open_incident.entries.append(entry)
+    return found

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 
 from alerts.incidents import Incidents, Timing, list_alerts
 from alerts.outbox import Outbox, Retry
@@ -16,6 +16,7 @@ from canaries.model import Canary
 from listeners.base import hit_event
 from store import ledger
 from store.ledger import Entry
+from store.schema import deliveries
 from support import Receiver, hits, plant_canary
 
 MINUTE = 60_000_000
@@ -294,3 +295,20 @@ async def test_dispatch_is_exactly_once_across_dispatchers(
     assert pipeline.incidents.dispatch(pipeline.clock.now) == 1
     assert other.dispatch(pipeline.clock.now) == 0
     assert len(list_alerts(engine)) == 1
+
+
+async def test_a_restarted_node_takes_back_the_leases_it_died_holding(
+    pipeline: Pipeline, receiver: Receiver
+) -> None:
+    pipeline.hit(sandbox="dev-1")
+    pipeline.incidents.dispatch(pipeline.clock.now)
+    with pipeline.engine.begin() as connection:  # as if "n" died mid-send
+        connection.execute(
+            update(deliveries).values(
+                lease_until_us=pipeline.clock.now + 60_000_000, lease_owner="n"
+            )
+        )
+    assert await pipeline.outbox.work() == 0
+    assert pipeline.outbox.release_own_leases() == 1
+    assert await pipeline.outbox.work() == 1
+    assert len(receiver.requests) == 1
