@@ -1,0 +1,209 @@
+"""Incidents across DNS, SMTP and HTTP for one sandbox; filters; follow; incident show."""
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from oobwatch.cli import main
+from store import ledger
+from store.engine import migrate, open_engine
+from store.ledger import Event
+from store.timeline import incidents
+
+MINUTE = 60_000_000
+T0 = 1_800_000_000_000_000
+
+
+def hit(
+    at: int, canary: str, protocol: str, source: str, sandbox: str = "sbx-7", kind: str = "dns"
+) -> Event:
+    return Event(
+        "hit", at, "n", canary, sandbox, protocol, source, {"kind": kind, "qname": "=cmd|x"}
+    )
+
+
+def story() -> list[Event]:
+    """Two bursts in sbx-7 (DNS then SMTP and HTTP; later HTTP again), one in sbx-8."""
+    return [
+        Event("canary_minted", T0 - MINUTE, "n", "cn-a", "sbx-7", data={"value": "a"}),
+        hit(T0, "cn-a", "dns", "198.51.100.1:53"),
+        Event(
+            "alert_opened",
+            T0 + 1,
+            "n",
+            "cn-a",
+            "sbx-7",
+            data={"alert_id": "al-1", "routes": ["default"]},
+        ),
+        Event(
+            "alert_sent",
+            T0 + 2,
+            "n",
+            "cn-a",
+            "sbx-7",
+            data={
+                "alert_id": "al-1",
+                "purpose": "page",
+                "route": "default",
+                "target": "apprise:0",
+                "attempt": 1,
+            },
+        ),
+        hit(T0 + 5 * MINUTE, "cn-b", "smtp", "203.0.113.9:25", kind="email"),
+        hit(T0 + 9 * MINUTE, "cn-c", "http", "203.0.113.9:443", kind="credential"),
+        Event(
+            "alert_acked",
+            T0 + 10 * MINUTE,
+            "n",
+            "cn-a",
+            "sbx-7",
+            data={"alert_id": "al-1", "by": "alice"},
+        ),
+        hit(T0 + 3 * MINUTE, "cn-z", "dns", "192.0.2.1:53", sandbox="sbx-8"),
+        hit(T0 + 120 * MINUTE, "cn-a", "http", "198.51.100.1:8080", kind="credential"),
+    ]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    url = f"sqlite:///{tmp_path / 'oobwatch.db'}"
+    path = tmp_path / "oobwatch.toml"
+    path.write_text(f"[store]\nurl = '{url}'\n[timeline]\nincident_gap = '30m'\n")
+    engine = open_engine(url)
+    migrate(engine)
+    with engine.begin() as connection:
+        ledger.append(connection, story())
+    engine.dispose()
+    return path
+
+
+def cli(config: Path, *args: str) -> str:
+    result = CliRunner().invoke(main, ["--config", str(config), *args])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_incidents_group_by_sandbox_and_quiet_gap(config: Path) -> None:
+    grouped = json.loads(cli(config, "timeline", "--incidents", "--format", "json"))
+    assert [(i["sandbox"], i["hits"]) for i in grouped] == [
+        ("sbx-7", 3),
+        ("sbx-8", 1),
+        ("sbx-7", 1),
+    ]
+    first = grouped[0]
+    assert first["channels"] == ["dns", "http", "smtp"]
+    assert first["sources"] == ["198.51.100.1:53", "203.0.113.9:25", "203.0.113.9:443"]
+    assert first["canaries"] == ["cn-a", "cn-b", "cn-c"]
+    assert first["alerts"] == ["al-1"]
+    assert first["acked_by"] == ["alice"]
+    assert [f["type"] for f in first["follow_up"]] == ["alert_opened", "alert_sent", "alert_acked"]
+    assert first["first"] < first["last"]
+
+
+def test_incident_csv_is_spreadsheet_safe_and_the_table_renders(config: Path) -> None:
+    rows = list(
+        csv.DictReader(io.StringIO(cli(config, "timeline", "--incidents", "--format", "csv")))
+    )
+    assert [row["id"] for row in rows] == [
+        i["id"] for i in json.loads(cli(config, "timeline", "--incidents", "--format", "json"))
+    ]
+    assert "incidents" in cli(config, "timeline", "--incidents")
+
+
+def test_incident_show_tells_the_story_with_evidence(config: Path) -> None:
+    [first, *_] = json.loads(cli(config, "timeline", "--incidents", "--format", "json"))
+    text = cli(config, "incident", "show", first["id"])
+    assert f"Incident {first['id']}: sandbox sbx-7, 3 hits" in text
+    assert text.count("  hit  ") == 3
+    assert 'qname: "=cmd|x"' in text
+    detail = json.loads(cli(config, "incident", "show", first["id"], "--format", "json"))
+    assert [e["type"] for e in detail["events"]].count("hit") == 3
+    missing = CliRunner().invoke(main, ["--config", str(config), "incident", "show", "in-999"])
+    assert missing.exit_code == 1
+    assert "no incident in-999" in missing.output
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--protocol", "smtp"], ["cn-b"]),
+        (["--source", "203.0.113.0/24"], ["cn-b", "cn-c"]),
+        (["--kind", "credential"], ["cn-c", "cn-a"]),
+        (["--sandbox", "sbx-8"], ["cn-z"]),
+    ],
+)
+def test_filters(config: Path, args: list[str], expected: list[str]) -> None:
+    events = json.loads(cli(config, "timeline", "--format", "json", *args))
+    assert [e["canary_id"] for e in events if e["type"] == "hit"] == expected
+
+
+def test_bad_source_network(config: Path) -> None:
+    result = CliRunner().invoke(main, ["--config", str(config), "timeline", "--source", "nope"])
+    assert result.exit_code == 2
+    assert "not an IP network" in result.output
+
+
+def test_follow_prints_new_events_as_they_are_committed(config: Path, tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "oobwatch.cli",
+            "--config",
+            str(config),
+            "timeline",
+            "--follow",
+            "--format",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        existing = [json.loads(process.stdout.readline()) for _ in range(len(story()))]
+        assert existing[0]["type"] == "canary_minted"
+        engine = open_engine(f"sqlite:///{tmp_path / 'oobwatch.db'}")
+        with engine.begin() as connection:
+            ledger.append(connection, [hit(T0 + 200 * MINUTE, "cn-new", "dns", "192.0.2.77:53")])
+        engine.dispose()
+        started = time.monotonic()
+        fresh = json.loads(process.stdout.readline())
+        assert fresh["canary_id"] == "cn-new"
+        assert time.monotonic() - started < 30
+    finally:
+        process.terminate()
+        process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def test_grouping_is_pure_and_ignores_events_before_any_hit() -> None:
+    entries = []
+    for n, event in enumerate(sorted(story(), key=lambda e: e.time_us), start=1):
+        entries.append(
+            ledger.Entry(
+                n,
+                event.time_us,
+                event.type,
+                event.canary_id,
+                event.sandbox,
+                event.protocol,
+                event.source,
+                event.node,
+                json.dumps(dict(event.data)),
+                "",
+                "",
+            )
+        )
+    grouped = incidents(entries, 30 * MINUTE)
+    assert all(i.entries[0].type == "hit" for i in grouped)
+    assert sum(len(i.hits) for i in grouped) == 5
