@@ -183,6 +183,8 @@ zone = "{ZONE}"
 listen = "127.0.0.1"
 port = {port}
 
+[api]
+enabled = false
 [alerts]
 urls = []
 """,

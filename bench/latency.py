@@ -225,6 +225,8 @@ enabled = false
 [http]
 enabled = false
 
+[api]
+enabled = false
 [alerts]
 urls = ["json://127.0.0.1:{receiver_port}/page"]
 

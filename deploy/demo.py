@@ -133,6 +133,7 @@ def main() -> None:
     dns_port = free_port(15353)
     smtp_port = free_port(12525)
     http_port = free_port(18080)
+    api_port = free_port(18787)
     config = WORK / "oobwatch.toml"
     config.write_text(
         f"""[node]
@@ -150,6 +151,9 @@ port = {smtp_port}
 [http]
 listen = "127.0.0.1"
 port = {http_port}
+[api]
+listen = "127.0.0.1"
+port = {api_port}
 [alerts]
 urls = ["json://127.0.0.1:{receiver.server_address[1]}/page"]
 """

@@ -81,15 +81,13 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-class HttpListener:
-    """Answers every request the same way; records those that carry a canary token."""
+class AsgiServer:
+    """An ASGI app served by uvicorn (h11) on its own socket, inside the running loop."""
 
-    name = "http"
-
-    def __init__(self, context: Context, options: HttpOptions) -> None:
-        self._context = context
-        self._options = options
-        self._zone = split_name(options.zone)
+    def __init__(self, app: Any, listen: str, port: int) -> None:
+        self._app = app
+        self._listen = listen
+        self._port = port
         self._socket: socket.socket | None = None
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -102,19 +100,19 @@ class HttpListener:
         return [(host, port)]
 
     async def start(self) -> None:
-        family = socket.AF_INET6 if ":" in self._options.listen else socket.AF_INET
+        family = socket.AF_INET6 if ":" in self._listen else socket.AF_INET
         listening = socket.socket(family, socket.SOCK_STREAM)
         listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.bind((self._options.listen, self._options.port))
+        listening.bind((self._listen, self._port))
         listening.listen(512)
         listening.setblocking(False)
         self._socket = listening
         config = uvicorn.Config(
-            self.app,
+            self._app,
             http="h11",
             interface="asgi3",
             lifespan="off",
-            # The source of a hit is the peer that connected, never a header it sent.
+            # The client is the peer that connected, never a header it sent.
             proxy_headers=False,
             access_log=False,
             server_header=False,
@@ -130,7 +128,6 @@ class HttpListener:
             if self._task.done():
                 self._task.result()
             await asyncio.sleep(0.01)
-        log.info("http listening on %s:%d", *self.addresses[0])
 
     async def stop(self) -> None:
         if self._server is not None and self._task is not None:
@@ -139,6 +136,29 @@ class HttpListener:
         if self._socket is not None:
             self._socket.close()
         self._server = self._task = self._socket = None
+
+
+class HttpListener:
+    """Answers every request the same way; records those that carry a canary token."""
+
+    name = "http"
+
+    def __init__(self, context: Context, options: HttpOptions) -> None:
+        self._context = context
+        self._options = options
+        self._zone = split_name(options.zone)
+        self._server = AsgiServer(self.app, options.listen, options.port)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return self._server.addresses
+
+    async def start(self) -> None:
+        await self._server.start()
+        log.info("http listening on %s:%d", *self.addresses[0])
+
+    async def stop(self) -> None:
+        await self._server.stop()
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI application every request goes through."""

@@ -21,12 +21,13 @@ from canaries.mint import mint
 from canaries.model import KINDS, SEVERITIES, Canary
 from canaries.plant import plant
 from oobwatch import output
+from oobwatch.api import SCOPES
 from oobwatch.config import DEFAULT_CONFIG, Config, ConfigError, load
 from oobwatch.serve import alerting, serve
-from store import anchors, ledger, registry
+from store import anchors, ledger, registry, tokens
 from store.clock import from_iso, now_us
 from store.engine import migrate, open_engine
-from store.timeline import IpNetwork, TimelineQuery, incidents, timeline
+from store.timeline import IpNetwork, TimelineQuery, find_incident, incidents, timeline
 
 FOLLOW_SECONDS = 0.5
 
@@ -324,21 +325,11 @@ def incident_group() -> None:
 @pass_state
 def incident_show(state: State, incident_id: str, fmt: str) -> None:
     """One incident's full story, hit by hit, with the evidence."""
-    try:
-        first_seq = int(incident_id.removeprefix("in-"))
-    except ValueError:
-        raise click.BadParameter(f"{incident_id!r} is not an incident id such as in-42") from None
     with state.engine().connect() as connection:
-        first = timeline(connection, TimelineQuery(after_seq=first_seq - 1, types=["hit"]))[:1]
-        if not first or first[0].seq != first_seq or first[0].sandbox is None:
-            raise click.ClickException(f"no incident {incident_id}")
-        entries = timeline(connection, TimelineQuery(sandbox=first[0].sandbox))
-    found = [
-        i for i in incidents(entries, state.config.timeline.incident_gap) if i.id == incident_id
-    ]
-    if not found:
+        found = find_incident(connection, incident_id, state.config.timeline.incident_gap)
+    if found is None:
         raise click.ClickException(f"no incident {incident_id}")
-    output.print_incident_story(found[0], fmt)
+    output.print_incident_story(found, fmt)
 
 
 @main.group(name="alerts")
@@ -404,6 +395,28 @@ def alerts_resolve(state: State, alert_id: str, by: str) -> None:
     except (LookupError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"resolved {alert_id}")
+
+
+@main.group(name="token")
+def token_group() -> None:
+    """Admin API tokens."""
+
+
+@token_group.command(name="create")
+@click.option("--scope", type=click.Choice(SCOPES), required=True)
+@click.option("--name", required=True, help="Who or what the token is for; unique.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def token_create(state: State, scope: str, name: str, as_json: bool) -> None:
+    """Create a token. It is shown once and stored only as a hash."""
+    try:
+        token, text = tokens.create(state.engine(), name, scope)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        click.echo(json.dumps({"name": token.name, "scope": token.scope, "token": text}))
+    else:
+        click.echo(f"{token.name} ({token.scope}): {text}\nStore it now: it is not shown again.")
 
 
 @main.group(name="ledger")

@@ -256,6 +256,17 @@ class LedgerConfig(Section):
     verify_every: Duration = _duration_us("1h")
 
 
+class ApiConfig(Section):
+    enabled: bool = True
+    listen: str = "127.0.0.1"
+    port: Port = 8787
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, listen: str) -> str:
+        return _check_listen(listen)
+
+
 class TimelineConfig(Section):
     incident_gap: Duration = _duration_us("30m")
 
@@ -281,6 +292,7 @@ class Config(BaseSettings):
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     ledger: LedgerConfig = LedgerConfig()
     timeline: TimelineConfig = TimelineConfig()
+    api: ApiConfig = ApiConfig()
 
     @model_validator(mode="after")
     def _named_routes(self) -> "Config":
@@ -460,6 +472,12 @@ max_attempts = 12                     # then the delivery is recorded failed and
 # anchor_route = "audit"              # a route (apprise URLs, webhooks) that receives the head
 anchor_every = "1h"
 verify_every = "1h"                   # a broken chain pages heartbeat.route
+
+[api]
+# The admin API (tokens from `oobwatch token create`); never on a listener's port.
+enabled = true
+listen = "127.0.0.1"
+port = 8787
 
 [timeline]
 incident_gap = "30m"                  # a sandbox quiet this long ends an incident

@@ -244,18 +244,22 @@ def incident_json(incident: Incident) -> dict[str, Any]:
     }
 
 
+def incidents_csv(rows: Sequence[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(INCIDENT_COLUMNS)
+    for row in rows:
+        writer.writerow([spreadsheet_safe(row[column]) for column in INCIDENT_COLUMNS])
+    return out.getvalue()
+
+
 def print_incidents(incidents: Sequence[Incident], fmt: str) -> None:
     rows = [incident_json(incident) for incident in incidents]
     if fmt == "json":
         print(json.dumps(rows, indent=2))
         return
     if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\r\n")
-        writer.writerow(INCIDENT_COLUMNS)
-        for row in rows:
-            writer.writerow([spreadsheet_safe(row[column]) for column in INCIDENT_COLUMNS])
-        sys.stdout.write(out.getvalue())
+        sys.stdout.write(incidents_csv(rows))
         return
     print_table(
         "incidents",

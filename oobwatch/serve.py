@@ -14,11 +14,13 @@ from alerts.outbox import Outbox, Retry
 from canaries.index import TokenIndex
 from listeners.base import Context, Listener
 from listeners.dns import DnsListener, DnsOptions
-from listeners.http import HttpListener, HttpOptions
+from listeners.http import AsgiServer, HttpListener, HttpOptions
 from listeners.smtp import SmtpListener, SmtpOptions
+from oobwatch.api import build_api
 from oobwatch.config import Config
 from oobwatch.heartbeat import Heartbeat, heartbeat_canary
 from oobwatch.integrity import Integrity
+from oobwatch.metrics import NodeCollector
 from store.clock import now_us
 from store.engine import migrate, open_engine
 from store.ledger import Entry
@@ -87,6 +89,7 @@ class Node:
     """A running node: its listeners by name, and what they share."""
 
     config: Config
+    engine: Engine
     writer: LedgerWriter
     index: TokenIndex
     incidents: Incidents
@@ -94,6 +97,7 @@ class Node:
     scheduler: AsyncIOScheduler
     heartbeat: Heartbeat | None = None
     integrity: Integrity | None = None
+    api: AsgiServer | None = None
     listeners: dict[str, Listener] = field(default_factory=dict)
     contexts: dict[str, Context] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -101,6 +105,8 @@ class Node:
     send_due: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def stop(self) -> None:
+        if self.api is not None:
+            await self.api.stop()
         for listener in self.listeners.values():
             await listener.stop()
         self.scheduler.shutdown(wait=False)
@@ -182,7 +188,7 @@ async def start(config: Config) -> Node:
     index = TokenIndex(engine)
     incidents, outbox = alerting(config, engine)
     scheduler = AsyncIOScheduler()
-    node = Node(config, writer, index, incidents, outbox, scheduler)
+    node = Node(config, engine, writer, index, incidents, outbox, scheduler)
     await asyncio.to_thread(outbox.release_own_leases)
     writer.subscribe(node.committed)
     if config.heartbeat.enabled:
@@ -247,6 +253,10 @@ async def start(config: Config) -> Node:
         await listener.start()
         node.listeners[name] = listener
         node.contexts[name] = context
+    if config.api.enabled:
+        app = build_api(engine, config, incidents, NodeCollector(node))
+        node.api = AsgiServer(app, config.api.listen, config.api.port)
+        await node.api.start()
     node.tasks = [asyncio.create_task(node.dispatching()), asyncio.create_task(node.sending())]
     # Hits committed before a restart, and deliveries left pending, are taken up at once.
     node.dispatch_due.set()
@@ -266,6 +276,9 @@ async def serve(config: Config) -> None:
     for name, listener in node.listeners.items():
         for host, port in listener.addresses:
             print(f"{name} listening on {host}:{port}", flush=True)
+    if node.api is not None:
+        for host, port in node.api.addresses:
+            print(f"api listening on {host}:{port}", flush=True)
     await stopping.wait()
     log.info("stopping")
     await node.stop()

@@ -3,7 +3,7 @@
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, select
+from sqlalchemy import Connection, RowMapping, select, update
 
 from store.schema import canaries
 
@@ -28,3 +28,11 @@ def listing(connection: Connection, sandbox: str | None = None) -> Sequence[RowM
     if sandbox is not None:
         query = query.where(canaries.c.sandbox == sandbox)
     return connection.execute(query).mappings().all()
+
+
+def retire(connection: Connection, canary_id: str, when_us: int) -> RowMapping | None:
+    """Mark a canary retired (it still matches and pages); its row, or None if there is none."""
+    connection.execute(
+        update(canaries).where(canaries.c.id == canary_id).values(retired_us=when_us)
+    )
+    return connection.execute(select(canaries).where(canaries.c.id == canary_id)).mappings().first()

@@ -128,3 +128,18 @@ def incidents(entries: Sequence[Entry], gap_us: int) -> list[Incident]:
         elif open_incident is not None:
             open_incident.entries.append(entry)
     return found
+
+
+def find_incident(connection: Connection, incident_id: str, gap_us: int) -> Incident | None:
+    """The incident `in-<seq>` whose first hit is ledger row seq, or None."""
+    try:
+        first_seq = int(incident_id.removeprefix("in-"))
+    except ValueError:
+        return None
+    first = connection.execute(
+        select(ledger.c.sandbox, ledger.c.type).where(ledger.c.seq == first_seq)
+    ).first()
+    if first is None or first.type != "hit" or first.sandbox is None:
+        return None
+    found = incidents(timeline(connection, TimelineQuery(sandbox=first.sandbox)), gap_us)
+    return next((incident for incident in found if incident.id == incident_id), None)

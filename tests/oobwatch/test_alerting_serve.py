@@ -36,6 +36,8 @@ port = 0
 port = 0
 [http]
 port = 0
+[api]
+port = 0
 [alerts]
 urls = ["{receiver.url("json", "/default")}"]
 retry_base = "200ms"

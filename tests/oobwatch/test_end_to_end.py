@@ -55,6 +55,8 @@ answer_ipv4 = ["192.0.2.10"]
 port = 0
 [http]
 port = 0
+[api]
+port = 0
 [alerts]
 urls = ["{receiver.url()}"]
 """
