@@ -47,23 +47,29 @@ _GRANTS = {
 _bearer = HTTPBearer(auto_error=False, description="An API token from `oobwatch token create`.")
 
 
+# Names and notes are stored, hashed and printed: no control characters (PostgreSQL refuses NUL).
+_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=_PRINTABLE)]
+Text = Annotated[str, Field(max_length=2000, pattern=_PRINTABLE)]
+
+
 class MintRequest(BaseModel):
     kind: Literal["dns", "email", "url", "credential"]
-    sandbox: str = Field(min_length=1, max_length=200)
-    location: str = Field(default="", max_length=1000)
-    labels: dict[str, str] = {}
+    sandbox: Name
+    location: Text = ""
+    labels: dict[Name, Text] = {}
     severity: Literal["low", "medium", "high", "critical"] = "high"
-    note: str = Field(default="", max_length=2000)
+    note: Text = ""
     format: Literal[CREDENTIAL_FORMATS] | None = None  # type: ignore[valid-type]
 
 
 class PlantRequest(BaseModel):
-    sandbox: str = Field(min_length=1, max_length=200)
-    labels: dict[str, str] = {}
+    sandbox: Name
+    labels: dict[Name, Text] = {}
 
 
 class ActorRequest(BaseModel):
-    by: str = Field(default="api", min_length=1, max_length=200)
+    by: Name = "api"
 
 
 class CanaryOut(BaseModel):

@@ -1,0 +1,269 @@
+"""The admin API: auth on every endpoint, what each does, OpenAPI fuzzing, and /metrics."""
+
+import io
+import zipfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import dns.asyncquery
+import dns.message
+import httpx
+import pytest
+import schemathesis
+from fastapi import FastAPI
+from hypothesis import HealthCheck, given, settings
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import Engine
+
+from oobwatch.api import build_api
+from oobwatch.config import Config, load
+from oobwatch.serve import Node, alerting, start
+from store import tokens
+from store.engine import migrate, open_engine
+from support import Receiver
+
+SCOPES = ("read", "mint", "ack", "admin")
+
+# (method, path, body, scope needed)
+ENDPOINTS: list[tuple[str, str, dict[str, Any] | None, str]] = [
+    ("GET", "/health", None, "read"),
+    ("GET", "/canaries", None, "read"),
+    ("POST", "/canaries", {"kind": "dns", "sandbox": "sbx-api"}, "mint"),
+    ("POST", "/canaries/{canary}/retire", {}, "mint"),
+    ("POST", "/plant", {"sandbox": "sbx-plant"}, "mint"),
+    ("GET", "/timeline?sandbox=sbx-api", None, "read"),
+    ("GET", "/timeline?format=csv", None, "read"),
+    ("GET", "/incidents", None, "read"),
+    ("GET", "/incidents/{incident}", None, "read"),
+    ("GET", "/alerts?open=true", None, "read"),
+    ("POST", "/alerts/{alert}/ack", {"by": "alice"}, "ack"),
+    ("POST", "/alerts/{alert}/resolve", {"by": "alice"}, "ack"),
+    ("GET", "/ledger/head", None, "read"),
+    ("POST", "/ledger/verify", None, "admin"),
+    ("GET", "/metrics", None, "read"),
+]
+GRANTED = {
+    "read": {"read", "mint", "ack", "admin"},
+    "mint": {"mint", "admin"},
+    "ack": {"ack", "admin"},
+    "admin": {"admin"},
+}
+
+
+def config_for(tmp_path: Path, receiver: Receiver) -> Config:
+    path = tmp_path / "oobwatch.toml"
+    path.write_text(
+        f"""
+[node]
+name = "api-node"
+[store]
+url = "sqlite:///{tmp_path / "oobwatch.db"}"
+[dns]
+port = 0
+[smtp]
+port = 0
+[http]
+port = 0
+[api]
+port = 0
+[alerts]
+urls = ["{receiver.url()}"]
+[heartbeat]
+enabled = false
+"""
+    )
+    return load(path)
+
+
+@pytest.fixture
+async def node(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Node]:
+    running = await start(config_for(tmp_path, receiver))
+    yield running
+    await running.stop()
+
+
+def bearer(node: Node, scope: str) -> dict[str, str]:
+    _, text = (
+        tokens.create(node.engine, f"{scope}-{len(str(id(node)))}-{scope}", scope)
+        if False
+        else tokens.create(node.engine, f"t-{scope}", scope)
+    )
+    return {"Authorization": f"Bearer {text}"}
+
+
+async def api(node: Node) -> httpx.AsyncClient:
+    assert node.api is not None
+    host, port = node.api.addresses[0]
+    return httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30)
+
+
+async def test_every_endpoint_requires_a_token_with_its_scope(
+    node: Node, receiver: Receiver
+) -> None:
+    headers = {scope: bearer(node, scope) for scope in SCOPES}
+    async with await api(node) as client:
+        canary = (
+            await client.post(
+                "/canaries", json={"kind": "dns", "sandbox": "sbx-api"}, headers=headers["mint"]
+            )
+        ).json()
+        await dns.asyncquery.udp(
+            dns.message.make_query(canary["value"], "A"),
+            "127.0.0.1",
+            port=node.listeners["dns"].addresses[0][1],
+            timeout=5,
+        )
+        receiver.wait_for(1)
+        [alert] = (await client.get("/alerts", headers=headers["read"])).json()
+        [incident] = (await client.get("/incidents", headers=headers["read"])).json()
+        names = {"canary": canary["id"], "alert": alert["id"], "incident": incident["id"]}
+        for method, template, body, needed in ENDPOINTS:
+            path = template.format(**names)
+            assert (await client.request(method, path, json=body)).status_code == 401, path
+            bogus = {"Authorization": "Bearer oob_deadbeef_nope"}
+            assert (
+                await client.request(method, path, json=body, headers=bogus)
+            ).status_code == 401, path
+            for scope in SCOPES:
+                response = await client.request(method, path, json=body, headers=headers[scope])
+                if scope in GRANTED[needed]:
+                    assert response.status_code < 300 or (
+                        response.status_code == 409 and "/alerts/" in path
+                    ), (path, scope, response.text)
+                else:
+                    assert response.status_code == 403, (path, scope)
+
+
+async def test_what_the_endpoints_do(node: Node, receiver: Receiver) -> None:
+    admin = bearer(node, "admin")
+    async with await api(node) as client:
+        minted = await client.post(
+            "/canaries",
+            json={
+                "kind": "credential",
+                "format": "aws",
+                "sandbox": "sbx-z",
+                "labels": {"team": "x"},
+            },
+            headers=admin,
+        )
+        assert minted.status_code == 201
+        canary = minted.json()
+        assert canary["path_hint"] == ".aws/credentials"
+        assert ".aws/config" in canary["files"]
+        bad = await client.post(
+            "/canaries", json={"kind": "credential", "sandbox": "sbx-z"}, headers=admin
+        )
+        assert bad.status_code == 422
+        assert [
+            c["id"] for c in (await client.get("/canaries?sandbox=sbx-z", headers=admin)).json()
+        ] == [canary["id"]]
+        retired = (
+            await client.post(f"/canaries/{canary['id']}/retire", json={}, headers=admin)
+        ).json()
+        assert retired["retired_at"] is not None
+        assert (
+            await client.post("/canaries/cn-none/retire", json={}, headers=admin)
+        ).status_code == 404
+        bundle = await client.post("/plant", json={"sandbox": "sbx-z"}, headers=admin)
+        assert bundle.headers["content-type"] == "application/zip"
+        names = zipfile.ZipFile(io.BytesIO(bundle.content)).namelist()
+        assert ".netrc" in names
+        assert "project/CONTACTS.md" in names
+        events = (await client.get("/timeline?sandbox=sbx-z", headers=admin)).json()
+        assert [e["type"] for e in events][:2] == ["canary_minted", "canary_retired"]
+        csv_text = (await client.get("/timeline?sandbox=sbx-z&format=csv", headers=admin)).text
+        assert csv_text.startswith("seq,time,type")
+        assert (await client.get("/timeline?since=yesterday", headers=admin)).status_code == 422
+        assert (await client.get("/timeline?source=nonsense", headers=admin)).status_code == 422
+        head = (await client.get("/ledger/head", headers=admin)).json()
+        verified = (await client.post("/ledger/verify", headers=admin)).json()
+        assert verified["intact"] is True
+        assert verified["head_hash"] == head["hash"]
+        assert (await client.get("/incidents/in-99999", headers=admin)).status_code == 404
+        spec = (await client.get("/openapi.json")).json()
+        assert {
+            "/canaries",
+            "/plant",
+            "/timeline",
+            "/incidents",
+            "/alerts",
+            "/ledger/head",
+            "/metrics",
+        } <= set(spec["paths"])
+
+
+async def test_metrics_parse_with_prometheus_client(node: Node) -> None:
+    reader = bearer(node, "read")
+    async with await api(node) as client:
+        canary = (
+            await client.post(
+                "/canaries", json={"kind": "dns", "sandbox": "m"}, headers=bearer(node, "mint")
+            )
+        ).json()
+        port = node.listeners["dns"].addresses[0][1]
+        await dns.asyncquery.udp(
+            dns.message.make_query(canary["value"], "A"), "127.0.0.1", port=port, timeout=5
+        )
+        await dns.asyncquery.udp(
+            dns.message.make_query("junk.canary.example.test", "A"),
+            "127.0.0.1",
+            port=port,
+            timeout=5,
+        )
+        text = (await client.get("/metrics", headers=reader)).text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+
+    def value(name: str, **labels: str) -> float:
+        return next(
+            s.value
+            for s in families[name].samples
+            if s.name.endswith("_total") or s.name == name
+            if all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    assert value("oobwatch_listener_hits", listener="dns") == 1
+    assert value("oobwatch_listener_junk", listener="dns") == 1
+    assert value("oobwatch_listener_received", listener="dns") == 2
+    assert value("oobwatch_ledger_entries") >= 2
+    assert "oobwatch_outbox_pending" in families
+    assert "oobwatch_alerts_sent" in families
+    assert "oobwatch_heartbeat_last_ok_seconds" in families
+
+
+@pytest.fixture
+def schema_app(tmp_path: Path, receiver: Receiver) -> Iterator[tuple[FastAPI, str]]:
+    config = config_for(tmp_path, receiver)
+    engine: Engine = open_engine(config.store.url)
+    migrate(engine)
+    incidents, _ = alerting(config, engine)
+    _, text = tokens.create(engine, "fuzz", "admin")
+    yield build_api(engine, config, incidents), text
+    engine.dispose()
+
+
+def test_fuzzing_the_openapi_document_finds_no_server_error(
+    schema_app: tuple[FastAPI, str],
+) -> None:
+    app, text = schema_app
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    failures = []
+    calls: list[str] = []
+    for operation in schema.get_all_operations():
+        strategy = operation.ok().as_strategy()
+
+        @settings(
+            max_examples=15, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
+        @given(case=strategy)
+        def check(case: Any) -> None:
+            response = case.call(headers={"Authorization": f"Bearer {text}"})
+            calls.append(f"{case.method} {case.path}")
+            if response.status_code >= 500:
+                failures.append((case.method, case.path, response.status_code, response.text[:200]))
+
+        check()
+    assert failures == []
+    assert len(set(calls)) == 14  # every operation was exercised
+    assert len(calls) > 100
