@@ -1,12 +1,14 @@
 """The `oobwatch` command line."""
 
 import asyncio
+import io
 import ipaddress
 import json
 import logging
 import os
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -23,11 +25,19 @@ from canaries.plant import plant
 from oobwatch import output
 from oobwatch.api import SCOPES
 from oobwatch.config import DEFAULT_CONFIG, Config, ConfigError, load
+from oobwatch.remote import Remote
 from oobwatch.serve import alerting, serve
 from store import anchors, ledger, registry, tokens
-from store.clock import from_iso, now_us
+from store.clock import from_iso, now_us, to_iso
 from store.engine import migrate, open_engine
-from store.timeline import IpNetwork, TimelineQuery, find_incident, incidents, timeline
+from store.timeline import (
+    Incident,
+    IpNetwork,
+    TimelineQuery,
+    find_incident,
+    incidents,
+    timeline,
+)
 
 FOLLOW_SECONDS = 0.5
 
@@ -35,9 +45,14 @@ FOLLOW_SECONDS = 0.5
 class State:
     """The group's options, loading the configuration only when a command needs it."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, remote: Remote | None = None) -> None:
         self.path = path
+        self.remote = remote
         self._config: Config | None = None
+
+    def local_only(self, what: str) -> None:
+        if self.remote is not None:
+            raise click.UsageError(f"{what} works on the local store only, not over --api")
 
     @property
     def config(self) -> Config:
@@ -68,8 +83,16 @@ pass_state = click.make_pass_decorator(State)
     help="TOML config file (or OOBWATCH_CONFIG).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+@click.option("--api", "api_url", envvar="OOBWATCH_API", help="Work against this node's admin API.")
+@click.option("--token", envvar="OOBWATCH_TOKEN", help="API token for --api (or OOBWATCH_TOKEN).")
 @click.pass_context
-def main(context: click.Context, config_path: Path | None, verbose: bool) -> None:
+def main(
+    context: click.Context,
+    config_path: Path | None,
+    verbose: bool,
+    api_url: str | None,
+    token: str | None,
+) -> None:
     """oobwatch: out-of-band canary listeners that page when a sandbox reaches out."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -78,7 +101,12 @@ def main(context: click.Context, config_path: Path | None, verbose: bool) -> Non
     )
     for noisy in ("alembic", "apscheduler", "apprise", "mail.log", "uvicorn.error"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    context.obj = State(config_path)
+    if api_url is not None and not token:
+        raise click.UsageError("--api needs --token (or OOBWATCH_TOKEN)")
+    remote = None if api_url is None else Remote(api_url, token or "")
+    if remote is not None:
+        context.call_on_close(remote.close)
+    context.obj = State(config_path, remote)
 
 
 @main.command()
@@ -103,6 +131,7 @@ def init(target: Path, force: bool) -> None:
 @pass_state
 def serve_command(state: State) -> None:
     """Run the listeners, pager and scheduler until SIGINT or SIGTERM."""
+    state.local_only("serve")
     asyncio.run(serve(state.config))
 
 
@@ -147,6 +176,12 @@ def mint_command(
     """Mint a canary of KIND (dns, email, url, credential) and print what to plant."""
     if kind == "credential" and fmt is None:
         raise click.UsageError("credential canaries need --format")
+    if state.remote is not None:
+        request: dict[str, Any] = {"kind": kind, "sandbox": sandbox, "location": location}
+        request["labels"] = labels
+        request |= {"severity": severity, "note": note, "format": fmt}
+        _print_minted(state.remote.json("POST", "/canaries", json=request), as_json)
+        return
     try:
         canary = mint(
             state.engine(),
@@ -163,14 +198,20 @@ def mint_command(
         )
     except ValueError as error:
         raise click.ClickException(str(error)) from None
+    _print_minted(output.canary_json(canary), as_json)
+
+
+def _print_minted(canary: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(output.canary_json(canary)))
-    elif canary.kind == "credential":
-        click.echo(f"{canary.id}  credential {canary.format}  plant at ~/{canary.path_hint}:")
-        for path, text in canary.files.items():
+        click.echo(json.dumps(canary))
+    elif canary["kind"] == "credential":
+        click.echo(
+            f"{canary['id']}  credential {canary['format']}  plant at ~/{canary['path_hint']}:"
+        )
+        for path, text in (canary["files"] or {}).items():
             click.echo(f"--- ~/{path}\n{text}", nl=False)
     else:
-        click.echo(f"{canary.id}  {canary.kind}  plant: {canary.value}")
+        click.echo(f"{canary['id']}  {canary['kind']}  plant: {canary['value']}")
 
 
 @main.command(name="plant")
@@ -189,6 +230,10 @@ def plant_command(
 ) -> None:
     """Write a realistic bundle of credential, email and URL canaries into a directory."""
     into.mkdir(parents=True, exist_ok=True)
+    if state.remote is not None:
+        manifest, skipped = _plant_remote(state.remote, sandbox, labels, into)
+        _print_planted(manifest, skipped, into, as_json)
+        return
     planted = plant(
         state.engine(),
         into=into,
@@ -198,17 +243,45 @@ def plant_command(
         http_port=state.config.http.port,
         labels=labels,
     )
-    for path in planted.skipped:
+    manifest = [output.canary_json(canary) for canary in planted.canaries]
+    _print_planted(manifest, planted.skipped, into, as_json)
+
+
+def _plant_remote(
+    remote: Remote, sandbox: str, labels: dict[str, str], into: Path
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Plant through the API: its bundle is extracted without replacing any existing file."""
+    response = remote.call("POST", "/plant", json={"sandbox": sandbox, "labels": labels})
+    archive = zipfile.ZipFile(io.BytesIO(response.content))
+    written, skipped = set(), []
+    for name in archive.namelist():
+        target = into / name
+        if target.exists() or not target.resolve().is_relative_to(into.resolve()):
+            skipped.append(name)
+            continue
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(archive.read(name))
+        written.add(name)
+    ids = set(response.headers.get("X-Oobwatch-Canaries", "").split(","))
+    canaries = remote.json("GET", "/canaries", params={"sandbox": sandbox})
+    manifest = [c for c in canaries if c["id"] in ids and (c["location"] in written or not written)]
+    return manifest, skipped
+
+
+def _print_planted(
+    manifest: list[dict[str, Any]], skipped: list[str], into: Path, as_json: bool
+) -> None:
+    for path in skipped:
         click.echo(f"skipped {path}: it exists already", err=True)
     if as_json:
-        click.echo(
-            json.dumps([output.canary_json(canary) for canary in planted.canaries], indent=2)
-        )
+        click.echo(json.dumps(manifest, indent=2))
         return
     output.print_table(
         f"planted into {into}",
         ("id", "kind", "format", "location"),
-        ((c.id, c.kind, c.format, c.location) for c in planted.canaries),
+        ((c["id"], c["kind"], c["format"], c["location"]) for c in manifest),
     )
 
 
@@ -218,16 +291,21 @@ def plant_command(
 @pass_state
 def list_command(state: State, sandbox: str | None, as_json: bool) -> None:
     """List minted canaries."""
-    with state.engine().connect() as connection:
-        canaries = [Canary.from_row(row) for row in registry.listing(connection, sandbox)]
+    if state.remote is not None:
+        params = {} if sandbox is None else {"sandbox": sandbox}
+        canaries = state.remote.json("GET", "/canaries", params=params)
+    else:
+        with state.engine().connect() as connection:
+            rows = registry.listing(connection, sandbox)
+        canaries = [output.canary_json(Canary.from_row(row)) for row in rows]
     if as_json:
-        click.echo(json.dumps([output.canary_json(canary) for canary in canaries], indent=2))
+        click.echo(json.dumps(canaries, indent=2))
         return
     output.print_table(
         "canaries",
         ("id", "kind", "sandbox", "location", "value", "created"),
         (
-            (c.id, c.kind, c.sandbox, c.location, c.value, output.canary_json(c)["created_at"])
+            (c["id"], c["kind"], c["sandbox"], c["location"], c["value"], c["created_at"])
             for c in canaries
         ),
     )
@@ -287,13 +365,18 @@ def timeline_command(
     state: State, /, fmt: str, as_incidents: bool, follow: bool, **filters: Any
 ) -> None:
     """Everything recorded for a sandbox or canary, oldest first."""
+    if state.remote is not None:
+        if follow:
+            raise click.UsageError("--follow works on the local store only, not over --api")
+        _timeline_remote(state.remote, fmt, as_incidents, filters)
+        return
     query = _query(state, **filters)
     engine = state.engine()
     with engine.connect() as connection:
         entries = timeline(connection, query)
     if as_incidents:
         grouped = incidents(entries, state.config.timeline.incident_gap)
-        output.print_incidents(grouped, fmt)
+        output.print_incidents([output.incident_json(i) for i in grouped], fmt)
         return
     output.print_timeline(entries, fmt, stream=follow)
     if follow:
@@ -305,6 +388,34 @@ def timeline_command(
             if fresh:
                 output.print_timeline(fresh, fmt, stream=True, header=False)
                 last = max(entry.seq for entry in fresh)
+
+
+def _timeline_remote(remote: Remote, fmt: str, as_incidents: bool, filters: dict[str, Any]) -> None:
+    params: dict[str, Any] = {
+        "sandbox": filters["sandbox"],
+        "canary": filters["canary_id"],
+        "since": None if filters["since_us"] is None else to_iso(filters["since_us"]),
+        "until": None if filters["until_us"] is None else to_iso(filters["until_us"]),
+        "protocol": filters["protocol"],
+        "source": None if filters["source"] is None else str(filters["source"]),
+        "kind": filters["kind"],
+        "include_heartbeat": filters["include_heartbeat"],
+        "format": "csv" if fmt == "csv" else "json",
+    }
+    params = {key: value for key, value in params.items() if value is not None}
+    path = "/incidents" if as_incidents else "/timeline"
+    if fmt == "csv":
+        click.echo(remote.call("GET", path, params=params).text, nl=False)
+        return
+    found = remote.json("GET", path, params=params)
+    if fmt == "json":
+        click.echo(json.dumps(found, indent=2))
+    elif as_incidents:
+        output.print_incidents(found, fmt)
+    else:
+        output.print_timeline(
+            [output.entry_from_event(event) for event in found], fmt, stream=False
+        )
 
 
 def _head_seq(engine: Engine) -> int:
@@ -325,6 +436,14 @@ def incident_group() -> None:
 @pass_state
 def incident_show(state: State, incident_id: str, fmt: str) -> None:
     """One incident's full story, hit by hit, with the evidence."""
+    if state.remote is not None:
+        story = state.remote.json("GET", f"/incidents/{incident_id}")
+        if fmt == "json":
+            click.echo(json.dumps(story, indent=2))
+            return
+        entries = [output.entry_from_event(event) for event in story["events"]]
+        output.print_incident_story(Incident(story["sandbox"], entries), fmt)
+        return
     with state.engine().connect() as connection:
         found = find_incident(connection, incident_id, state.config.timeline.incident_gap)
     if found is None:
@@ -348,7 +467,10 @@ def _incidents(state: State) -> Incidents:
 @pass_state
 def alerts_list(state: State, open_only: bool, as_json: bool) -> None:
     """Alerts, oldest first."""
-    rows = [output.alert_json(row) for row in list_alerts(state.engine(), open_only)]
+    if state.remote is not None:
+        rows = state.remote.json("GET", "/alerts", params={"open": open_only})
+    else:
+        rows = [output.alert_json(row) for row in list_alerts(state.engine(), open_only)]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -377,10 +499,7 @@ def alerts_list(state: State, open_only: bool, as_json: bool) -> None:
 @pass_state
 def alerts_ack(state: State, alert_id: str, by: str) -> None:
     """Acknowledge an alert: stops its escalation, acknowledges it in PagerDuty."""
-    try:
-        _incidents(state).acknowledge(alert_id, by, now_us())
-    except (LookupError, ValueError) as error:
-        raise click.ClickException(str(error)) from None
+    _settle(state, alert_id, by, "ack")
     click.echo(f"acknowledged {alert_id} by {by}")
 
 
@@ -390,11 +509,20 @@ def alerts_ack(state: State, alert_id: str, by: str) -> None:
 @pass_state
 def alerts_resolve(state: State, alert_id: str, by: str) -> None:
     """Resolve an alert: later hits of its canary open a new one; resolves it in PagerDuty."""
+    _settle(state, alert_id, by, "resolve")
+    click.echo(f"resolved {alert_id}")
+
+
+def _settle(state: State, alert_id: str, by: str, action: str) -> None:
+    if state.remote is not None:
+        state.remote.json("POST", f"/alerts/{alert_id}/{action}", json={"by": by})
+        return
+    incidents_of = _incidents(state)
+    settle = incidents_of.acknowledge if action == "ack" else incidents_of.resolve
     try:
-        _incidents(state).resolve(alert_id, by, now_us())
+        settle(alert_id, by, now_us())
     except (LookupError, ValueError) as error:
         raise click.ClickException(str(error)) from None
-    click.echo(f"resolved {alert_id}")
 
 
 @main.group(name="token")
@@ -409,6 +537,7 @@ def token_group() -> None:
 @pass_state
 def token_create(state: State, scope: str, name: str, as_json: bool) -> None:
     """Create a token. It is shown once and stored only as a hash."""
+    state.local_only("token create")
     try:
         token, text = tokens.create(state.engine(), name, scope)
     except ValueError as error:
@@ -440,6 +569,19 @@ def ledger_group() -> None:
 @pass_state
 def verify_command(state: State, anchor_file: Path | None, export_file: Path | None) -> None:
     """Recompute the whole chain; exit 1 naming the first bad row."""
+    if state.remote is not None:
+        if anchor_file is not None or export_file is not None:
+            raise click.UsageError("--anchor and --file work on the local store only")
+        result = state.remote.json("POST", "/ledger/verify")
+        verdict = ledger.Verdict(
+            result["count"],
+            result["count"],
+            result["head_hash"],
+            result["bad_seq"],
+            result["problem"],
+        )
+        _report(verdict, verdict.problem, [])
+        return
     try:
         saved = [] if anchor_file is None else anchors.load(anchor_file)
         if export_file is not None:
@@ -450,6 +592,10 @@ def verify_command(state: State, anchor_file: Path | None, export_file: Path | N
                 problem = verdict.problem or ledger.missed_anchor(connection, saved)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
+    _report(verdict, problem, saved)
+
+
+def _report(verdict: ledger.Verdict, problem: str | None, saved: list[tuple[int, str]]) -> None:
     if problem is None:
         checked = f", {len(saved)} anchored heads present" if saved else ""
         click.echo(f"ledger intact: {verdict.count} entries, head {verdict.head_hash}{checked}")
@@ -486,8 +632,12 @@ def _verify_export(path: Path, saved: list[tuple[int, str]]) -> tuple[ledger.Ver
 @pass_state
 def head_command(state: State, as_json: bool) -> None:
     """The current head: sequence number and hash."""
-    with state.engine().connect() as connection:
-        seq, digest = ledger.head(connection)
+    if state.remote is not None:
+        head = state.remote.json("GET", "/ledger/head")
+        seq, digest = head["seq"], head["hash"]
+    else:
+        with state.engine().connect() as connection:
+            seq, digest = ledger.head(connection)
     click.echo(json.dumps({"seq": seq, "hash": digest}) if as_json else f"{seq} {digest}")
 
 
@@ -500,6 +650,7 @@ def head_command(state: State, as_json: bool) -> None:
 @pass_state
 def export_command(state: State, output: Path | None) -> None:
     """Write the whole chain as JSON lines, hashes included, for archiving and offline verify."""
+    state.local_only("ledger export")
     with state.engine().connect() as connection, click.open_file(str(output or "-"), "w") as handle:
         for entry in ledger.entries(connection):
             handle.write(ledger.export_line(entry) + "\n")

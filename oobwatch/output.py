@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from canaries.model import Canary
-from store.clock import to_iso
+from store.clock import from_iso, to_iso
 from store.ledger import Entry
 from store.timeline import Incident
 
@@ -101,6 +101,25 @@ def event_json(entry: Entry) -> dict[str, Any]:
         event.setdefault(key, value)
     event["hash"] = entry.hash
     return event
+
+
+def entry_from_event(event: dict[str, Any]) -> Entry:
+    """An entry back from `event_json` output (for display: the hash fields are not rechecked)."""
+    columns = ("seq", "time", "type", "canary_id", "sandbox", "protocol", "source", "node", "hash")
+    evidence = {key: value for key, value in event.items() if key not in columns}
+    return Entry(
+        event["seq"],
+        from_iso(event["time"]),
+        event["type"],
+        event.get("canary_id"),
+        event.get("sandbox"),
+        event.get("protocol"),
+        event.get("source"),
+        event.get("node", ""),
+        json.dumps(evidence),
+        "",
+        event.get("hash", ""),
+    )
 
 
 def spreadsheet_safe(value: Any) -> str:
@@ -253,8 +272,8 @@ def incidents_csv(rows: Sequence[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-def print_incidents(incidents: Sequence[Incident], fmt: str) -> None:
-    rows = [incident_json(incident) for incident in incidents]
+def print_incidents(rows: Sequence[dict[str, Any]], fmt: str) -> None:
+    """Incidents, as `incident_json` rows, in `fmt`."""
     if fmt == "json":
         print(json.dumps(rows, indent=2))
         return

@@ -1,7 +1,9 @@
 """Time as the store keeps it: integer microseconds since the Unix epoch, UTC."""
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def now_us() -> int:
@@ -10,7 +12,7 @@ def now_us() -> int:
 
 def to_iso(time_us: int) -> str:
     """ISO 8601 in UTC with microseconds, e.g. 2026-11-24T07:38:00.123456Z."""
-    moment = datetime.fromtimestamp(time_us / 1_000_000, tz=UTC)
+    moment = _EPOCH + timedelta(microseconds=time_us)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -19,4 +21,5 @@ def from_iso(text: str) -> int:
     moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1_000_000)
+    # Integer arithmetic: float seconds would be off by a microsecond now and then.
+    return (moment - _EPOCH) // timedelta(microseconds=1)
