@@ -81,3 +81,21 @@ def mint(
         ledger.append(connection, [minted])
         registry.insert(connection, canary.as_row())
     return canary
+
+
+def retire(engine: Engine, canary_id: str, *, node: str, by: str) -> Canary | None:
+    """Retire a canary: it stays known, and a hit on it still records and pages."""
+    moment = now_us()
+    with engine.begin() as connection:
+        row = registry.retire(connection, canary_id, moment)
+        if row is None:
+            return None
+        ledger.append(
+            connection,
+            [
+                ledger.Event(
+                    "canary_retired", moment, node, canary_id, row["sandbox"], data={"by": by}
+                )
+            ],
+        )
+    return Canary.from_row(row)

@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from alerts.incidents import HEARTBEAT_SANDBOX, Incidents, list_alerts
 from canaries.kinds import CREDENTIAL_FORMATS
-from canaries.mint import mint
+from canaries.mint import mint, retire
 from canaries.model import KINDS, SEVERITIES, Canary
 from canaries.plant import plant
 from oobwatch import output
@@ -283,6 +283,23 @@ def _print_planted(
         ("id", "kind", "format", "location"),
         ((c["id"], c["kind"], c["format"], c["location"]) for c in manifest),
     )
+
+
+@main.command(name="retire")
+@click.argument("canary_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def retire_command(state: State, canary_id: str, as_json: bool) -> None:
+    """Retire a canary. A hit on it is still recorded and still pages."""
+    if state.remote is not None:
+        canary = state.remote.json("POST", f"/canaries/{canary_id}/retire")
+    else:
+        by = os.environ.get("USER", "cli")
+        retired = retire(state.engine(), canary_id, node=state.config.node.name, by=by)
+        if retired is None:
+            raise click.ClickException(f"no canary {canary_id}")
+        canary = output.canary_json(retired)
+    click.echo(json.dumps(canary) if as_json else f"retired {canary_id} at {canary['retired_at']}")
 
 
 @main.command(name="list")

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select
 
 from canaries.index import TokenIndex
+from canaries.mint import retire
 from listeners.base import Context
 from listeners.dns import DnsListener, DnsOptions
 from store import ledger
@@ -224,3 +225,14 @@ def test_any_packet_gets_a_well_formed_reply_or_none(sqlite_engine: Engine, pack
         parsed = DNSRecord.parse(reply)
         assert parsed.header.qr == 1
         assert len(reply) <= len(packet) + 120
+
+
+async def test_a_retired_canary_still_records(sqlite_engine: Engine) -> None:
+    canary = plant_canary(sqlite_engine)
+    assert retire(sqlite_engine, canary.id, node="n", by="alice") is not None
+    assert retire(sqlite_engine, "cn-none", node="n", by="alice") is None
+    async with run_dns(sqlite_engine) as node:
+        assert (await udp(node.port, canary.value)).rcode() == dns.rcode.NOERROR
+    assert [entry.canary_id for entry in hits(sqlite_engine)] == [canary.id]
+    [retired] = hits(sqlite_engine, "canary_retired")
+    assert retired.evidence["by"] == "alice"
