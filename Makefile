@@ -40,6 +40,7 @@ bench: $(STAMP)
 	fi
 	$(PY) bench/dnsbench.py
 	$(PY) bench/latency.py
+	$(PY) bench/timeline.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage
