@@ -7,8 +7,10 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -250,3 +252,75 @@ def drop_ledger_guards(connection: Any) -> None:
     else:
         connection.exec_driver_sql("DROP TRIGGER ledger_no_update")
         connection.exec_driver_sql("DROP TRIGGER ledger_no_delete")
+
+
+def node_config(tmp_path: Path, alert_url: str, alerts_extra: str = "", extra: str = "") -> Path:
+    """A node config on 127.0.0.1 with every port 0 and SQLite in `tmp_path`.
+
+    `alerts_extra` continues the `[alerts]` table; `extra` adds tables after it.
+    """
+    path = tmp_path / "oobwatch.toml"
+    path.write_text(
+        f"""
+[node]
+name = "n1"
+[store]
+url = "sqlite:///{tmp_path / "oobwatch.db"}"
+[dns]
+zone = "canary.example.test"
+port = 0
+[smtp]
+port = 0
+[http]
+port = 0
+[api]
+port = 0
+[alerts]
+urls = ["{alert_url}"]
+{alerts_extra}
+{extra}
+"""
+    )
+    return path
+
+
+class Serving:
+    """`oobwatch serve` as a real process, restartable; `ports` by listener name."""
+
+    def __init__(
+        self, config: Path, names: tuple[str, ...] = ("dns", "smtp", "http", "api")
+    ) -> None:
+        self.config = config
+        self.names = names
+        self.process: subprocess.Popen[str] | None = None
+        self.ports: dict[str, int] = {}
+
+    def start(self) -> "Serving":
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "oobwatch.cli", "--config", str(self.config), "serve"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        for _ in self.names:
+            name, _, port = self.process.stdout.readline().partition(" listening on 127.0.0.1:")
+            self.ports[name] = int(port)
+        assert set(self.ports) == set(self.names)
+        return self
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+        self._close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            assert self.process.wait(30) == 0
+        self._close()
+
+    def _close(self) -> None:
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()

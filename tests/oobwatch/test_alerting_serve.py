@@ -1,8 +1,6 @@
 """Alerting inside a running node: restart survival, the heartbeat self-test, ack and resolve from the CLI."""
 
 import json
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -16,31 +14,13 @@ from click.testing import CliRunner
 from oobwatch.cli import main
 from oobwatch.config import load
 from oobwatch.serve import start
-from support import Receiver
+from support import Receiver, Serving, node_config
 
 OOBWATCH = [sys.executable, "-m", "oobwatch.cli"]
 
 
 def write_config(tmp_path: Path, receiver: Receiver, extra: str = "") -> Path:
-    path = tmp_path / "oobwatch.toml"
-    path.write_text(
-        f"""
-[node]
-name = "n1"
-[store]
-url = "sqlite:///{tmp_path / "oobwatch.db"}"
-[dns]
-zone = "canary.example.test"
-port = 0
-[smtp]
-port = 0
-[http]
-port = 0
-[api]
-port = 0
-[alerts]
-urls = ["{receiver.url("json", "/default")}"]
-retry_base = "200ms"
+    routes = f"""retry_base = "200ms"
 retry_max = "400ms"
 [[alerts.routes]]
 name = "ops"
@@ -51,47 +31,8 @@ name = "prod"
 match = {{ sandbox = "prod-*" }}
 pagerduty = {{ routing_key = "rk", url = "{receiver.http("/pd")}" }}
 webhooks = [{{ url = "{receiver.http("/wh")}", secret = "0123456789abcdef" }}]
-{extra}
 """
-    )
-    return path
-
-
-class Serving:
-    """`oobwatch serve` as a real process, restartable."""
-
-    def __init__(self, config: Path) -> None:
-        self.config = config
-        self.process: subprocess.Popen[str] | None = None
-        self.ports: dict[str, int] = {}
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [*OOBWATCH, "--config", str(self.config), "serve"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        for _ in range(3):
-            name, _, port = self.process.stdout.readline().partition(" listening on 127.0.0.1:")
-            self.ports[name] = int(port)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-        self._close()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            assert self.process.wait(30) == 0
-        self._close()
-
-    def _close(self) -> None:
-        if self.process is not None and self.process.stdout is not None:
-            self.process.stdout.close()
+    return node_config(tmp_path, receiver.url("json", "/default"), routes, extra)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from oobwatch.config import Config, load
 from oobwatch.serve import Node, alerting, start
 from store import tokens
 from store.engine import migrate, open_engine
-from support import Receiver
+from support import Receiver, node_config
 
 SCOPES = ("read", "mint", "ack", "admin")
 
@@ -52,28 +52,7 @@ GRANTED = {
 
 
 def config_for(tmp_path: Path, receiver: Receiver) -> Config:
-    path = tmp_path / "oobwatch.toml"
-    path.write_text(
-        f"""
-[node]
-name = "api-node"
-[store]
-url = "sqlite:///{tmp_path / "oobwatch.db"}"
-[dns]
-port = 0
-[smtp]
-port = 0
-[http]
-port = 0
-[api]
-port = 0
-[alerts]
-urls = ["{receiver.url()}"]
-[heartbeat]
-enabled = false
-"""
-    )
-    return load(path)
+    return load(node_config(tmp_path, receiver.url(), extra="[heartbeat]\nenabled = false"))
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ import csv
 import io
 import json
 import os
-import signal
 import smtplib
 import sqlite3
 import subprocess
@@ -22,7 +21,7 @@ import dns.rcode
 import httpx
 import pytest
 
-from support import Receiver
+from support import Receiver, Serving, node_config
 
 OOBWATCH = [sys.executable, "-m", "oobwatch.cli"]
 
@@ -39,51 +38,17 @@ def run(config: Path, *args: str, check: bool = True) -> subprocess.CompletedPro
 
 @pytest.fixture
 def config(tmp_path: Path, receiver: Receiver) -> Path:
-    path = tmp_path / "oobwatch.toml"
-    path.write_text(
-        f"""
-[node]
-name = "e2e"
-[store]
-url = "sqlite:///{tmp_path / "oobwatch.db"}"
-[dns]
-zone = "canary.example.test"
-listen = "127.0.0.1"
-port = 0
-answer_ipv4 = ["192.0.2.10"]
-[smtp]
-port = 0
-[http]
-port = 0
-[api]
-port = 0
-[alerts]
-urls = ["{receiver.url()}"]
-"""
-    )
-    return path
+    return node_config(tmp_path, receiver.url())
 
 
 @pytest.fixture
 def ports(config: Path) -> Iterator[dict[str, int]]:
     """`oobwatch serve` running; the port of each listener, by name."""
-    process = subprocess.Popen(
-        [*OOBWATCH, "--config", str(config), "serve"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    bound = {}
-    for _ in range(3):
-        name, _, address = process.stdout.readline().partition(" listening on 127.0.0.1:")
-        bound[name] = int(address)
+    node = Serving(config).start()
     try:
-        yield bound
+        yield node.ports
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
-        process.stdout.close()
+        node.stop()
 
 
 def query(port: int, name: str, qtype: str = "A") -> dns.message.Message:

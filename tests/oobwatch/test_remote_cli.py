@@ -1,9 +1,6 @@
 """The CLI against a remote node's API: `--api URL --token T` does what the local store does."""
 
 import json
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,47 +10,18 @@ import pytest
 from click.testing import CliRunner, Result
 
 from oobwatch.cli import main
-from support import Receiver
+from support import Receiver, Serving, node_config
 
 
 @pytest.fixture
 def remote(tmp_path: Path, receiver: Receiver) -> Iterator[tuple[Path, dict[str, int]]]:
-    config = tmp_path / "oobwatch.toml"
-    config.write_text(
-        f"""
-[store]
-url = "sqlite:///{tmp_path / "oobwatch.db"}"
-[dns]
-port = 0
-[smtp]
-port = 0
-[http]
-port = 0
-[api]
-port = 0
-[alerts]
-urls = ["{receiver.url()}"]
-[heartbeat]
-enabled = false
-"""
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "oobwatch.cli", "--config", str(config), "serve"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    ports = {}
-    for _ in range(4):
-        name, _, port = process.stdout.readline().partition(" listening on 127.0.0.1:")
-        ports[name] = int(port)
+    node = Serving(
+        node_config(tmp_path, receiver.url(), extra="[heartbeat]\nenabled = false")
+    ).start()
     try:
-        yield config, ports
+        yield node.config, node.ports
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
-        process.stdout.close()
+        node.stop()
 
 
 def run(*args: str) -> Result:
