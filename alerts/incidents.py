@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, RowMapping, insert, select, update
+from sqlalchemy import Connection, Engine, RowMapping, bindparam, insert, select, update
 
 from alerts.policy import DEFAULT_ROUTE, Facts, Policy, Route
 from alerts.render import Line, Message, for_hit, truncate
@@ -49,13 +49,16 @@ class Incidents:
         self._policy = policy
         self._timing = timing
         self._node = node
+        self.last_dispatched = 0
 
     def dispatch(self, now_us: int) -> int:
         """Process hits committed since the cursor; returns how many deliveries were queued."""
         queued = 0
+        self.last_dispatched = 0
         while True:
             with self._engine.begin() as connection:
-                _lock(connection)
+                # Read the hits before taking the lock the listeners' commits also need,
+                # then make sure no other dispatcher moved the cursor meanwhile.
                 cursor = connection.execute(select(dispatch_cursor.c.seq)).scalar_one()
                 rows = connection.execute(
                     select(ledger_table)
@@ -65,11 +68,35 @@ class Incidents:
                 ).all()
                 if not rows:
                     return queued
+                hits = [Entry(**row._mapping) for row in rows]
+                _lock(connection)
+                if connection.execute(select(dispatch_cursor.c.seq)).scalar_one() != cursor:
+                    continue
+                self.last_dispatched += len(rows)
                 events: list[Event] = []
-                for row in rows:
-                    entry = Entry(**row._mapping)
-                    if entry.sandbox != HEARTBEAT_SANDBOX:
-                        queued += self._take(connection, entry, now_us, events)
+                # Hits of one canary in a batch fold in memory: one UPDATE per alert, not per hit.
+                folds: dict[str, _Fold] = _Fold.open_for(connection, hits)
+                finished: list[_Fold] = []
+                for entry in hits:
+                    if entry.sandbox == HEARTBEAT_SANDBOX or entry.canary_id is None:
+                        continue
+                    if self._policy.ignore:
+                        rule = self._policy.suppressed_by(Facts.of(entry), now_us)
+                        if rule is not None:
+                            data = {"hit_seq": entry.seq, **rule.describe()}
+                            events.append(self._event("suppressed", entry, data))
+                            continue
+                    fold = folds.get(entry.canary_id)
+                    if fold is not None and fold.window_ends_us > entry.time_us:
+                        fold.add(entry)
+                        continue
+                    if fold is not None:
+                        finished.append(fold)
+                    alert_id, queued_now = self._open(connection, entry, now_us, events)
+                    queued += queued_now
+                    window_ends = entry.time_us + self._timing.dedupe_window_us
+                    folds[entry.canary_id] = _Fold.opened(alert_id, window_ends, entry)
+                _Fold.write_all(connection, [*finished, *folds.values()])
                 ledger.append(connection, events)
                 connection.execute(
                     update(dispatch_cursor)
@@ -77,40 +104,11 @@ class Incidents:
                     .values(seq=rows[-1].seq)
                 )
 
-    def _take(self, connection: Connection, entry: Entry, now_us: int, events: list[Event]) -> int:
-        facts = Facts.of(entry)
-        rule = self._policy.suppressed_by(facts, now_us)
-        if rule is not None:
-            events.append(
-                self._event("suppressed", entry, {"hit_seq": entry.seq, **rule.describe()})
-            )
-            return 0
-        current = (
-            connection.execute(
-                select(alerts).where(
-                    alerts.c.canary_id == entry.canary_id,
-                    alerts.c.status != "resolved",
-                    alerts.c.window_ends_us > entry.time_us,
-                )
-            )
-            .mappings()
-            .first()
-        )
-        if current is not None:
-            sources = _bounded_union(current["sources"], entry.source)
-            protocols = _bounded_union(current["protocols"], entry.protocol)
-            connection.execute(
-                update(alerts)
-                .where(alerts.c.id == current["id"])
-                .values(
-                    hit_count=alerts.c.hit_count + 1,
-                    last_hit_us=max(current["last_hit_us"], entry.time_us),
-                    sources=sources,
-                    protocols=protocols,
-                )
-            )
-            return 0
-        routes = self._policy.routes_for(facts)
+    def _open(
+        self, connection: Connection, entry: Entry, now_us: int, events: list[Event]
+    ) -> tuple[str, int]:
+        """Open an alert for `entry` and queue its first page to every matching route."""
+        routes = self._policy.routes_for(Facts.of(entry))
         alert_id = "al-" + secrets.token_hex(6)
         connection.execute(
             insert(alerts).values(
@@ -145,7 +143,7 @@ class Incidents:
             for_hit(entry, alert_id),
             entry.evidence.get("severity"),
         )
-        return sum(queue(connection, route, payload, now_us) for route in routes)
+        return alert_id, sum(queue(connection, route, payload, now_us) for route in routes)
 
     def digests(self, now_us: int) -> int:
         """Queue a digest for every alert with hits folded in since its last page or digest."""
@@ -400,11 +398,88 @@ def _alert_event(
     )
 
 
-def _bounded_union(encoded: str, value: str | None) -> str:
-    values: list[Any] = json.loads(encoded)
-    if value is not None and value not in values and len(values) < MAX_SOURCES:
-        values.append(value)
-    return json.dumps(values)
+class _Fold:
+    """Hits folded into one open alert during a dispatch batch, written once at its end."""
+
+    def __init__(
+        self,
+        alert_id: str,
+        window_ends_us: int,
+        last_hit_us: int,
+        sources: list[Any],
+        protocols: list[Any],
+    ) -> None:
+        self.alert_id = alert_id
+        self.window_ends_us = window_ends_us
+        self.last_hit_us = last_hit_us
+        self.sources = sources
+        self.protocols = protocols
+        self.added = 0
+
+    @classmethod
+    def opened(cls, alert_id: str, window_ends_us: int, entry: Entry) -> "_Fold":
+        """The alert `entry` just opened, as the first row wrote it."""
+        return cls(alert_id, window_ends_us, entry.time_us, [entry.source], [entry.protocol])
+
+    @classmethod
+    def open_for(cls, connection: Connection, hits: Sequence[Entry]) -> dict[str, "_Fold"]:
+        """The latest unresolved alert of each canary in `hits` still open at its first hit."""
+        first: dict[str, int] = {}
+        for entry in hits:
+            if entry.canary_id is not None:
+                first.setdefault(entry.canary_id, entry.time_us)
+        if not first:
+            return {}
+        rows = connection.execute(
+            select(alerts)
+            .where(alerts.c.canary_id.in_(list(first)), alerts.c.status != "resolved")
+            .order_by(alerts.c.opened_us)
+        ).mappings()
+        found = {}
+        for row in rows:
+            if row["window_ends_us"] > first[row["canary_id"]]:
+                found[row["canary_id"]] = cls(
+                    row["id"],
+                    row["window_ends_us"],
+                    row["last_hit_us"],
+                    json.loads(row["sources"]),
+                    json.loads(row["protocols"]),
+                )
+        return found
+
+    def add(self, entry: Entry) -> None:
+        self.added += 1
+        self.last_hit_us = max(self.last_hit_us, entry.time_us)
+        for values, value in ((self.sources, entry.source), (self.protocols, entry.protocol)):
+            if value is not None and value not in values and len(values) < MAX_SOURCES:
+                values.append(value)
+
+    @staticmethod
+    def write_all(connection: Connection, folds: Sequence["_Fold"]) -> None:
+        """One executemany for every alert that gained hits."""
+        changed = [
+            {
+                "b_id": fold.alert_id,
+                "b_added": fold.added,
+                "b_last": fold.last_hit_us,
+                "b_sources": json.dumps(fold.sources),
+                "b_protocols": json.dumps(fold.protocols),
+            }
+            for fold in folds
+            if fold.added
+        ]
+        if changed:
+            connection.execute(
+                update(alerts)
+                .where(alerts.c.id == bindparam("b_id"))
+                .values(
+                    hit_count=alerts.c.hit_count + bindparam("b_added"),
+                    last_hit_us=bindparam("b_last"),
+                    sources=bindparam("b_sources"),
+                    protocols=bindparam("b_protocols"),
+                ),
+                changed,
+            )
 
 
 def list_alerts(engine: Engine, open_only: bool = False) -> Sequence[RowMapping]:

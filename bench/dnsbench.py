@@ -168,8 +168,10 @@ def write_queries(path: Path, tokens: Sequence[str], count: int, seed: int) -> i
     return hits
 
 
-def oobwatch_config(directory: Path, port: int) -> Path:
+def oobwatch_config(directory: Path, port: int, alert_urls: Sequence[str] = ()) -> Path:
+    """A node with only its DNS listener on 127.0.0.1:`port`, paging `alert_urls`."""
     path = directory / "oobwatch.toml"
+    urls = ", ".join(f'"{url}"' for url in alert_urls)
     path.write_text(
         f"""\
 [node]
@@ -183,10 +185,20 @@ zone = "{ZONE}"
 listen = "127.0.0.1"
 port = {port}
 
+[smtp]
+enabled = false
+
+[http]
+enabled = false
+
 [api]
 enabled = false
+
 [alerts]
-urls = []
+urls = [{urls}]
+
+[heartbeat]
+enabled = false
 """,
         encoding="utf-8",
     )
@@ -473,8 +485,13 @@ def print_table(results: Sequence[Result], rate: int) -> None:
         "hits recorded",
         "answered, no row",
     ]
-    rows = [header, *(row(result) for result in results)]
-    widths = [max(len(cells[i]) for cells in rows) for i in range(len(header))]
+    markdown_table(header, [row(result) for result in results])
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Print a Markdown table: first column left-aligned, the others right-aligned."""
+    table = [list(header), *(list(cells) for cells in rows)]
+    widths = [max(len(cells[i]) for cells in table) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
         first = cells[0].ljust(widths[0])
@@ -483,7 +500,7 @@ def print_table(results: Sequence[Result], rate: int) -> None:
 
     print(line(header))
     print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
-    for cells in rows[1:]:
+    for cells in table[1:]:
         print(line(cells))
 
 

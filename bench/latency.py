@@ -53,7 +53,17 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from dnsbench import ZONE, free_port, junk_name, log_problems, percentile, stop, tail
+from dnsbench import (
+    ZONE,
+    free_port,
+    junk_name,
+    log_problems,
+    markdown_table,
+    oobwatch_config,
+    percentile,
+    stop,
+    tail,
+)
 
 from canaries.mint import mint
 from store.engine import migrate, open_engine
@@ -202,40 +212,6 @@ def mint_targets(db_url: str, count: int) -> list[Target]:
         return targets
     finally:
         engine.dispose()
-
-
-def write_config(directory: Path, dns_port: int, receiver_port: int) -> Path:
-    path = directory / "oobwatch.toml"
-    path.write_text(
-        f"""\
-[node]
-name = "bench"
-
-[store]
-url = "sqlite:///{directory}/bench.db"
-
-[dns]
-zone = "{ZONE}"
-listen = "127.0.0.1"
-port = {dns_port}
-
-[smtp]
-enabled = false
-
-[http]
-enabled = false
-
-[api]
-enabled = false
-[alerts]
-urls = ["json://127.0.0.1:{receiver_port}/page"]
-
-[heartbeat]
-enabled = false
-""",
-        encoding="utf-8",
-    )
-    return path
 
 
 def write_junk(path: Path, count: int, seed: int) -> None:
@@ -460,21 +436,6 @@ def stages(db: Path, hits: Sequence[Hit], receiver: Receiver) -> dict[str, list[
 # --- the tables ----------------------------------------------------------------------------
 
 
-def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    table = [list(header), *(list(cells) for cells in rows)]
-    widths = [max(len(cells[i]) for cells in table) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))
-        return "| " + " | ".join([first, *rest]) + " |"
-
-    print(line(header))
-    print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
-    for cells in table[1:]:
-        print(line(cells))
-
-
 def summary_row(phase: Phase) -> list[str]:
     sent = len(phase.hits)
     answered = sum(hit.answered is not None for hit in phase.hits)
@@ -556,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
         with Receiver({target.canary_id for target in targets}) as receiver:
-            config = write_config(work, free_port(), receiver.port)
+            config = oobwatch_config(work, free_port(), [f"json://127.0.0.1:{receiver.port}/page"])
             log = work / "oobwatch.log"
             with serving(config, log, commands) as port:
                 send_hits(port, [warmup], args.rate, receiver, args.timeout)
@@ -584,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"on core {LOAD_CORE}); pages awaited {args.timeout:g} s after the last hit"
         )
         print()
-        print_table(
+        markdown_table(
             [
                 "condition",
                 "hits sent",
@@ -601,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print("where the latency goes: ms from the query leaving the client, p50 / p99")
         names = list(next(iter(split.values())))
-        print_table(
+        markdown_table(
             ["condition", *names],
             [
                 [

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy
+from dnsbench import markdown_table
 from sqlalchemy import Connection, Engine, event, select
 from sqlalchemy.engine import make_url
 
@@ -359,21 +360,10 @@ def size_on_disk(engine: Engine) -> str:
 
 
 def print_table(timings: Sequence[Timing]) -> None:
-    header = ["query", "rows returned", "p50 ms", "max ms"]
-    rows = [header] + [
-        [t.name, f"{t.rows:,}", f"{t.p50_ms:.1f}", f"{t.max_ms:.1f}"] for t in timings
-    ]
-    widths = [max(len(cells[i]) for cells in rows) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))
-        return "| " + " | ".join([first, *rest]) + " |"
-
-    print(line(header))
-    print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
-    for cells in rows[1:]:
-        print(line(cells))
+    markdown_table(
+        ["query", "rows returned", "p50 ms", "max ms"],
+        [[t.name, f"{t.rows:,}", f"{t.p50_ms:.1f}", f"{t.max_ms:.1f}"] for t in timings],
+    )
 
 
 # --- main --------------------------------------------------------------------------------

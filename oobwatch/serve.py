@@ -32,6 +32,8 @@ INDEX_REFRESH_SECONDS = 1.0
 OUTBOX_SECONDS = 1.0
 ALERT_TIMERS_SECONDS = 1.0
 STATS_SECONDS = 60.0
+BUSY_DISPATCH = 50
+BUSY_PAUSE_SECONDS = 0.05
 
 
 def _dns(config: Config, context: Context) -> Listener:
@@ -128,6 +130,10 @@ class Node:
             try:
                 if await asyncio.to_thread(self.incidents.dispatch, now_us()):
                     self.send_due.set()
+                if self.incidents.last_dispatched >= BUSY_DISPATCH:
+                    # Under a burst of hits, gather them into fewer, larger batches: each
+                    # dispatch holds the store's write lock, which the listeners' commits need.
+                    await asyncio.sleep(BUSY_PAUSE_SECONDS)
             except Exception:
                 log.exception("alert dispatch failed; retrying")
                 await asyncio.sleep(1)
