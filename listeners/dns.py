@@ -17,7 +17,7 @@ from dnslib import QTYPE
 
 from canaries.find import APEX, locate, split_name
 from canaries.model import Canary
-from canaries.tokens import TOKEN_LENGTH, decode_exfil
+from canaries.tokens import TOKEN_LENGTH, decode_exfil, is_token
 from listeners.base import Context, format_peer, hit_event
 from listeners.dnswire import (
     CLASS_ANY,
@@ -179,7 +179,8 @@ class DnsListener:
         canary = self._context.index.get(match.candidate)
         if canary is not None:
             self._record(canary, question, match.left, peer, transport, reply, send)
-        elif len(match.candidate) == TOKEN_LENGTH:
+        elif len(match.candidate) == TOKEN_LENGTH and is_token(match.candidate):
+            # Well formed but not in memory: perhaps minted a moment ago; ask the store first.
             task = asyncio.ensure_future(
                 self._respond_late(
                     question, match.candidate, match.left, peer, transport, reply, send
