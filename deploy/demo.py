@@ -220,12 +220,20 @@ urls = ["json://127.0.0.1:{receiver.server_address[1]}/page"]
         print(oobwatch(config, "timeline", "--sandbox", SANDBOX))
         print("== the ledger:")
         print(oobwatch(config, "ledger", "verify"))
+        token = json.loads(
+            oobwatch(config, "token", "create", "--scope", "read", "--name", "demo", "--json")
+        )["token"]
+        api = f"http://127.0.0.1:{api_port}"
+        print(f"== the same sandbox's incidents, over the admin API at {api}:")
+        remote = ["--api", api, "--token", token]
+        print(oobwatch(config, *remote, "timeline", "--sandbox", SANDBOX, "--incidents"))
         if os.environ.get("DEMO_ONCE"):
             return
         print(
             f"oobwatch keeps serving. Try:\n"
             f"  dig @127.0.0.1 -p {dns_port} anything.{minted['value']}\n"
             f"  .venv/bin/oobwatch --config {config.relative_to(REPO)} timeline\n"
+            f"  curl -H 'Authorization: Bearer {token}' {api}/alerts\n"
             "Ctrl-C to stop."
         )
         server.wait()
