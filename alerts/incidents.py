@@ -314,16 +314,16 @@ class Incidents:
         message: Message | None,
         severity: Any,
     ) -> dict[str, Any]:
-        return {
-            "purpose": purpose,
-            "alert_id": alert_id,
-            "canary_id": canary_id,
-            "dedup_key": alert_id,
-            "sandbox": sandbox,
-            "node": self._node,
-            "severity": severity,
-            "message": None if message is None else message.as_json(),
-        }
+        return delivery_payload(
+            purpose,
+            node=self._node,
+            dedup_key=alert_id,
+            message=message,
+            severity=severity,
+            alert_id=alert_id,
+            canary_id=canary_id,
+            sandbox=sandbox,
+        )
 
     def _event(self, type_: str, entry: Entry, data: dict[str, Any]) -> Event:
         return Event(
@@ -336,6 +336,32 @@ class Incidents:
             source=entry.source,
             data=data,
         )
+
+
+def delivery_payload(
+    purpose: str,
+    *,
+    node: str,
+    dedup_key: str,
+    message: Message | None,
+    severity: Any = None,
+    alert_id: str | None = None,
+    canary_id: str | None = None,
+    sandbox: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """What an outbox row carries to its sink (the webhook body documents these keys)."""
+    return {
+        "purpose": purpose,
+        "alert_id": alert_id,
+        "canary_id": canary_id,
+        "dedup_key": dedup_key,
+        "sandbox": sandbox,
+        "node": node,
+        "severity": severity,
+        "message": None if message is None else message.as_json(),
+        **extra,
+    }
 
 
 def queue(

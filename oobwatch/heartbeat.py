@@ -19,7 +19,7 @@ import httpx
 from dnslib import DNSRecord
 from sqlalchemy import Engine, func, select
 
-from alerts.incidents import HEARTBEAT_SANDBOX, queue
+from alerts.incidents import HEARTBEAT_SANDBOX, delivery_payload, queue
 from alerts.policy import DEFAULT_ROUTE, Policy
 from alerts.render import Line, Message
 from canaries.mint import mint
@@ -179,17 +179,16 @@ class Heartbeat:
                         Line("since", to_iso(since or now_us)),
                     ],
                 )
-                payload = {
-                    "purpose": purpose,
-                    "alert_id": None,
-                    "canary_id": self.canary.id,
-                    "dedup_key": f"heartbeat-{self.node}-{name}",
-                    "sandbox": HEARTBEAT_SANDBOX,
-                    "node": self.node,
-                    "severity": "critical",
-                    "message": message.as_json(),
-                    "listener": name,
-                }
+                payload = delivery_payload(
+                    purpose,
+                    node=self.node,
+                    dedup_key=f"heartbeat-{self.node}-{name}",
+                    message=message,
+                    severity="critical",
+                    canary_id=self.canary.id,
+                    sandbox=HEARTBEAT_SANDBOX,
+                    listener=name,
+                )
                 queue(connection, route, payload, now_us)
                 events.append(
                     Event(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from alerts.incidents import queue
+from alerts.incidents import delivery_payload, queue
 from alerts.policy import DEFAULT_ROUTE, Policy
 from alerts.render import Line, Message
 from store import anchors, ledger
@@ -42,17 +42,14 @@ class Integrity:
                     f"Ledger head of node {self.node}: row {seq}, hash {digest}",
                     [Line("seq", str(seq)), Line("hash", digest), Line("time", to_iso(now_us))],
                 )
-                payload = {
-                    "purpose": "anchor",
-                    "alert_id": None,
-                    "canary_id": None,
-                    "dedup_key": f"anchor-{self.node}",
-                    "sandbox": None,
-                    "node": self.node,
-                    "severity": "low",
-                    "message": message.as_json(),
-                    "head": {"seq": seq, "hash": digest},
-                }
+                payload = delivery_payload(
+                    "anchor",
+                    node=self.node,
+                    dedup_key=f"anchor-{self.node}",
+                    message=message,
+                    severity="low",
+                    head={"seq": seq, "hash": digest},
+                )
                 queue(connection, self.policy.routes[self.anchor_route], payload, now_us)
         if self.anchor_file is not None:
             anchors.save(self.anchor_file, seq, digest, self.node, now_us)
@@ -84,16 +81,13 @@ class Integrity:
                 Line("verified before it", str(verdict.count)),
             ],
         )
-        payload = {
-            "purpose": "integrity",
-            "alert_id": None,
-            "canary_id": None,
-            "dedup_key": f"ledger-{self.node}",
-            "sandbox": None,
-            "node": self.node,
-            "severity": "critical",
-            "message": message.as_json(),
-        }
+        payload = delivery_payload(
+            "integrity",
+            node=self.node,
+            dedup_key=f"ledger-{self.node}",
+            message=message,
+            severity="critical",
+        )
         with self.engine.begin() as connection:
             queue(
                 connection, self.policy.routes[self.alarm_route or DEFAULT_ROUTE], payload, now_us
