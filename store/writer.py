@@ -103,32 +103,45 @@ class LedgerWriter:
             self._commit(batch)  # type: ignore[arg-type]
 
     def _commit(self, batch: list[tuple[Event, Done | None]]) -> None:
-        events = [event for event, _ in batch]
-        entries: list[Entry] | None = None
-        for attempt in range(1, _ATTEMPTS + 1):
-            try:
-                with self._engine.begin() as connection:
-                    entries = ledger.append(connection, events)
-                break
-            except OperationalError:
-                log.exception("ledger append failed (attempt %d of %d)", attempt, _ATTEMPTS)
-                time.sleep(0.05 * 2**attempt)
-        if entries is None:
-            self.failed += len(batch)
-        else:
+        entries = self._append([event for event, _ in batch])
+        committed = [entry for entry in entries if entry is not None]
+        self.failed += len(entries) - len(committed)
+        if committed:
             self.batches += 1
-            self.appended += len(entries)
+            self.appended += len(committed)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, batch, entries)
 
-    def _deliver(self, batch: list[tuple[Event, Done | None]], entries: list[Entry] | None) -> None:
-        for index, (_, done) in enumerate(batch):
+    def _append(self, events: list[Event]) -> list[Entry | None]:
+        """Append in one transaction, retrying while the store is busy or away.
+
+        An error that is not about the store's availability is about the data:
+        then each event is tried on its own, so one bad event cannot cost the
+        others their place in the ledger.
+        """
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                with self._engine.begin() as connection:
+                    return list(ledger.append(connection, events))
+            except OperationalError:
+                log.exception("ledger append failed (attempt %d of %d)", attempt, _ATTEMPTS)
+                time.sleep(0.05 * 2**attempt)
+            except Exception:
+                log.exception("ledger append of %d events failed", len(events))
+                if len(events) == 1:
+                    return [None]
+                return [entry for event in events for entry in self._append([event])]
+        return [None] * len(events)
+
+    def _deliver(self, batch: list[tuple[Event, Done | None]], entries: list[Entry | None]) -> None:
+        for (_, done), entry in zip(batch, entries, strict=True):
             if done is not None:
-                done(None if entries is None else entries[index])
-        if entries is None:
+                done(entry)
+        committed = [entry for entry in entries if entry is not None]
+        if not committed:
             return
         for subscriber in self._subscribers:
             try:
-                subscriber(entries)
+                subscriber(committed)
             except Exception:
                 log.exception("ledger subscriber %r failed", subscriber)

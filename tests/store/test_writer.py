@@ -50,3 +50,22 @@ async def test_stop_commits_what_is_queued(engine: Engine) -> None:
     await writer.stop()
     with engine.connect() as connection:
         assert ledger.head(connection)[0] == 100
+
+
+async def test_one_bad_event_does_not_cost_the_others_or_stop_the_writer(engine: Engine) -> None:
+    writer = LedgerWriter(engine)
+    writer.start()
+    outcomes: list[Entry | None] = []
+    good = [Event(type="hit", time_us=now_us(), node="n", data={"i": i}) for i in range(3)]
+    bad = Event(type="hit", time_us=now_us(), node="n", data={"not json": {1, 2}})
+    for event in (good[0], bad, good[1], good[2]):
+        writer.submit(event, outcomes.append)
+    await writer.append(Event(type="hit", time_us=now_us(), node="n", data={"after": True}))
+    await writer.stop()
+    await asyncio.sleep(0)
+    assert [outcome is None for outcome in outcomes] == [False, True, False, False]
+    assert writer.failed == 1
+    with engine.connect() as connection:
+        verdict = ledger.verify(connection)
+    assert verdict.intact
+    assert verdict.count == 4
