@@ -14,6 +14,7 @@ such repeats by dedup_key; webhook receivers get the delivery id to do the same.
 import asyncio
 import json
 import logging
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from store.schema import deliveries
 
 log = logging.getLogger(__name__)
 
-LEASE_US = 60_000_000
+LEASE_US = 30_000_000
 BATCH = 50
 
 
@@ -56,6 +57,17 @@ class Outcome:
     error: str | None
 
 
+def _running(owner: str) -> bool:
+    """Whether the process named in a lease owner `node:pid` is alive on this host."""
+    try:
+        os.kill(int(owner.rsplit(":", 1)[1]), 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Outbox:
     """Sends due deliveries through their sinks and records every attempt."""
 
@@ -70,6 +82,8 @@ class Outbox:
         self._client = httpx.AsyncClient(follow_redirects=False)
         self._senders: dict[tuple[str, str], Sender] = {}
         self._lock = asyncio.Lock()
+        # Several processes on one host may share a node name: leases name the process.
+        self._owner = f"{node}:{os.getpid()}"
         self.sent = 0
         self.failed = 0
 
@@ -77,14 +91,24 @@ class Outbox:
         await self._client.aclose()
 
     def release_own_leases(self) -> int:
-        """At start: leases this node held when it last stopped (or died) are free again."""
+        """At start: leases held by this node's processes that are no longer running are free."""
+        released = 0
         with self._engine.begin() as connection:
-            released = connection.execute(
-                update(deliveries)
-                .where(deliveries.c.status == "pending", deliveries.c.lease_owner == self._node)
-                .values(lease_until_us=0, lease_owner=None)
-            )
-        return int(released.rowcount)
+            owners = connection.execute(
+                select(deliveries.c.lease_owner)
+                .where(
+                    deliveries.c.status == "pending",
+                    deliveries.c.lease_owner.like(f"{self._node}:%"),
+                )
+                .distinct()
+            ).scalars()
+            for owner in [owner for owner in owners if not _running(owner)]:
+                released += connection.execute(
+                    update(deliveries)
+                    .where(deliveries.c.status == "pending", deliveries.c.lease_owner == owner)
+                    .values(lease_until_us=0, lease_owner=None)
+                ).rowcount
+        return released
 
     def depth(self) -> int:
         """Deliveries not yet sent or given up."""
@@ -122,10 +146,16 @@ class Outbox:
                 .all()
             )
             for row in rows:
+                # Re-check everything: another sender may have tried it since the SELECT.
                 taken = connection.execute(
                     update(deliveries)
-                    .where(deliveries.c.id == row["id"], deliveries.c.lease_until_us <= now_us)
-                    .values(lease_until_us=now_us + LEASE_US, lease_owner=self._node)
+                    .where(
+                        deliveries.c.id == row["id"],
+                        deliveries.c.status == "pending",
+                        deliveries.c.next_attempt_us <= now_us,
+                        deliveries.c.lease_until_us <= now_us,
+                    )
+                    .values(lease_until_us=now_us + LEASE_US, lease_owner=self._owner)
                 )
                 if taken.rowcount == 1:
                     claimed.append(row)

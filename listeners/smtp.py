@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MAX_PROTOCOL_ERRORS = 10
 MAX_REJECTED_RECIPIENTS = 20
+MAX_SCANNED_CHARS = 4 * 1024 * 1024
 _ERROR_CODES = ("500", "501", "502", "503", "504")
 
 
@@ -91,10 +92,11 @@ class CanaryHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
-        details = await asyncio.to_thread(inspect_message, raw)
+        # Parsing and scanning a large message is slow work: keep it off the listeners' loop.
+        details, found = await asyncio.to_thread(_inspect, raw)
         recipients = {canary.token for canary, _ in _hits(envelope)}
         leaked = []
-        for token in sorted(scan(details.text) - recipients):
+        for token in sorted(found - recipients):
             canary = await self._context.index.lookup(token)
             if canary is not None:
                 leaked.append(
@@ -159,6 +161,11 @@ class CanaryHandler:
                 )
             )
         return events
+
+
+def _inspect(raw: bytes) -> tuple[MailDetails, set[str]]:
+    details = inspect_message(raw)
+    return details, scan(details.text[:MAX_SCANNED_CHARS])
 
 
 class CanaryEnvelope(Envelope):

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 INDEX_REFRESH_SECONDS = 1.0
 OUTBOX_SECONDS = 1.0
+DISPATCH_SECONDS = 1.0
 ALERT_TIMERS_SECONDS = 1.0
 STATS_SECONDS = 60.0
 BUSY_DISPATCH = 50
@@ -238,6 +239,8 @@ async def start(config: Config) -> Node:
     every = {"max_instances": 1, "coalesce": True}
     scheduler.add_job(refresh, "interval", seconds=INDEX_REFRESH_SECONDS, **every)
     scheduler.add_job(node.send_due.set, "interval", seconds=OUTBOX_SECONDS, **every)
+    # Hits committed by other processes or nodes (one that died before dispatching them).
+    scheduler.add_job(node.dispatch_due.set, "interval", seconds=DISPATCH_SECONDS, **every)
     scheduler.add_job(node.timed_alert_work, "interval", seconds=ALERT_TIMERS_SECONDS, **every)
     scheduler.add_job(stats, "interval", seconds=STATS_SECONDS)
     scheduler.add_job(

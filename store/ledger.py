@@ -74,7 +74,9 @@ class Verdict:
 
 
 def canonical(data: Mapping[str, Any]) -> str:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # ASCII: sandbox-controlled text may hold lone surrogates (aiosmtpd's surrogateescape),
+    # which no database encoding accepts; as \u escapes they store, hash and round-trip.
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def entry_hash(

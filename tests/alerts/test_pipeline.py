@@ -1,8 +1,10 @@
 """The alert pipeline against a real local HTTP receiver standing in for every sink, clock controlled."""
 
+import asyncio
 import hashlib
 import hmac
 import json
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -301,12 +303,21 @@ async def test_a_restarted_node_takes_back_the_leases_it_died_holding(
     pipeline: Pipeline, receiver: Receiver
 ) -> None:
     pipeline.hit(sandbox="dev-1")
+    pipeline.hit(sandbox="dev-2")
     pipeline.incidents.dispatch(pipeline.clock.now)
-    with pipeline.engine.begin() as connection:  # as if "n" died mid-send
+    dead = await asyncio.create_subprocess_exec("true")
+    await dead.wait()
+    leased_until = pipeline.clock.now + 60_000_000
+    with pipeline.engine.begin() as connection:  # one process of node "n" died mid-send; one lives
         connection.execute(
-            update(deliveries).values(
-                lease_until_us=pipeline.clock.now + 60_000_000, lease_owner="n"
-            )
+            update(deliveries)
+            .where(deliveries.c.id == 1)
+            .values(lease_until_us=leased_until, lease_owner=f"n:{dead.pid}")
+        )
+        connection.execute(
+            update(deliveries)
+            .where(deliveries.c.id == 2)
+            .values(lease_until_us=leased_until, lease_owner=f"n:{os.getpid()}")
         )
     assert await pipeline.outbox.work() == 0
     assert pipeline.outbox.release_own_leases() == 1

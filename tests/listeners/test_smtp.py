@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine
 
 from listeners.mailparse import inspect_message
+from store import ledger
 from support import ZONE, hits, plant_canary, run_smtp
 
 T = TypeVar("T")
@@ -301,3 +302,30 @@ def test_inspecting_a_message_finds_its_text(body: str, filename: str) -> None:
     assert details.parsed
     assert body.strip() in details.text
     assert len(details.attachments) == 1
+
+
+async def test_undecodable_bytes_in_the_envelope_are_still_recorded(sqlite_engine: Engine) -> None:
+    canary = plant_canary(sqlite_engine, "email")
+    async with run_smtp(sqlite_engine) as node:
+
+        def session() -> list[bytes]:
+            replies = []
+            with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+                stream = sock.makefile("rb")
+                replies.append(stream.readline())
+                for line in (
+                    b"HELO h\xffst",
+                    b"MAIL FROM:<a\xfe@x.example>",
+                    b"RCPT TO:<" + canary.value.encode() + b">",
+                ):
+                    sock.sendall(line + b"\r\n")
+                    replies.append(stream.readline())
+                sock.sendall(b"QUIT\r\n")
+            return replies
+
+        replies = await blocking(session)
+        assert replies[-1].startswith(b"250")
+    [hit] = hits(sqlite_engine)
+    assert hit.evidence["helo"] == "h\udcffst"
+    with sqlite_engine.connect() as connection:
+        assert ledger.verify(connection).intact
