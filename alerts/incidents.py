@@ -22,13 +22,13 @@ from sqlalchemy import Connection, Engine, RowMapping, bindparam, insert, select
 
 from alerts.policy import DEFAULT_ROUTE, Facts, Policy, Route
 from alerts.render import Line, Message, for_hit, truncate
+from canaries.model import HEARTBEAT_SANDBOX
 from store import ledger
 from store.clock import to_iso
 from store.ledger import Entry, Event
 from store.schema import alerts, deliveries, dispatch_cursor
 from store.schema import ledger as ledger_table
 
-HEARTBEAT_SANDBOX = "oobwatch-heartbeat"
 MAX_SOURCES = 50
 BATCH = 500
 

@@ -19,6 +19,8 @@ from store import registry
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 4096
+# Past this a DNS client has given up on the answer anyway.
+MAX_WAIT_SECONDS = 2.0
 
 
 class TokenIndex:
@@ -58,10 +60,22 @@ class TokenIndex:
         known = self._by_token.get(token)
         if known is not None or not is_token(token):
             return known
-        if len(self._next) >= MAX_PENDING:
-            self.overflow += 1
-            log.warning("token lookup queue full; %s answered as junk", token)
-            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MAX_WAIT_SECONDS
+        while loop.time() < deadline:
+            if len(self._next) < MAX_PENDING:
+                return await self._ask(token)
+            # Full: a flood of forged tokens. Wait for the round being filled to go out,
+            # rather than answer a real, just-minted canary as junk.
+            if self._waiting is not None:
+                await asyncio.shield(self._waiting)
+            else:
+                await asyncio.sleep(0)
+        self.overflow += 1
+        log.warning("token lookup queue stayed full; %s answered as junk", token)
+        return None
+
+    async def _ask(self, token: str) -> Canary | None:
         self._next.add(token)
         if self._waiting is None:
             self._waiting = asyncio.get_running_loop().create_future()

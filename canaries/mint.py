@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from sqlalchemy import Engine
 
 from canaries import kinds
-from canaries.model import Canary
+from canaries.model import HEARTBEAT_SANDBOX, Canary
 from canaries.tokens import new_token
 from store import ledger, registry
 from store.clock import now_us
@@ -42,8 +42,11 @@ def mint(
     note: str = "",
     fmt: str | None = None,
     http_port: int = 80,
+    heartbeat: bool = False,
 ) -> Canary:
     """Create and record one canary of `kind` for `sandbox`."""
+    if (sandbox == HEARTBEAT_SANDBOX) != heartbeat:
+        raise ValueError(f"sandbox {HEARTBEAT_SANDBOX!r} is reserved for the built-in self-test")
     token = new_token()
     planting = plan(kind, token, zone, http_port=http_port, fmt=fmt)
     canary = Canary(

@@ -8,6 +8,8 @@ from typing import Any, Literal, get_args
 Kind = Literal["dns", "email", "url", "credential"]
 Severity = Literal["low", "medium", "high", "critical"]
 KINDS: tuple[str, ...] = get_args(Kind)
+# The built-in self-test canaries live here; their hits never open incidents.
+HEARTBEAT_SANDBOX = "oobwatch-heartbeat"
 SEVERITIES: tuple[str, ...] = get_args(Severity)
 
 

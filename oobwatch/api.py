@@ -22,10 +22,10 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 from sqlalchemy import Engine
 
-from alerts.incidents import HEARTBEAT_SANDBOX, Incidents, list_alerts
+from alerts.incidents import Incidents, list_alerts
 from canaries.kinds import CREDENTIAL_FORMATS
 from canaries.mint import mint
-from canaries.model import Canary
+from canaries.model import HEARTBEAT_SANDBOX, Canary
 from canaries.plant import plant
 from oobwatch import output
 from oobwatch.config import Config
@@ -159,6 +159,9 @@ def build_api(
 ) -> FastAPI:
     """The API app for one node's store and configuration."""
     app = FastAPI(
+        # The OpenAPI document stays public (it holds no data); the browsable pages do not exist.
+        docs_url=None,
+        redoc_url=None,
         title="oobwatch admin API",
         version="1",
         description="Mint and plant canaries, read timelines and incidents, act on alerts, check the ledger.",
@@ -246,15 +249,18 @@ def build_api(
     )
     def plant_bundle(request: PlantRequest, _: Minter) -> Response:
         with tempfile.TemporaryDirectory(prefix="oobwatch-plant-") as directory:
-            planted = plant(
-                engine,
-                into=Path(directory),
-                sandbox=request.sandbox,
-                zone=config.dns.zone,
-                node=config.node.name,
-                http_port=config.http.port,
-                labels=request.labels,
-            )
+            try:
+                planted = plant(
+                    engine,
+                    into=Path(directory),
+                    sandbox=request.sandbox,
+                    zone=config.dns.zone,
+                    node=config.node.name,
+                    http_port=config.http.port,
+                    labels=request.labels,
+                )
+            except ValueError as error:
+                raise HTTPException(422, str(error)) from None
             buffer = io.BytesIO()
             with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
                 for path in sorted(Path(directory).rglob("*")):

@@ -17,10 +17,10 @@ from typing import Any
 import click
 from sqlalchemy import Engine
 
-from alerts.incidents import HEARTBEAT_SANDBOX, Incidents, list_alerts
+from alerts.incidents import Incidents, list_alerts
 from canaries.kinds import CREDENTIAL_FORMATS
 from canaries.mint import mint, retire
-from canaries.model import KINDS, SEVERITIES, Canary
+from canaries.model import HEARTBEAT_SANDBOX, KINDS, SEVERITIES, Canary
 from canaries.plant import plant
 from oobwatch import output
 from oobwatch.api import SCOPES
@@ -234,15 +234,18 @@ def plant_command(
         manifest, skipped = _plant_remote(state.remote, sandbox, labels, into)
         _print_planted(manifest, skipped, into, as_json)
         return
-    planted = plant(
-        state.engine(),
-        into=into,
-        sandbox=sandbox,
-        zone=state.config.dns.zone,
-        node=state.config.node.name,
-        http_port=state.config.http.port,
-        labels=labels,
-    )
+    try:
+        planted = plant(
+            state.engine(),
+            into=into,
+            sandbox=sandbox,
+            zone=state.config.dns.zone,
+            node=state.config.node.name,
+            http_port=state.config.http.port,
+            labels=labels,
+        )
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
     manifest = [output.canary_json(canary) for canary in planted.canaries]
     _print_planted(manifest, planted.skipped, into, as_json)
 

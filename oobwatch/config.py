@@ -76,10 +76,11 @@ class DnsConfig(Section):
     zone: str = "canary.example.test"
     listen: str = "127.0.0.1"
     port: Port = 5353
-    answer_ipv4: Annotated[list[IPv4Address], Field(max_length=8)] = [IPv4Address("127.0.0.1")]
-    answer_ipv6: Annotated[list[IPv6Address], Field(max_length=8)] = []
+    # Few records per answer keep every answer small: no amplification.
+    answer_ipv4: Annotated[list[IPv4Address], Field(max_length=4)] = [IPv4Address("127.0.0.1")]
+    answer_ipv6: Annotated[list[IPv6Address], Field(max_length=4)] = []
     ttl: Annotated[int, Field(ge=0, le=86400)] = 0
-    nameservers: list[str] = []
+    nameservers: Annotated[list[str], Field(max_length=2)] = []
 
     @field_validator("zone")
     @classmethod
@@ -94,6 +95,11 @@ class DnsConfig(Section):
     @classmethod
     def _listen(cls, listen: str) -> str:
         return _check_listen(listen)
+
+    @field_validator("nameservers")
+    @classmethod
+    def _nameservers(cls, names: list[str]) -> list[str]:
+        return [_check_zone(name) for name in names]
 
 
 def _check_zone(zone: str) -> str:

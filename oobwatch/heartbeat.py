@@ -19,11 +19,11 @@ import httpx
 from dnslib import DNSRecord
 from sqlalchemy import Engine, func, select
 
-from alerts.incidents import HEARTBEAT_SANDBOX, delivery_payload, queue
+from alerts.incidents import delivery_payload, queue
 from alerts.policy import DEFAULT_ROUTE, Policy
 from alerts.render import Line, Message
 from canaries.mint import mint
-from canaries.model import Canary
+from canaries.model import HEARTBEAT_SANDBOX, Canary
 from store import ledger, registry
 from store.clock import to_iso
 from store.ledger import Event
@@ -50,6 +50,7 @@ def heartbeat_canary(engine: Engine, node: str, zone: str) -> Canary:
         labels={"heartbeat": "true"},
         severity="low",
         note="built-in self-test canary",
+        heartbeat=True,
     )
 
 

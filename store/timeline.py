@@ -136,6 +136,8 @@ def find_incident(connection: Connection, incident_id: str, gap_us: int) -> Inci
         first_seq = int(incident_id.removeprefix("in-"))
     except ValueError:
         return None
+    if not 0 < first_seq < 2**63:
+        return None
     first = connection.execute(
         select(ledger.c.sandbox, ledger.c.type).where(ledger.c.seq == first_seq)
     ).first()

@@ -3,9 +3,11 @@
 import stat
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine
 
-from canaries.model import Canary
+from canaries.mint import mint
+from canaries.model import HEARTBEAT_SANDBOX, Canary
 from canaries.plant import BUNDLE, CONTACTS, plant
 from store import registry
 
@@ -79,3 +81,20 @@ def test_a_second_run_clobbers_nothing(sqlite_engine: Engine, tmp_path: Path) ->
     assert len(skipped_again) == len(before)
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
     assert (tmp_path / ".ssh" / "config").read_text() == "Host mine\n"
+
+
+def test_the_heartbeat_sandbox_is_reserved(sqlite_engine: Engine, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with pytest.raises(ValueError, match="reserved"):
+        plant(
+            sqlite_engine,
+            into=home,
+            sandbox=HEARTBEAT_SANDBOX,
+            zone=ZONE,
+            node="n",
+            http_port=80,
+        )
+    assert not home.exists()
+    assert mint(
+        sqlite_engine, kind="dns", zone=ZONE, sandbox=HEARTBEAT_SANDBOX, node="n", heartbeat=True
+    )

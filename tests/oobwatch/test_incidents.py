@@ -125,9 +125,10 @@ def test_incident_show_tells_the_story_with_evidence(config: Path) -> None:
     assert 'qname: "=cmd|x"' in text
     detail = json.loads(cli(config, "incident", "show", first["id"], "--format", "json"))
     assert [e["type"] for e in detail["events"]].count("hit") == 3
-    missing = CliRunner().invoke(main, ["--config", str(config), "incident", "show", "in-999"])
-    assert missing.exit_code == 1
-    assert "no incident in-999" in missing.output
+    for unknown in ("in-999", "in-99999999999999999999", "in-x", "in--1"):
+        missing = CliRunner().invoke(main, ["--config", str(config), "incident", "show", unknown])
+        assert missing.exit_code == 1
+        assert f"no incident {unknown}" in missing.output
 
 
 @pytest.mark.parametrize(
