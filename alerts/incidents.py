@@ -148,19 +148,17 @@ class Incidents:
     def digests(self, now_us: int) -> int:
         """Queue a digest for every alert with hits folded in since its last page or digest."""
         queued = 0
+        due_now = (
+            alerts.c.status != "resolved",
+            alerts.c.hit_count > alerts.c.digested_count,
+            alerts.c.next_digest_us <= now_us,
+        )
+        # Look before locking: this runs every second, and the lock is the listeners' too.
+        if not self._any(*due_now):
+            return 0
         with self._engine.begin() as connection:
             _lock(connection)
-            due = (
-                connection.execute(
-                    select(alerts).where(
-                        alerts.c.status != "resolved",
-                        alerts.c.hit_count > alerts.c.digested_count,
-                        alerts.c.next_digest_us <= now_us,
-                    )
-                )
-                .mappings()
-                .all()
-            )
+            due = connection.execute(select(alerts).where(*due_now)).mappings().all()
             events = []
             for alert in due:
                 new = alert["hit_count"] - alert["digested_count"]
@@ -208,6 +206,14 @@ class Incidents:
     def escalations(self, now_us: int) -> int:
         """Page `escalate_to` for open alerts nobody acknowledged within `escalate_after`."""
         queued = 0
+        waits = [r.escalate_after_us for r in self._policy.routes.values() if r.escalate_to]
+        shortest = min((wait for wait in waits if wait is not None), default=None)
+        if shortest is None or not self._any(
+            alerts.c.status == "open",
+            alerts.c.escalated_us.is_(None),
+            alerts.c.opened_us <= now_us - shortest,
+        ):
+            return 0
         with self._engine.begin() as connection:
             _lock(connection)
             candidates = (
@@ -259,6 +265,13 @@ class Incidents:
                 )
             ledger.append(connection, events)
         return queued
+
+    def _any(self, *conditions: Any) -> bool:
+        with self._engine.connect() as connection:
+            return (
+                connection.execute(select(alerts.c.id).where(*conditions).limit(1)).first()
+                is not None
+            )
 
     def acknowledge(self, alert_id: str, by: str, now_us: int) -> None:
         self._settle(
