@@ -7,12 +7,15 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint bench clean system-deps
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@# Debian's python3 ships without venv/ensurepip until python3-venv is installed.
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null \
+	  && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# PostgreSQL (tests start their own server), dig, dnsperf and NSD (bench), when missing.
+# PostgreSQL (tests start their own server), dig, git and curl (real clients in tests), when missing.
 system-deps:
 	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
 	   || ! command -v dig >/dev/null 2>&1 || ! command -v git >/dev/null 2>&1 \
