@@ -71,10 +71,13 @@ def _check_listen(address: str) -> str:
     return address
 
 
+ListenAddress = Annotated[str, AfterValidator(_check_listen)]
+
+
 class DnsConfig(Section):
     enabled: bool = True
     zone: str = "canary.example.test"
-    listen: str = "127.0.0.1"
+    listen: ListenAddress = "127.0.0.1"
     port: Port = 5353
     # Few records per answer keep every answer small: no amplification.
     answer_ipv4: Annotated[list[IPv4Address], Field(max_length=4)] = [IPv4Address("127.0.0.1")]
@@ -90,11 +93,6 @@ class DnsConfig(Section):
         if len(name) + TOKEN_LENGTH + 1 > 200:
             raise ValueError(f"{zone!r} is too long to leave room for tokens under it")
         return name
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, listen: str) -> str:
-        return _check_listen(listen)
 
     @field_validator("nameservers")
     @classmethod
@@ -112,7 +110,7 @@ def _check_zone(zone: str) -> str:
 
 class SmtpConfig(Section):
     enabled: bool = True
-    listen: str = "127.0.0.1"
+    listen: ListenAddress = "127.0.0.1"
     port: Port = 2525
     domains: list[str] = []
     max_message_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 10 * 1024 * 1024
@@ -120,11 +118,6 @@ class SmtpConfig(Section):
     timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
     tls_cert: FilePath | None = None
     tls_key: FilePath | None = None
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, listen: str) -> str:
-        return _check_listen(listen)
 
     @field_validator("domains")
     @classmethod
@@ -140,15 +133,10 @@ class SmtpConfig(Section):
 
 class HttpConfig(Section):
     enabled: bool = True
-    listen: str = "127.0.0.1"
+    listen: ListenAddress = "127.0.0.1"
     port: Port = 8080
     response: Literal["empty", "404", "pixel"] = "empty"
     max_body_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 1024 * 1024
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, listen: str) -> str:
-        return _check_listen(listen)
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
@@ -264,13 +252,8 @@ class LedgerConfig(Section):
 
 class ApiConfig(Section):
     enabled: bool = True
-    listen: str = "127.0.0.1"
+    listen: ListenAddress = "127.0.0.1"
     port: Port = 8787
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, listen: str) -> str:
-        return _check_listen(listen)
 
 
 class TimelineConfig(Section):
