@@ -26,7 +26,7 @@ from oobwatch import output
 from oobwatch.api import SCOPES
 from oobwatch.config import DEFAULT_CONFIG, Config, ConfigError, load
 from oobwatch.remote import Remote
-from oobwatch.serve import alerting, serve
+from oobwatch.serve import incidents_for, serve
 from store import anchors, ledger, registry, tokens
 from store.clock import from_iso, now_us, to_iso
 from store.engine import migrate, open_engine
@@ -477,8 +477,7 @@ def alerts_group() -> None:
 
 
 def _incidents(state: State) -> Incidents:
-    incidents, _ = alerting(state.config, state.engine())
-    return incidents
+    return incidents_for(state.config, state.engine(), state.config.policy())
 
 
 @alerts_group.command(name="list")

@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 
 from alerts.incidents import Incidents, Timing
 from alerts.outbox import Outbox, Retry
+from alerts.policy import Policy
 from canaries.index import TokenIndex
 from listeners.base import Context, Listener
 from listeners.dns import DnsListener, DnsOptions
@@ -175,15 +176,17 @@ class Node:
         self.send_due.set()
 
 
-def alerting(config: Config, engine: Engine) -> tuple[Incidents, Outbox]:
-    """The alert pipeline's two halves, from configuration."""
+def incidents_for(config: Config, engine: Engine, policy: Policy) -> Incidents:
+    """Alert state from configuration: all that acking, resolving or the API needs."""
+    timing = Timing(config.alerts.dedupe_window, config.alerts.digest_every)
+    return Incidents(engine, policy, timing, config.node.name)
+
+
+def outbox_for(config: Config, engine: Engine, policy: Policy) -> Outbox:
+    """The sender of deliveries; only a serving node needs it."""
     alerts = config.alerts
-    policy = config.policy()
-    incidents = Incidents(
-        engine, policy, Timing(alerts.dedupe_window, alerts.digest_every), config.node.name
-    )
     retry = Retry(alerts.retry_base, alerts.retry_max, alerts.max_attempts)
-    return incidents, Outbox(engine, policy, retry, config.node.name, now_us)
+    return Outbox(engine, policy, retry, config.node.name, now_us)
 
 
 async def start(config: Config) -> Node:
@@ -193,7 +196,10 @@ async def start(config: Config) -> Node:
     writer = LedgerWriter(engine)
     writer.start()
     index = TokenIndex(engine)
-    incidents, outbox = alerting(config, engine)
+    # One policy for every part: routes and compiled ignore rules, built once.
+    policy = config.policy()
+    incidents = incidents_for(config, engine, policy)
+    outbox = outbox_for(config, engine, policy)
     scheduler = AsyncIOScheduler()
     node = Node(config, engine, writer, index, incidents, outbox, scheduler)
     await asyncio.to_thread(outbox.release_own_leases)
@@ -204,7 +210,7 @@ async def start(config: Config) -> Node:
         )
         node.heartbeat = Heartbeat(
             engine,
-            config.policy(),
+            policy,
             canary,
             config.dns.zone,
             config.node.name,
@@ -214,7 +220,7 @@ async def start(config: Config) -> Node:
         )
     node.integrity = Integrity(
         engine,
-        config.policy(),
+        policy,
         config.node.name,
         config.ledger.anchor_file,
         config.ledger.anchor_route,

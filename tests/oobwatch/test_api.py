@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 
 from oobwatch.api import build_api
 from oobwatch.config import Config, load
-from oobwatch.serve import Node, alerting, start
+from oobwatch.serve import Node, incidents_for, start
 from store import tokens
 from store.engine import migrate, open_engine
 from support import Receiver, node_config
@@ -216,7 +216,7 @@ def schema_app(tmp_path: Path, receiver: Receiver) -> Iterator[tuple[FastAPI, st
     config = config_for(tmp_path, receiver)
     engine: Engine = open_engine(config.store.url)
     migrate(engine)
-    incidents, _ = alerting(config, engine)
+    incidents = incidents_for(config, engine, config.policy())
     _, text = tokens.create(engine, "fuzz", "admin")
     yield build_api(engine, config, incidents), text
     engine.dispose()
