@@ -29,7 +29,7 @@ from listeners.http import HttpListener, HttpOptions
 from listeners.smtp import SmtpListener, SmtpOptions
 from store import ledger
 from store.clock import now_us
-from store.engine import open_engine
+from store.engine import migrate, open_engine
 from store.ledger import Event
 from store.writer import LedgerWriter
 
@@ -324,3 +324,15 @@ class Serving:
     def _close(self) -> None:
         if self.process is not None and self.process.stdout is not None:
             self.process.stdout.close()
+
+
+def store_with(tmp_path: Path, events: list[Event], extra: str = "") -> tuple[Path, Engine]:
+    """A config naming a fresh SQLite store in `tmp_path`, and its engine, with `events` appended."""
+    url = f"sqlite:///{tmp_path / 'oobwatch.db'}"
+    config = tmp_path / "oobwatch.toml"
+    config.write_text(f"[store]\nurl = '{url}'\n{extra}")
+    engine = open_engine(url)
+    migrate(engine)
+    with engine.begin() as connection:
+        ledger.append(connection, events)
+    return config, engine

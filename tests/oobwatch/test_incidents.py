@@ -13,9 +13,10 @@ from click.testing import CliRunner
 
 from oobwatch.cli import main
 from store import ledger
-from store.engine import migrate, open_engine
+from store.engine import open_engine
 from store.ledger import Event
 from store.timeline import incidents
+from support import store_with
 
 MINUTE = 60_000_000
 T0 = 1_800_000_000_000_000
@@ -73,13 +74,7 @@ def story() -> list[Event]:
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
-    url = f"sqlite:///{tmp_path / 'oobwatch.db'}"
-    path = tmp_path / "oobwatch.toml"
-    path.write_text(f"[store]\nurl = '{url}'\n[timeline]\nincident_gap = '30m'\n")
-    engine = open_engine(url)
-    migrate(engine)
-    with engine.begin() as connection:
-        ledger.append(connection, story())
+    path, engine = store_with(tmp_path, story(), "[timeline]\nincident_gap = '30m'\n")
     engine.dispose()
     return path
 

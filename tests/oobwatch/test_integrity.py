@@ -11,22 +11,14 @@ from alerts.policy import DEFAULT_ROUTE, Policy, Route, Sink
 from oobwatch.cli import main
 from oobwatch.integrity import Integrity
 from store import ledger
-from store.engine import migrate, open_engine
 from store.schema import ledger as ledger_table
 from store.schema import ledger_head
-from support import Receiver, drop_ledger_guards, numbered_event
+from support import Receiver, drop_ledger_guards, numbered_event, store_with
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> tuple[Path, Engine]:
-    url = f"sqlite:///{tmp_path / 'oobwatch.db'}"
-    config = tmp_path / "oobwatch.toml"
-    config.write_text(f"[store]\nurl = '{url}'\n")
-    engine = open_engine(url)
-    migrate(engine)
-    with engine.begin() as connection:
-        ledger.append(connection, [numbered_event(n) for n in range(20)])
-    return config, engine
+    return store_with(tmp_path, [numbered_event(n) for n in range(20)])
 
 
 def cli(config: Path, *args: str) -> Result:

@@ -10,21 +10,15 @@ from click.testing import CliRunner
 from sqlalchemy import Engine
 
 from oobwatch.cli import main
-from store import ledger
 from store.clock import to_iso
-from store.engine import migrate, open_engine
 from store.ledger import Event
+from support import store_with
 
 BASE = 1_790_000_000_000_000  # 2026-09-21T...Z
 
 
 @pytest.fixture
 def filled(tmp_path: Path) -> tuple[Path, Engine]:
-    url = f"sqlite:///{tmp_path / 'oobwatch.db'}"
-    config = tmp_path / "oobwatch.toml"
-    config.write_text(f"[store]\nurl = '{url}'\n")
-    engine = open_engine(url)
-    migrate(engine)
     events = [
         Event("canary_minted", BASE, "n", "cn-a", "sbx-1", data={"value": "a.zone"}),
         Event(
@@ -66,9 +60,7 @@ def filled(tmp_path: Path) -> tuple[Path, Engine]:
             {"qname": "=1+1.a.zone.", "qtype": "AAAA", "decoded": "\x1b[2J"},
         ),
     ]
-    with engine.begin() as connection:
-        ledger.append(connection, events)
-    return config, engine
+    return store_with(tmp_path, events)
 
 
 def timeline(config: Path, *args: str) -> str:
