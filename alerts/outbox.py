@@ -1,4 +1,8 @@
-"""The outbox sender: works pending deliveries until each is sent or given up.
+"""The outbox: deliveries are written here in the transaction that decides them, then sent.
+
+`enqueue` writes one pending delivery per sink of a route, inside the
+caller's transaction; the `Outbox` sender works them until each is sent or
+given up.
 
 Deliveries are claimed with a lease, so a second node (or a restarted one)
 never sends a delivery another is sending. Each attempt is a ledger event.
@@ -16,16 +20,16 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from sqlalchemy import Engine, RowMapping, func, select, update
+from sqlalchemy import Connection, Engine, RowMapping, func, insert, select, update
 
 from alerts import sinks
-from alerts.incidents import escalation_route, queue
-from alerts.policy import Policy
+from alerts.policy import DEFAULT_ROUTE, Policy, Route
+from alerts.render import Message
 from alerts.sinks import DeliveryFailed, Sender
 from store import ledger
 from store.ledger import Event
@@ -35,6 +39,68 @@ log = logging.getLogger(__name__)
 
 LEASE_US = 30_000_000
 BATCH = 50
+
+
+def delivery_payload(
+    purpose: str,
+    *,
+    node: str,
+    dedup_key: str,
+    message: Message | None,
+    severity: Any = None,
+    alert_id: str | None = None,
+    canary_id: str | None = None,
+    sandbox: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """What an outbox row carries to its sink (the webhook body documents these keys)."""
+    return {
+        "purpose": purpose,
+        "alert_id": alert_id,
+        "canary_id": canary_id,
+        "dedup_key": dedup_key,
+        "sandbox": sandbox,
+        "node": node,
+        "severity": severity,
+        "message": None if message is None else message.as_json(),
+        **extra,
+    }
+
+
+def enqueue(
+    connection: Connection,
+    route: Route,
+    payload: dict[str, Any],
+    now_us: int,
+    kinds: Collection[str] = ("apprise", "pagerduty", "webhook"),
+) -> int:
+    """Write one pending delivery per sink of `route` into the outbox."""
+    rows = [
+        {
+            "alert_id": payload.get("alert_id"),
+            "purpose": payload["purpose"],
+            "route": route.name,
+            "sink": sink.key,
+            "payload": json.dumps({**payload, "route": route.name}),
+            "status": "pending",
+            "attempts": 0,
+            "next_attempt_us": now_us,
+            "lease_until_us": 0,
+            "created_us": now_us,
+        }
+        for sink in route.sinks
+        if sink.kind in kinds
+    ]
+    if rows:
+        connection.execute(insert(deliveries), rows)
+    return len(rows)
+
+
+def escalation_route(policy: Policy, failed_route: str) -> Route | None:
+    """Where a delivery that keeps failing is escalated: its route's escalate_to, else the default route."""
+    route = policy.routes.get(failed_route)
+    target = route.escalate_to if route is not None and route.escalate_to else DEFAULT_ROUTE
+    return None if target == failed_route else policy.routes.get(target)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +288,7 @@ class Outbox:
                     )
                     target = escalation_route(self._policy, row["route"])
                     if target is not None and row["purpose"] not in ("ack", "resolve"):
-                        queue(connection, target, {**payload, "purpose": "escalation"}, now_us)
+                        enqueue(connection, target, {**payload, "purpose": "escalation"}, now_us)
                 else:
                     values = {
                         "attempts": attempt,

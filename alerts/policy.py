@@ -36,7 +36,7 @@ class Facts:
     @classmethod
     def of(cls, entry: Entry) -> "Facts":
         data = entry.evidence
-        host = (entry.source or "").rsplit(":", 1)[0].strip("[]") or None
+        host = entry.source_ip
         return cls(
             canary_id=entry.canary_id or "",
             sandbox=entry.sandbox or "",

@@ -66,6 +66,11 @@ class Message:
         return cls(data["title"], data["headline"], lines)
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 hit`, `2 hits`, `12,000 hits`."""
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+
 def truncate(value: Any, limit: int = LIMIT) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return text if len(text) <= limit else f"{text[:limit]}… (+{len(text) - limit} chars)"
@@ -96,7 +101,7 @@ def for_hit(entry: Entry, alert_id: str) -> Message:
     data = entry.evidence
     protocol = entry.protocol or "?"
     where = f", planted at {data['location']}" if data.get("location") else ""
-    source_ip = (entry.source or "?").rsplit(":", 1)[0]
+    source_ip = entry.source_ip or "?"
     if data.get("trigger") == "leaked":
         headline = f"Token of canary {entry.canary_id} (sandbox {entry.sandbox}{where}) leaked in mail from {source_ip}"
     else:
@@ -108,7 +113,7 @@ def for_hit(entry: Entry, alert_id: str) -> Message:
         Line("alert", alert_id),
         Line("canary", f"{entry.canary_id} ({data.get('kind')}, severity {data.get('severity')})"),
         Line("labels", truncate(data.get("labels", {}))),
-        Line("source", entry.source or ""),
+        Line("source", f"{entry.source_ip or ''} port {entry.source_port}"),
         Line("time", to_iso(entry.time_us)),
         Line("node", entry.node),
     ]

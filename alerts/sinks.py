@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import time
 from typing import Any, Protocol
 
@@ -37,9 +38,14 @@ class Sender(Protocol):
 
 def check_url(url: str) -> str | None:
     """None if apprise can send to `url`, otherwise why not."""
-    if apprise.Apprise.instantiate(url) is None:
-        return "apprise does not recognise this notification URL"
-    return None
+    # apprise logs its own error for a URL it cannot parse; the caller reports this one.
+    chatter = logging.getLogger("apprise")
+    chatter.disabled = True
+    try:
+        recognised = apprise.Apprise.instantiate(url) is not None
+    finally:
+        chatter.disabled = False
+    return None if recognised else "apprise does not recognise this notification URL"
 
 
 def mask(url: str) -> str:

@@ -45,6 +45,8 @@ def mint(
     heartbeat: bool = False,
 ) -> Canary:
     """Create and record one canary of `kind` for `sandbox`."""
+    if not sandbox.strip():
+        raise ValueError("a canary needs a sandbox name (it is what incidents group by)")
     if (sandbox == HEARTBEAT_SANDBOX) != heartbeat:
         raise ValueError(f"sandbox {HEARTBEAT_SANDBOX!r} is reserved for the built-in self-test")
     token = new_token()
@@ -86,19 +88,25 @@ def mint(
     return canary
 
 
-def retire(engine: Engine, canary_id: str, *, node: str, by: str) -> Canary | None:
-    """Retire a canary: it stays known, and a hit on it still records and pages."""
+def retire(engine: Engine, canary_id: str, *, node: str, by: str) -> tuple[Canary, bool] | None:
+    """Retire a canary once: it stays known, and a hit on it still records and pages.
+
+    Returns the canary and whether it was retired already (then nothing
+    changes and nothing is recorded), or None if there is no such canary.
+    """
     moment = now_us()
     with engine.begin() as connection:
-        row = registry.retire(connection, canary_id, moment)
-        if row is None:
+        found = registry.retire(connection, canary_id, moment)
+        if found is None:
             return None
-        ledger.append(
-            connection,
-            [
-                ledger.Event(
-                    "canary_retired", moment, node, canary_id, row["sandbox"], data={"by": by}
-                )
-            ],
-        )
-    return Canary.from_row(row)
+        row, already = found
+        if not already:
+            ledger.append(
+                connection,
+                [
+                    ledger.Event(
+                        "canary_retired", moment, node, canary_id, row["sandbox"], data={"by": by}
+                    )
+                ],
+            )
+    return Canary.from_row(row), already

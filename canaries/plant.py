@@ -1,12 +1,14 @@
 """Planting a sandbox: a realistic bundle of canaries written where such files really live.
 
-Files are created exclusively, never overwritten: a path that already exists,
-whoever wrote it, is skipped, and no canary is minted for it. Running plant
-twice into the same directory therefore leaves everything in place.
+Minting a bundle and writing it are apart, so a bundle minted on a remote
+node is written by the same code as a local one. The caller says which
+paths are present already: no canary is minted for them. Files are created
+exclusively, never overwritten, so a path that appeared meanwhile is skipped
+too. Running plant twice into the same directory leaves everything in place.
 """
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,27 +35,39 @@ CONTACTS = "project/CONTACTS.md"
 
 @dataclass(frozen=True, slots=True)
 class Planted:
-    """What one plant run minted and wrote, and which paths it left alone."""
+    """What one plant run minted, the files to write, and which paths it left alone."""
 
     canaries: list[Canary] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+
+
+def bundle_paths() -> list[str]:
+    """Every path a bundle may write, relative to the home directory it is planted in."""
+    # Where a format's files live does not depend on the token, zone or port.
+    files = (kinds.credential(fmt, new_token(), "example.invalid", 80).files for fmt in BUNDLE)
+    return [*(path for paths in files for path in paths), CONTACTS]
+
+
+def present_in(into: Path, paths: Iterable[str]) -> list[str]:
+    return [path for path in paths if (into / path).exists()]
 
 
 def plant(
     engine: Engine,
     *,
-    into: Path,
     sandbox: str,
     zone: str,
     node: str,
     http_port: int,
     labels: Mapping[str, str] | None = None,
+    present: Collection[str] = (),
 ) -> Planted:
-    """Mint the bundle for `sandbox` and write it under `into`."""
+    """Mint the bundle for `sandbox`, leaving out every file whose path is `present`."""
     result = Planted()
     for fmt in BUNDLE:
         paths = list(kinds.credential(fmt, new_token(), zone, http_port).files)
-        taken = [path for path in paths if (into / path).exists()]
+        taken = [path for path in paths if path in present]
         if taken:
             result.skipped.extend(taken)
             continue
@@ -68,10 +82,9 @@ def plant(
             labels=labels,
             http_port=http_port,
         )
-        for path, text in canary.files.items():
-            _write(into, path, text)
+        result.files.update(canary.files)
         result.canaries.append(canary)
-    if (into / CONTACTS).exists():
+    if CONTACTS in present:
         result.skipped.append(CONTACTS)
         return result
 
@@ -88,22 +101,36 @@ def plant(
         )
 
     escalation, runbook = contact("email"), contact("url")
-    _write(
-        into,
-        CONTACTS,
+    result.files[CONTACTS] = (
         "# Contacts\n\n"
         "Production incidents: page the on-call rotation, then mail the escalation list.\n\n"
         f"- Escalation: {escalation.value}\n"
-        f"- Runbook: {runbook.value}\n",
+        f"- Runbook: {runbook.value}\n"
     )
     result.canaries.extend([escalation, runbook])
     return result
 
 
-def _write(into: Path, relative: str, text: str) -> None:
-    path = into / relative
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # "x": never replace a file, even one created since the existence check.
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        handle.write(text)
+def write(into: Path, files: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """Create each file under `into` (mode 0600), never replacing one; (written, skipped).
+
+    A path that would leave `into` (a bundle from a remote node is data) is skipped.
+    """
+    written, skipped = [], []
+    root = into.resolve()
+    for relative, text in files.items():
+        path = into / relative
+        if not path.resolve().is_relative_to(root) or path.is_symlink():
+            skipped.append(relative)
+            continue
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            # O_EXCL: never replace a file, even one created since the caller looked.
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            skipped.append(relative)
+            continue
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        written.append(relative)
+    return written, skipped

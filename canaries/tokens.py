@@ -49,10 +49,19 @@ def decode_exfil(labels: list[str]) -> str | None:
     """Decode data smuggled in DNS labels left of a token, if it is base32 or hex.
 
     Exfiltration tools split data across labels, so the labels are joined
-    before decoding. Returns printable text, or None when the labels carry
-    nothing decodable.
+    before decoding; many also number their queries (`0.<data>.<token>`), so
+    all-digit labels are left out next, and last each label is decoded on its
+    own. Returns printable text, or None when the labels carry nothing decodable.
     """
-    joined = "".join(labels).lower()
+    for chosen in (labels, [label for label in labels if not label.isdigit()]):
+        text = _decoded("".join(chosen).lower())
+        if text is not None:
+            return text
+    parts = [text for text in (_decoded(label.lower()) for label in labels) if text is not None]
+    return " ".join(parts) or None
+
+
+def _decoded(joined: str) -> str | None:
     if not joined:
         return None
     for decode in (_from_base32, _from_hex):

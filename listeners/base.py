@@ -1,18 +1,68 @@
-"""What every listener shares: the Listener interface and how a hit becomes a ledger event."""
+"""What every listener shares: the Listener interface, its options, and the one way to record a hit.
 
-from collections.abc import Mapping
+A listener answers the step that carries a token only after the hit is
+committed. It records through its `Context`: `record()` for a coroutine that
+waits for the commit (raising `NotDurable` if there is none, so the caller
+answers with a temporary failure), or `record_then()` for a hot path that
+hands over what to send once committed. Either way the counters mean the
+same on every listener: `hits` counts committed hits, `record_failures` hits
+the store could not take.
+"""
+
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from ipaddress import ip_address
+from typing import Annotated, Any, Protocol
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from canaries.index import TokenIndex
 from canaries.model import Canary
 from store.clock import now_us
-from store.ledger import Event
-from store.writer import LedgerWriter
+from store.ledger import Entry, Event
+from store.writer import LedgerWriter, NotDurable
+
+__all__ = ["NotDurable"]
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+Peer = tuple[Any, ...]
+
+
+def _check_listen(address: str) -> str:
+    try:
+        ip_address(address)
+    except ValueError:
+        raise ValueError("must be an IP address to bind, such as 127.0.0.1 or ::") from None
+    return address
+
+
+ListenAddress = Annotated[str, AfterValidator(_check_listen)]
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _check_name(name: str) -> str:
+    normal = name.rstrip(".").lower()
+    if not normal or not all(_LABEL.match(label) for label in normal.split(".")):
+        raise ValueError(f"{name!r} is not a valid DNS name")
+    return normal
+
+
+DnsName = Annotated[str, AfterValidator(_check_name)]
+
+
+class ListenerOptions(BaseModel):
+    """The keys every listener's config section has; each listener adds its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    listen: ListenAddress = "127.0.0.1"
+    port: Port = 0
 
 
 class Listener(Protocol):
-    """A protocol server bound to its own sockets."""
+    """A protocol server bound to its own sockets, built as `Kind(context, options)`."""
 
     name: str
 
@@ -42,28 +92,67 @@ class Counters:
 
 @dataclass(slots=True)
 class Context:
-    """What a listener needs from the rest of the process."""
+    """What a listener needs from the rest of the process, and how it records."""
 
     index: TokenIndex
     writer: LedgerWriter
     node: str
+    zone: str
     counters: Counters = field(default_factory=Counters)
 
+    def hit(self, canary: Canary, protocol: str, peer: Peer, evidence: Mapping[str, Any]) -> Event:
+        return hit_event(canary, protocol=protocol, peer=peer, node=self.node, evidence=evidence)
 
-def format_peer(peer: tuple[Any, ...]) -> str:
-    host, port = peer[0], peer[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    def observation(
+        self, type_: str, canary: Canary, protocol: str, peer: Peer, data: Mapping[str, Any]
+    ) -> Event:
+        """A non-hit event about `canary` (such as a message's evidence) from `peer`."""
+        return Event(
+            type=type_,
+            time_us=now_us(),
+            node=self.node,
+            canary_id=canary.id,
+            sandbox=canary.sandbox,
+            protocol=protocol,
+            source=str(peer[0]),
+            data={"source_port": int(peer[1]), **data},
+        )
+
+    async def record(self, *events: Event) -> list[Entry]:
+        """Commit `events`; their entries, or NotDurable (then answer with a temporary failure)."""
+        try:
+            entries = await self.writer.append(*events)
+        except NotDurable:
+            self.counters.record_failures += 1
+            raise
+        self.counters.hits += sum(1 for event in events if event.type == "hit")
+        return entries
+
+    def record_then(self, event: Event, answer: Callable[[], None]) -> None:
+        """Commit a hit, then call `answer`; never answer one that was not committed."""
+        counters = self.counters
+
+        def committed(entry: Entry | None) -> None:
+            if entry is None:
+                # Not durable, so not answered: the client's retry gets another chance.
+                counters.record_failures += 1
+                return
+            counters.hits += 1
+            answer()
+
+        self.writer.submit(event, committed)
 
 
 def hit_event(
-    canary: Canary, *, protocol: str, source: str, node: str, evidence: Mapping[str, Any]
+    canary: Canary, *, protocol: str, peer: Peer, node: str, evidence: Mapping[str, Any]
 ) -> Event:
-    """The ledger event for one observation of `canary`'s token."""
+    """The ledger event for one observation of `canary`'s token from `peer` (address, port)."""
     data = {
         "kind": canary.kind,
         "location": canary.location,
         "labels": dict(canary.labels),
         "severity": canary.severity,
+        "source_port": int(peer[1]),
         **evidence,
     }
     return Event(
@@ -73,6 +162,11 @@ def hit_event(
         canary_id=canary.id,
         sandbox=canary.sandbox,
         protocol=protocol,
-        source=source,
+        source=str(peer[0]),
         data=data,
     )
+
+
+def format_peer(peer: Peer) -> str:
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

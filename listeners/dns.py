@@ -10,15 +10,17 @@ everything else is answered at once from templates.
 import asyncio
 import logging
 import socket
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address
+from typing import Annotated
 
 from dnslib import QTYPE
+from pydantic import Field, field_validator
 
 from canaries.find import APEX, locate, split_name
 from canaries.model import Canary
 from canaries.tokens import TOKEN_LENGTH, decode_exfil, is_token
-from listeners.base import Context, format_peer, hit_event
+from listeners.base import Context, DnsName, ListenerOptions, Port, format_peer
 from listeners.dnswire import (
     CLASS_ANY,
     CLASS_IN,
@@ -32,7 +34,6 @@ from listeners.dnswire import (
     parse_query,
     refuse,
 )
-from store.ledger import Entry
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +47,26 @@ _TCP_MAX_CLIENTS = 256
 _RECEIVE_BUFFER = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class DnsOptions:
-    """How the DNS listener binds and what the zone answers."""
+class DnsOptions(ListenerOptions):
+    """`[dns]`: the zone it is authoritative for, how it binds, and what every name answers."""
 
-    zone: str
-    listen: str = "127.0.0.1"
-    port: int = 5353
-    answer_ipv4: Sequence[str] = ("127.0.0.1",)
-    answer_ipv6: Sequence[str] = ()
-    ttl: int = 0
-    nameservers: Sequence[str] = ()
+    zone: DnsName = "canary.example.test"
+    port: Port = 5353
+    # Few records per answer keep every answer small: no amplification.
+    answer_ipv4: Annotated[list[IPv4Address], Field(max_length=4)] = Field(
+        default_factory=lambda: [IPv4Address("127.0.0.1")]
+    )
+    answer_ipv6: Annotated[list[IPv6Address], Field(max_length=4)] = Field(default_factory=list)
+    ttl: Annotated[int, Field(ge=0, le=86400)] = 0
+    nameservers: Annotated[list[DnsName], Field(max_length=2)] = Field(default_factory=list)
+
+    @field_validator("zone")
+    @classmethod
+    def _room_for_tokens(cls, zone: str) -> str:
+        # Room for "<token>." plus a few labels of exfiltrated data on the left.
+        if len(zone) + TOKEN_LENGTH + 1 > 200:
+            raise ValueError(f"{zone!r} is too long to leave room for tokens under it")
+        return zone
 
 
 class DnsListener:
@@ -70,7 +80,11 @@ class DnsListener:
         self._zone = split_name(options.zone)
         nameservers = list(options.nameservers) or [f"ns1.{options.zone}"]
         self._answers = ZoneAnswers(
-            options.zone, options.answer_ipv4, options.answer_ipv6, options.ttl, nameservers
+            options.zone,
+            [str(address) for address in options.answer_ipv4],
+            [str(address) for address in options.answer_ipv6],
+            options.ttl,
+            nameservers,
         )
         self._udp: socket.socket | None = None
         self._tcp: asyncio.Server | None = None
@@ -219,8 +233,6 @@ class DnsListener:
         reply: bytes,
         send: Send,
     ) -> None:
-        counters = self._context.counters
-        counters.hits += 1
         evidence = {
             "qname": name_text(question.labels),
             "qtype": QTYPE.get(question.qtype, f"TYPE{question.qtype}"),
@@ -228,22 +240,8 @@ class DnsListener:
             "left_labels": list(left),
             "decoded": decode_exfil(list(left)),
         }
-        event = hit_event(
-            canary,
-            protocol="dns",
-            source=format_peer(peer),
-            node=self._context.node,
-            evidence=evidence,
-        )
-
-        def committed(entry: Entry | None) -> None:
-            if entry is None:
-                # Not durable, so not answered: the client's retry gets another chance.
-                counters.record_failures += 1
-                return
-            send(reply, peer)
-
-        self._context.writer.submit(event, committed)
+        event = self._context.hit(canary, "dns", peer, evidence)
+        self._context.record_then(event, lambda: send(reply, peer))
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")

@@ -12,13 +12,14 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import uvicorn
+from pydantic import Field
 
 from canaries.find import in_request, split_name
 from canaries.model import Canary
-from listeners.base import Context, format_peer, hit_event
+from listeners.base import Context, ListenerOptions, NotDurable, Port
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,12 @@ def _challenge(hits: list[tuple[Canary, list[str]]], headers: list[tuple[str, st
     return unauthenticated and any(canary.kind == "credential" for canary, _ in hits)
 
 
-@dataclass(frozen=True, slots=True)
-class HttpOptions:
-    """How the HTTP listener binds and answers."""
+class HttpOptions(ListenerOptions):
+    """`[http]`: how it binds, what everyone gets back, and how much body it reads."""
 
-    zone: str
-    listen: str = "127.0.0.1"
-    port: int = 8080
+    port: Port = 8080
     response: Response = "empty"
-    max_body: int = 1024 * 1024
+    max_body_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +144,7 @@ class HttpListener:
     def __init__(self, context: Context, options: HttpOptions) -> None:
         self._context = context
         self._options = options
-        self._zone = split_name(options.zone)
+        self._zone = split_name(context.zone)
         self._server = AsgiServer(self.app, options.listen, options.port)
 
     @property
@@ -181,7 +179,7 @@ class HttpListener:
             if canary is not None:
                 hits.append((canary, where))
         if hits:
-            peer = format_peer(scope.get("client") or ("?", 0))
+            peer = scope.get("client") or ("?", 0)
             evidence = {
                 "method": scope["method"],
                 "target": target[:MAX_TARGET_KEPT],
@@ -199,20 +197,12 @@ class HttpListener:
                 "body_complete": body.complete,
             }
             events = [
-                hit_event(
-                    canary,
-                    protocol="http",
-                    source=peer,
-                    node=self._context.node,
-                    evidence={**evidence, "found_in": where},
-                )
+                self._context.hit(canary, "http", peer, {**evidence, "found_in": where})
                 for canary, where in hits
             ]
-            counters.hits += len(events)
             try:
-                await self._context.writer.append(*events)
-            except RuntimeError:
-                counters.record_failures += 1
+                await self._context.record(*events)
+            except NotDurable:
                 await self._answer(send, 503, b"text/plain", b"")
                 return
         else:
@@ -234,7 +224,7 @@ class HttpListener:
                 break
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self._options.max_body:
+            if size > self._options.max_body_bytes:
                 return Body(bytes(head), size, digest.hexdigest(), complete=False)
             digest.update(chunk)
             if len(head) < BODY_SCANNED:

@@ -11,18 +11,23 @@ import asyncio
 import logging
 import ssl
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, AnyStr
+from typing import Annotated, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from pydantic import Field, FilePath, model_validator
 
 from canaries.find import in_address, in_domains, scan, split_name
 from canaries.model import Canary
-from listeners.base import Context, format_peer, hit_event
+from listeners.base import (
+    Context,
+    DnsName,
+    ListenerOptions,
+    NotDurable,
+    Peer,
+    Port,
+    format_peer,
+)
 from listeners.mailparse import MailDetails, inspect_message
-from store.clock import now_us
 from store.ledger import Entry, Event
 
 log = logging.getLogger(__name__)
@@ -33,19 +38,22 @@ MAX_SCANNED_CHARS = 4 * 1024 * 1024
 _ERROR_CODES = ("500", "501", "502", "503", "504")
 
 
-@dataclass(frozen=True, slots=True)
-class SmtpOptions:
-    """How the SMTP listener binds, which domains it serves, and its limits."""
+class SmtpOptions(ListenerOptions):
+    """`[smtp]`: how it binds, which domains it serves (default: the zone), and its limits."""
 
-    zone: str
-    listen: str = "127.0.0.1"
-    port: int = 2525
-    domains: Sequence[str] = ()
-    max_message_bytes: int = 10 * 1024 * 1024
-    max_connections_per_source: int = 10
-    timeout: float = 30.0
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    port: Port = 2525
+    domains: list[DnsName] = Field(default_factory=list)
+    max_message_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 10 * 1024 * 1024
+    max_connections_per_source: Annotated[int, Field(ge=1, le=10_000)] = 10
+    timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    tls_cert: FilePath | None = None
+    tls_key: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> "SmtpOptions":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        return self
 
 
 class CanaryHandler:
@@ -59,6 +67,7 @@ class CanaryHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         counters = self._context.counters
+        counters.received += 1
         domain = address.rpartition("@")[2]
         if not in_domains(domain, self._domains):
             counters.refused += 1
@@ -81,11 +90,9 @@ class CanaryHandler:
             "tls": session.ssl is not None,
         }
         try:
-            [entry] = await self._context.writer.append(self._hit(canary, session, evidence))
-        except RuntimeError:
-            counters.record_failures += 1
+            [entry] = await self._context.record(self._hit(canary, session, evidence))
+        except NotDurable:
             return "451 4.3.0 Try again later"
-        counters.hits += 1
         envelope.rcpt_tos.append(address)
         _hits(envelope).append((canary, entry))
         return "250 2.1.5 OK"
@@ -108,21 +115,13 @@ class CanaryHandler:
                 )
         events = [*self._evidence(session, envelope, details), *leaked]
         try:
-            await self._context.writer.append(*events)
-        except RuntimeError:
-            self._context.counters.record_failures += 1
+            await self._context.record(*events)
+        except NotDurable:
             return "451 4.3.0 Try again later"
-        self._context.counters.hits += len(leaked)
         return "250 2.0.0 OK"
 
     def _hit(self, canary: Canary, session: Session, evidence: dict[str, Any]) -> Event:
-        return hit_event(
-            canary,
-            protocol="smtp",
-            source=_peer(session),
-            node=self._context.node,
-            evidence=evidence,
-        )
+        return self._context.hit(canary, "smtp", _peer(session), evidence)
 
     def _evidence(self, session: Session, envelope: Envelope, details: MailDetails) -> list[Event]:
         """One evidence event per canary whose address received the message."""
@@ -133,15 +132,12 @@ class CanaryHandler:
                 continue
             seen.add(canary.id)
             events.append(
-                Event(
-                    type="evidence",
-                    time_us=now_us(),
-                    node=self._context.node,
-                    canary_id=canary.id,
-                    sandbox=canary.sandbox,
-                    protocol="smtp",
-                    source=_peer(session),
-                    data={
+                self._context.observation(
+                    "evidence",
+                    canary,
+                    "smtp",
+                    _peer(session),
+                    {
                         "hit_seq": entry.seq,
                         "mail_from": envelope.mail_from,
                         "rcpt_tos": list(envelope.rcpt_tos),
@@ -181,10 +177,10 @@ def _hits(envelope: Envelope) -> list[tuple[Canary, Entry]]:
     return envelope.hits
 
 
-def _peer(session: Session | None) -> str:
+def _peer(session: Session | None) -> Peer:
     # aiosmtpd types the peer as a string, but it is the socket's address tuple.
     peer: Any = None if session is None else session.peer
-    return format_peer(peer) if isinstance(peer, tuple) else str(peer)
+    return peer if isinstance(peer, tuple) else (str(peer), 0)
 
 
 class GuardedSMTP(SMTP):
@@ -197,9 +193,15 @@ class GuardedSMTP(SMTP):
     """
 
     def __init__(
-        self, *args: Any, connections: Counter[str], per_source: int, **kwargs: Any
+        self,
+        *args: Any,
+        connections: Counter[str],
+        per_source: int,
+        context: Context,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self._counters = context.counters
         self._connections = connections
         self._per_source = per_source
         self._source: str | None = None
@@ -211,6 +213,7 @@ class GuardedSMTP(SMTP):
         if self.transport is None:  # a new connection, not the STARTTLS upgrade of one
             source = str(transport.get_extra_info("peername")[0])
             if self._connections[source] >= self._per_source:
+                self._counters.dropped += 1
                 log.warning("%s over the connection limit; refused", source)
                 assert isinstance(transport, asyncio.WriteTransport)
                 transport.write(b"421 4.7.0 Too many connections from your address\r\n")
@@ -236,12 +239,14 @@ class GuardedSMTP(SMTP):
         code = status[:3].decode() if isinstance(status, bytes) else status[:3]
         if code in _ERROR_CODES:
             self._errors += 1
+            self._counters.malformed += 1
         elif code == "550":
             self._rejected += 1
         over = self._errors >= MAX_PROTOCOL_ERRORS or self._rejected >= MAX_REJECTED_RECIPIENTS
         if over and not self._closing and self.transport is not None:
             self._closing = True
-            log.warning("%s too many errors; closing", _peer(self.session))
+            self._counters.dropped += 1
+            log.warning("%s too many errors; closing", format_peer(_peer(self.session)))
             await super().push("421 4.7.0 Too many errors, closing connection")
             self.transport.close()
         # Yield after every reply, so one client's buffered flood cannot starve other sessions.
@@ -256,7 +261,7 @@ class SmtpListener:
     def __init__(self, context: Context, options: SmtpOptions) -> None:
         self._context = context
         self._options = options
-        domains = options.domains or (options.zone,)
+        domains = options.domains or [context.zone]
         self._handler = CanaryHandler(context, tuple(split_name(domain) for domain in domains))
         self._connections: Counter[str] = Counter()
         self._tls: ssl.SSLContext | None = None
@@ -277,7 +282,8 @@ class SmtpListener:
             self._handler,
             connections=self._connections,
             per_source=self._options.max_connections_per_source,
-            hostname=f"mail.{self._options.zone}",
+            context=self._context,
+            hostname=f"mail.{self._context.zone}",
             ident="ESMTP",
             data_size_limit=self._options.max_message_bytes,
             enable_SMTPUTF8=True,

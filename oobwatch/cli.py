@@ -1,88 +1,131 @@
-"""The `oobwatch` command line."""
+"""The `oobwatch` command line: parses options, calls one operation, renders its view.
 
-import asyncio
-import io
-import ipaddress
-import json
+Every command works on this host's store or, with `--api URL --token T`, on a
+remote node through the same `Operations`. Modules a command does not use
+are not imported, so a quick `oobwatch list` stays quick: the server, the
+API framework and the alert sinks load only for the commands that need them.
+"""
+
 import logging
 import os
 import sys
 import time
-import zipfile
 from collections.abc import Iterator
-from dataclasses import replace
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from sqlalchemy import Engine
+from pydantic import ValidationError
 
-from alerts.incidents import Incidents, list_alerts
 from canaries.kinds import CREDENTIAL_FORMATS
-from canaries.mint import mint, retire
-from canaries.model import HEARTBEAT_SANDBOX, KINDS, SEVERITIES, Canary
-from canaries.plant import plant
-from oobwatch import output
-from oobwatch.api import SCOPES
-from oobwatch.config import DEFAULT_CONFIG, Config, ConfigError, load
-from oobwatch.remote import Remote
-from oobwatch.serve import incidents_for, serve
-from store import anchors, ledger, registry, tokens
-from store.clock import from_iso, now_us, to_iso
-from store.engine import migrate, open_engine
-from store.timeline import (
-    Incident,
-    IpNetwork,
-    TimelineQuery,
-    find_incident,
-    incidents,
-    timeline,
+from canaries.model import KINDS, SEVERITIES
+from oobwatch import logs
+from oobwatch.config import DEFAULT_CONFIG, Config, ConfigError, find, load
+from oobwatch.operations import Invalid, NotFound, Operations
+from oobwatch.views import (
+    SCOPES,
+    ActorRequest,
+    EventView,
+    Filters,
+    MintRequest,
+    PlantRequest,
+    TokenRequest,
+    VerifyView,
 )
+
+if TYPE_CHECKING:
+    from store.ledger import Entry, Verdict
 
 FOLLOW_SECONDS = 0.5
 
 
 class State:
-    """The group's options, loading the configuration only when a command needs it."""
+    """The group's options; the configuration and the operations are made when first needed."""
 
-    def __init__(self, path: Path | None, remote: Remote | None = None) -> None:
+    def __init__(self, path: Path | None, log_format: str | None, verbose: bool) -> None:
         self.path = path
-        self.remote = remote
+        self.log_format = log_format
+        self.verbose = verbose
+        self.api: tuple[str, str] | None = None
         self._config: Config | None = None
+        self._ops: Operations | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.api is not None
 
     def local_only(self, what: str) -> None:
-        if self.remote is not None:
-            raise click.UsageError(f"{what} works on the local store only, not over --api")
+        if self.api is not None:
+            raise click.UsageError(f"{what} works on this host's store only, not over --api")
 
     @property
     def config(self) -> Config:
         if self._config is None:
             try:
-                self._config = load(self.path)
+                self._config = load(find(self.path))
             except ConfigError as error:
                 for line in str(error).splitlines():
                     click.echo(f"config error: {line}", err=True)
                 sys.exit(2)
+            fmt = self.log_format or self._config.log.format
+            level = "debug" if self.verbose else self._config.log.level
+            logs.configure(fmt, level)  # type: ignore[arg-type]
         return self._config
 
-    def engine(self) -> Engine:
-        engine = open_engine(self.config.store.url)
-        migrate(engine)
-        return engine
+    @property
+    def ops(self) -> Operations:
+        if self._ops is None:
+            if self.api is not None:
+                from oobwatch.remote import RemoteOperations
+
+                remote = RemoteOperations(*self.api)
+                click.get_current_context().call_on_close(remote.close)
+                self._ops = remote
+            else:
+                from oobwatch.operations import LocalOperations
+
+                self._ops = LocalOperations(self.config)
+        return self._ops
 
 
 pass_state = click.make_pass_decorator(State)
 
 
-@click.group()
+class Commands(click.Group):
+    """Turns an operation's refusal into one line and exit 1, instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from oobwatch.remote import RemoteFailed
+
+        try:
+            return super().invoke(ctx)
+        except (NotFound, Invalid, RemoteFailed) as error:
+            raise click.ClickException(str(error)) from None
+        except ValidationError as error:
+            problems = (
+                f"{'.'.join(str(p) for p in problem['loc'])}: {problem['msg']}"
+                for problem in error.errors()
+            )
+            raise click.UsageError("; ".join(problems)) from None
+
+
+@click.group(cls=Commands)
+@click.version_option(version("oobwatch"), prog_name="oobwatch")
 @click.option(
     "--config",
     "config_path",
     type=click.Path(path_type=Path, dir_okay=False),
     envvar="OOBWATCH_CONFIG",
-    help="TOML config file (or OOBWATCH_CONFIG).",
+    help="TOML config file (or OOBWATCH_CONFIG; default ./oobwatch.toml).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["console", "json"]),
+    default=None,
+    help="Log lines as text or JSON objects (default: [log] format).",
+)
 @click.option("--api", "api_url", envvar="OOBWATCH_API", help="Work against this node's admin API.")
 @click.option("--token", envvar="OOBWATCH_TOKEN", help="API token for --api (or OOBWATCH_TOKEN).")
 @click.pass_context
@@ -90,23 +133,18 @@ def main(
     context: click.Context,
     config_path: Path | None,
     verbose: bool,
+    log_format: str | None,
     api_url: str | None,
     token: str | None,
 ) -> None:
     """oobwatch: out-of-band canary listeners that page when a sandbox reaches out."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("alembic", "apscheduler", "apprise", "mail.log", "uvicorn.error"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.configure(log_format or "console", "debug" if verbose else "info")  # type: ignore[arg-type]
     if api_url is not None and not token:
         raise click.UsageError("--api needs --token (or OOBWATCH_TOKEN)")
-    remote = None if api_url is None else Remote(api_url, token or "")
-    if remote is not None:
-        context.call_on_close(remote.close)
-    context.obj = State(config_path, remote)
+    state = State(config_path, log_format, verbose)
+    if api_url is not None:
+        state.api = (api_url, token or "")
+    context.obj = state
 
 
 @main.command()
@@ -131,8 +169,21 @@ def init(target: Path, force: bool) -> None:
 @pass_state
 def serve_command(state: State) -> None:
     """Run the listeners, pager and scheduler until SIGINT or SIGTERM."""
+    import asyncio
+
+    from oobwatch.serve import BindFailed, serve
+
     state.local_only("serve")
-    asyncio.run(serve(state.config))
+    config = state.config
+    try:
+        asyncio.run(serve(config))
+    except BindFailed as error:
+        logging.getLogger("oobwatch.serve").error(
+            "%s",
+            error,
+            extra={"fields": {"event.action": "bind-failed", "oobwatch.listener": error.name}},
+        )
+        sys.exit(2)
 
 
 def _labels(
@@ -145,6 +196,12 @@ def _labels(
             raise click.BadParameter(f"{value!r} is not KEY=VALUE")
         labels[key] = text
     return labels
+
+
+def _json(value: Any) -> None:
+    from oobwatch.output import as_json
+
+    click.echo(as_json(value))
 
 
 @main.command(name="mint")
@@ -162,56 +219,20 @@ def _labels(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the canary as JSON.")
 @pass_state
-def mint_command(
-    state: State,
-    kind: str,
-    sandbox: str,
-    location: str,
-    labels: dict[str, str],
-    severity: str,
-    note: str,
-    fmt: str | None,
-    as_json: bool,
-) -> None:
+def mint_command(state: State, /, fmt: str | None, as_json: bool, **fields: Any) -> None:
     """Mint a canary of KIND (dns, email, url, credential) and print what to plant."""
-    if kind == "credential" and fmt is None:
+    if fields["kind"] == "credential" and fmt is None:
         raise click.UsageError("credential canaries need --format")
-    if state.remote is not None:
-        request: dict[str, Any] = {"kind": kind, "sandbox": sandbox, "location": location}
-        request["labels"] = labels
-        request |= {"severity": severity, "note": note, "format": fmt}
-        _print_minted(state.remote.json("POST", "/canaries", json=request), as_json)
-        return
-    try:
-        canary = mint(
-            state.engine(),
-            kind=kind,
-            zone=state.config.dns.zone,
-            sandbox=sandbox,
-            node=state.config.node.name,
-            location=location,
-            labels=labels,
-            severity=severity,
-            note=note,
-            fmt=fmt,
-            http_port=state.config.http.port,
-        )
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
-    _print_minted(output.canary_json(canary), as_json)
-
-
-def _print_minted(canary: dict[str, Any], as_json: bool) -> None:
+    canary = state.ops.mint(MintRequest.model_validate({"format": fmt, **fields}))
     if as_json:
-        click.echo(json.dumps(canary))
-    elif canary["kind"] == "credential":
-        click.echo(
-            f"{canary['id']}  credential {canary['format']}  plant at ~/{canary['path_hint']}:"
-        )
-        for path, text in (canary["files"] or {}).items():
-            click.echo(f"--- ~/{path}\n{text}", nl=False)
+        _json(canary)
+    elif canary.kind == "credential":
+        click.echo(f"{canary.id}  credential {canary.format}  plant at ~/{canary.path_hint}:")
+        from oobwatch.output import print_files
+
+        print_files(canary)
     else:
-        click.echo(f"{canary['id']}  {canary['kind']}  plant: {canary['value']}")
+        click.echo(f"{canary.id}  {canary.kind}  plant: {canary.value}")
 
 
 @main.command(name="plant")
@@ -229,63 +250,30 @@ def plant_command(
     state: State, sandbox: str, into: Path, labels: dict[str, str], as_json: bool
 ) -> None:
     """Write a realistic bundle of credential, email and URL canaries into a directory."""
+    from canaries.plant import bundle_paths, present_in, write
+    from oobwatch.operations import written
+
     into.mkdir(parents=True, exist_ok=True)
-    if state.remote is not None:
-        manifest, skipped = _plant_remote(state.remote, sandbox, labels, into)
-        _print_planted(manifest, skipped, into, as_json)
-        return
-    try:
-        planted = plant(
-            state.engine(),
-            into=into,
-            sandbox=sandbox,
-            zone=state.config.dns.zone,
-            node=state.config.node.name,
-            http_port=state.config.http.port,
-            labels=labels,
-        )
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
-    manifest = [output.canary_json(canary) for canary in planted.canaries]
-    _print_planted(manifest, planted.skipped, into, as_json)
-
-
-def _plant_remote(
-    remote: Remote, sandbox: str, labels: dict[str, str], into: Path
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Plant through the API: its bundle is extracted without replacing any existing file."""
-    response = remote.call("POST", "/plant", json={"sandbox": sandbox, "labels": labels})
-    archive = zipfile.ZipFile(io.BytesIO(response.content))
-    written, skipped = set(), []
-    for name in archive.namelist():
-        target = into / name
-        if target.exists() or not target.resolve().is_relative_to(into.resolve()):
-            skipped.append(name)
-            continue
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(archive.read(name))
-        written.add(name)
-    ids = set(response.headers.get("X-Oobwatch-Canaries", "").split(","))
-    canaries = remote.json("GET", "/canaries", params={"sandbox": sandbox})
-    manifest = [c for c in canaries if c["id"] in ids and (c["location"] in written or not written)]
-    return manifest, skipped
-
-
-def _print_planted(
-    manifest: list[dict[str, Any]], skipped: list[str], into: Path, as_json: bool
-) -> None:
-    for path in skipped:
+    present = present_in(into, bundle_paths())
+    bundle = state.ops.plant(PlantRequest(sandbox=sandbox, labels=labels, present=present))
+    wrote, skipped = write(into, bundle.files)
+    for path in [*bundle.skipped, *skipped]:
         click.echo(f"skipped {path}: it exists already", err=True)
+    manifest = written(bundle, wrote)
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        _json(manifest)
         return
-    output.print_table(
+    from oobwatch.output import print_table
+
+    print_table(
         f"planted into {into}",
         ("id", "kind", "format", "location"),
-        ((c["id"], c["kind"], c["format"], c["location"]) for c in manifest),
+        ((c.id, c.kind, c.format, c.location) for c in manifest),
     )
+
+
+def _by() -> str:
+    return os.environ.get("USER", "cli")
 
 
 @main.command(name="retire")
@@ -294,79 +282,57 @@ def _print_planted(
 @pass_state
 def retire_command(state: State, canary_id: str, as_json: bool) -> None:
     """Retire a canary. A hit on it is still recorded and still pages."""
-    if state.remote is not None:
-        canary = state.remote.json("POST", f"/canaries/{canary_id}/retire")
+    retired = state.ops.retire(canary_id, ActorRequest(by=_by()))
+    if as_json:
+        _json(retired)
+    elif retired.already:
+        click.echo(f"{canary_id} was retired already, at {retired.canary.retired_at}")
     else:
-        by = os.environ.get("USER", "cli")
-        retired = retire(state.engine(), canary_id, node=state.config.node.name, by=by)
-        if retired is None:
-            raise click.ClickException(f"no canary {canary_id}")
-        canary = output.canary_json(retired)
-    click.echo(json.dumps(canary) if as_json else f"retired {canary_id} at {canary['retired_at']}")
+        click.echo(f"retired {canary_id} at {retired.canary.retired_at}")
 
 
 @main.command(name="list")
 @click.option("--sandbox", default=None, help="Only canaries of this sandbox.")
+@click.option("--kind", type=click.Choice(KINDS), default=None, help="Only canaries of this kind.")
+@click.option(
+    "--state",
+    "wanted",
+    type=click.Choice(["active", "retired", "expired"]),
+    default=None,
+    help="Only canaries in this state.",
+)
+@click.option("--show-files", is_flag=True, help="Also print each credential's planted files.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @pass_state
-def list_command(state: State, sandbox: str | None, as_json: bool) -> None:
-    """List minted canaries."""
-    if state.remote is not None:
-        params = {} if sandbox is None else {"sandbox": sandbox}
-        canaries = state.remote.json("GET", "/canaries", params=params)
-    else:
-        with state.engine().connect() as connection:
-            rows = registry.listing(connection, sandbox)
-        canaries = [output.canary_json(Canary.from_row(row)) for row in rows]
+def list_command(
+    state: State,
+    sandbox: str | None,
+    kind: str | None,
+    wanted: str | None,
+    show_files: bool,
+    as_json: bool,
+) -> None:
+    """List minted canaries with their state and hits."""
+    canaries = [
+        canary
+        for canary in state.ops.canaries(sandbox, kind)
+        if wanted is None or canary.state == wanted
+    ]
     if as_json:
-        click.echo(json.dumps(canaries, indent=2))
+        _json(canaries)
         return
-    output.print_table(
-        "canaries",
-        ("id", "kind", "sandbox", "location", "value", "created"),
-        (
-            (c["id"], c["kind"], c["sandbox"], c["location"], c["value"], c["created_at"])
-            for c in canaries
-        ),
-    )
+    from oobwatch.output import print_canaries
 
-
-def _time(_context: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return from_iso(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not an ISO 8601 time") from None
-
-
-def _network(
-    _context: click.Context, _param: click.Parameter, value: str | None
-) -> IpNetwork | None:
-    if value is None:
-        return None
-    try:
-        return ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is not an IP network such as 198.51.100.0/24"
-        ) from None
-
-
-def _query(state: State, **filters: Any) -> TimelineQuery:
-    include_heartbeat = filters.pop("include_heartbeat")
-    return TimelineQuery(
-        **filters, exclude_sandbox=None if include_heartbeat else HEARTBEAT_SANDBOX
-    )
+    print_canaries(canaries, show_files)
 
 
 @main.command(name="timeline")
 @click.option("--sandbox", default=None)
-@click.option("--canary", "canary_id", default=None)
-@click.option("--since", "since_us", callback=_time, help="ISO 8601; inclusive.")
-@click.option("--until", "until_us", callback=_time, help="ISO 8601; exclusive.")
+@click.option("--canary", default=None)
+@click.option("--since", help="ISO 8601; inclusive.")
+@click.option("--until", help="ISO 8601; exclusive.")
 @click.option("--protocol", type=click.Choice(["dns", "smtp", "http"]), default=None)
-@click.option("--source", callback=_network, help="Only hits from this network (CIDR).")
+@click.option("--source", help="Only hits from this network (CIDR).")
 @click.option(
     "--kind", type=click.Choice(KINDS), default=None, help="Only events of this canary kind."
 )
@@ -382,68 +348,37 @@ def _query(state: State, **filters: Any) -> TimelineQuery:
 @click.option("--follow", is_flag=True, help="Keep printing new events as they are committed.")
 @pass_state
 def timeline_command(
-    state: State, /, fmt: str, as_incidents: bool, follow: bool, **filters: Any
+    state: State, /, fmt: str, as_incidents: bool, follow: bool, **fields: Any
 ) -> None:
     """Everything recorded for a sandbox or canary, oldest first."""
-    if state.remote is not None:
-        if follow:
-            raise click.UsageError("--follow works on the local store only, not over --api")
-        _timeline_remote(state.remote, fmt, as_incidents, filters)
-        return
-    query = _query(state, **filters)
-    engine = state.engine()
-    with engine.connect() as connection:
-        entries = timeline(connection, query)
+    from oobwatch import output
+
+    filters = Filters(**fields)
     if as_incidents:
-        grouped = incidents(entries, state.config.timeline.incident_gap)
-        output.print_incidents([output.incident_json(i) for i in grouped], fmt)
+        if follow:
+            raise click.UsageError("--follow shows events, not incidents")
+        output.print_incidents(state.ops.incidents(filters), fmt)
         return
-    output.print_timeline(entries, fmt, stream=follow)
+    events = state.ops.timeline(filters)
+    output.print_timeline(events, fmt, stream=follow)
     if follow:
-        last = max((entry.seq for entry in entries), default=_head_seq(engine))
-        while True:
-            time.sleep(FOLLOW_SECONDS)
-            with engine.connect() as connection:
-                fresh = timeline(connection, replace(query, after_seq=last))
-            if fresh:
-                output.print_timeline(fresh, fmt, stream=True, header=False)
-                last = max(entry.seq for entry in fresh)
+        for fresh in _following(state.ops, filters, events):
+            output.print_timeline(fresh, fmt, stream=True, header=False)
 
 
-def _timeline_remote(remote: Remote, fmt: str, as_incidents: bool, filters: dict[str, Any]) -> None:
-    params: dict[str, Any] = {
-        "sandbox": filters["sandbox"],
-        "canary": filters["canary_id"],
-        "since": None if filters["since_us"] is None else to_iso(filters["since_us"]),
-        "until": None if filters["until_us"] is None else to_iso(filters["until_us"]),
-        "protocol": filters["protocol"],
-        "source": None if filters["source"] is None else str(filters["source"]),
-        "kind": filters["kind"],
-        "include_heartbeat": filters["include_heartbeat"],
-        "format": "csv" if fmt == "csv" else "json",
-    }
-    params = {key: value for key, value in params.items() if value is not None}
-    path = "/incidents" if as_incidents else "/timeline"
-    if fmt == "csv":
-        click.echo(remote.call("GET", path, params=params).text, nl=False)
-        return
-    found = remote.json("GET", path, params=params)
-    if fmt == "json":
-        click.echo(json.dumps(found, indent=2))
-    elif as_incidents:
-        output.print_incidents(found, fmt)
-    else:
-        output.print_timeline(
-            [output.entry_from_event(event) for event in found], fmt, stream=False
-        )
+def _following(
+    ops: Operations, filters: Filters, seen: list[EventView]
+) -> Iterator[list[EventView]]:
+    last = max((event.seq for event in seen), default=ops.head().seq)
+    while True:
+        time.sleep(FOLLOW_SECONDS)
+        fresh = ops.timeline(filters.model_copy(update={"after": last}))
+        if fresh:
+            last = max(event.seq for event in fresh)
+            yield fresh
 
 
-def _head_seq(engine: Engine) -> int:
-    with engine.connect() as connection:
-        return ledger.head(connection)[0]
-
-
-@main.group(name="incident")
+@main.group(name="incident", cls=Commands)
 def incident_group() -> None:
     """Look at one incident."""
 
@@ -456,28 +391,14 @@ def incident_group() -> None:
 @pass_state
 def incident_show(state: State, incident_id: str, fmt: str) -> None:
     """One incident's full story, hit by hit, with the evidence."""
-    if state.remote is not None:
-        story = state.remote.json("GET", f"/incidents/{incident_id}")
-        if fmt == "json":
-            click.echo(json.dumps(story, indent=2))
-            return
-        entries = [output.entry_from_event(event) for event in story["events"]]
-        output.print_incident_story(Incident(story["sandbox"], entries), fmt)
-        return
-    with state.engine().connect() as connection:
-        found = find_incident(connection, incident_id, state.config.timeline.incident_gap)
-    if found is None:
-        raise click.ClickException(f"no incident {incident_id}")
-    output.print_incident_story(found, fmt)
+    from oobwatch.output import print_incident_story
+
+    print_incident_story(state.ops.incident(incident_id), fmt)
 
 
-@main.group(name="alerts")
+@main.group(name="alerts", cls=Commands)
 def alerts_group() -> None:
     """List, acknowledge and resolve alerts."""
-
-
-def _incidents(state: State) -> Incidents:
-    return incidents_for(state.config, state.engine(), state.config.policy())
 
 
 @alerts_group.command(name="list")
@@ -486,67 +407,55 @@ def _incidents(state: State) -> Incidents:
 @pass_state
 def alerts_list(state: State, open_only: bool, as_json: bool) -> None:
     """Alerts, oldest first."""
-    if state.remote is not None:
-        rows = state.remote.json("GET", "/alerts", params={"open": open_only})
-    else:
-        rows = [output.alert_json(row) for row in list_alerts(state.engine(), open_only)]
+    alerts = state.ops.alerts(open_only)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        _json(alerts)
         return
-    output.print_table(
-        "alerts",
-        ("id", "status", "canary", "sandbox", "hits", "opened", "last hit", "acked by"),
-        (
-            (
-                a["id"],
-                a["status"],
-                a["canary_id"],
-                a["sandbox"],
-                a["hit_count"],
-                a["opened_at"],
-                a["last_hit_at"],
-                a["acked_by"],
-            )
-            for a in rows
-        ),
-    )
+    from oobwatch.output import print_alerts
+
+    print_alerts(alerts)
 
 
 @alerts_group.command(name="ack")
 @click.argument("alert_id")
-@click.option("--by", default=lambda: os.environ.get("USER", "unknown"), help="Who acknowledges.")
+@click.option("--by", default=_by, help="Who acknowledges.")
 @pass_state
 def alerts_ack(state: State, alert_id: str, by: str) -> None:
-    """Acknowledge an alert: stops its escalation, acknowledges it in PagerDuty."""
-    _settle(state, alert_id, by, "ack")
-    click.echo(f"acknowledged {alert_id} by {by}")
+    """Acknowledge an alert: stops its escalation; tells PagerDuty, webhooks and chat sinks."""
+    settled = state.ops.ack(alert_id, ActorRequest(by=by))
+    alert = settled.alert
+    if not settled.already:
+        click.echo(f"acknowledged {alert_id} by {by}")
+    elif alert.status == "resolved":
+        click.echo(f"{alert_id} is resolved already (at {alert.resolved_at})")
+    else:
+        click.echo(f"{alert_id} was acknowledged already, by {alert.acked_by} at {alert.acked_at}")
 
 
 @alerts_group.command(name="resolve")
 @click.argument("alert_id")
-@click.option("--by", default=lambda: os.environ.get("USER", "unknown"), help="Who resolves.")
+@click.option("--by", default=_by, help="Who resolves.")
 @pass_state
 def alerts_resolve(state: State, alert_id: str, by: str) -> None:
-    """Resolve an alert: later hits of its canary open a new one; resolves it in PagerDuty."""
-    _settle(state, alert_id, by, "resolve")
-    click.echo(f"resolved {alert_id}")
+    """Resolve an alert: later hits of its canary open a new one; tells every sink."""
+    settled = state.ops.resolve(alert_id, ActorRequest(by=by))
+    if settled.already:
+        click.echo(f"{alert_id} was resolved already, at {settled.alert.resolved_at}")
+    else:
+        click.echo(f"resolved {alert_id}")
 
 
-def _settle(state: State, alert_id: str, by: str, action: str) -> None:
-    if state.remote is not None:
-        state.remote.json("POST", f"/alerts/{alert_id}/{action}", json={"by": by})
-        return
-    incidents_of = _incidents(state)
-    settle = incidents_of.acknowledge if action == "ack" else incidents_of.resolve
-    try:
-        settle(alert_id, by, now_us())
-    except (LookupError, ValueError) as error:
-        raise click.ClickException(str(error)) from None
-
-
-@main.group(name="token")
+@main.group(name="token", cls=Commands)
 def token_group() -> None:
-    """Admin API tokens."""
+    """Admin API tokens: create, list, revoke, rotate."""
+
+
+def _print_new_token(created: Any, as_json: bool) -> None:
+    if as_json:
+        _json(created)
+        return
+    click.echo(f"{created.name} ({created.scope}, id {created.id}): {created.token}")
+    click.echo("Store it now: it is not shown again.")
 
 
 @token_group.command(name="create")
@@ -556,18 +465,50 @@ def token_group() -> None:
 @pass_state
 def token_create(state: State, scope: str, name: str, as_json: bool) -> None:
     """Create a token. It is shown once and stored only as a hash."""
-    state.local_only("token create")
-    try:
-        token, text = tokens.create(state.engine(), name, scope)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
+    _print_new_token(state.ops.create_token(TokenRequest(name=name, scope=scope)), as_json)  # type: ignore[arg-type]
+
+
+@token_group.command(name="list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def token_list(state: State, as_json: bool) -> None:
+    """Every token (never a secret), revoked ones included."""
+    found = state.ops.tokens()
     if as_json:
-        click.echo(json.dumps({"name": token.name, "scope": token.scope, "token": text}))
+        _json(found)
+        return
+    from oobwatch.output import print_table
+
+    print_table(
+        "tokens",
+        ("id", "name", "scope", "created", "revoked"),
+        ((t.id, t.name, t.scope, t.created_at, t.revoked_at or "") for t in found),
+    )
+
+
+@token_group.command(name="revoke")
+@click.argument("token_id")
+@pass_state
+def token_revoke(state: State, token_id: str) -> None:
+    """Revoke a token: its next request is refused."""
+    revoked = state.ops.revoke_token(token_id)
+    token = revoked.token
+    if revoked.already:
+        click.echo(f"{token.id} ({token.name}) was revoked already, at {token.revoked_at}")
     else:
-        click.echo(f"{token.name} ({token.scope}): {text}\nStore it now: it is not shown again.")
+        click.echo(f"revoked {token.id} ({token.name})")
 
 
-@main.group(name="ledger")
+@token_group.command(name="rotate")
+@click.argument("token_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def token_rotate(state: State, token_id: str, as_json: bool) -> None:
+    """A new secret for a token, same name and scope; the old secret is refused at once."""
+    _print_new_token(state.ops.rotate_token(token_id), as_json)
+
+
+@main.group(name="ledger", cls=Commands)
 def ledger_group() -> None:
     """Inspect the hash-chained ledger."""
 
@@ -588,50 +529,50 @@ def ledger_group() -> None:
 @pass_state
 def verify_command(state: State, anchor_file: Path | None, export_file: Path | None) -> None:
     """Recompute the whole chain; exit 1 naming the first bad row."""
-    if state.remote is not None:
-        if anchor_file is not None or export_file is not None:
-            raise click.UsageError("--anchor and --file work on the local store only")
-        result = state.remote.json("POST", "/ledger/verify")
-        verdict = ledger.Verdict(
-            result["count"],
-            result["count"],
-            result["head_hash"],
-            result["bad_seq"],
-            result["problem"],
-        )
-        _report(verdict, verdict.problem, [])
+    from store import anchors, ledger
+
+    if anchor_file is None and export_file is None:
+        _report(state.ops.verify(), 0)
         return
+    state.local_only("--anchor and --file")
     try:
         saved = [] if anchor_file is None else anchors.load(anchor_file)
         if export_file is not None:
             verdict, problem = _verify_export(export_file, saved)
-        else:
-            with state.engine().connect() as connection:
-                verdict = ledger.verify(connection)
-                problem = verdict.problem or ledger.missed_anchor(connection, saved)
+            _report(VerifyView.of(verdict, problem), len(saved))
+            return
+        from oobwatch.operations import LocalOperations
+
+        assert isinstance(state.ops, LocalOperations)
+        with state.ops.engine.connect() as connection:
+            verdict = ledger.verify(connection)
+            problem = verdict.problem or ledger.missed_anchor(connection, saved)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    _report(verdict, problem, saved)
+    _report(VerifyView.of(verdict, problem), len(saved))
 
 
-def _report(verdict: ledger.Verdict, problem: str | None, saved: list[tuple[int, str]]) -> None:
-    if problem is None:
-        checked = f", {len(saved)} anchored heads present" if saved else ""
+def _report(verdict: VerifyView, anchored: int) -> None:
+    if verdict.problem is None:
+        checked = f", {anchored} anchored heads present" if anchored else ""
         click.echo(f"ledger intact: {verdict.count} entries, head {verdict.head_hash}{checked}")
         return
-    where = f"at row {verdict.bad_seq}: " if verdict.problem else ""
+    where = f"at row {verdict.bad_seq}: " if verdict.bad_seq is not None else ""
     click.echo(
-        f"ledger BROKEN {where}{problem} ({verdict.count} entries verified before it)", err=True
+        f"ledger BROKEN {where}{verdict.problem} ({verdict.count} entries verified before it)",
+        err=True,
     )
     sys.exit(1)
 
 
-def _verify_export(path: Path, saved: list[tuple[int, str]]) -> tuple[ledger.Verdict, str | None]:
+def _verify_export(path: Path, saved: list[tuple[int, str]]) -> "tuple[Verdict, str | None]":
+    from store import ledger
+
     with path.open(encoding="utf-8") as handle:
         hashes = {}
         wanted = dict(saved)
 
-        def remember(entries: Iterator[ledger.Entry]) -> Iterator[ledger.Entry]:
+        def remember(entries: "Iterator[Entry]") -> "Iterator[Entry]":
             for entry in entries:
                 if entry.seq in wanted:
                     hashes[entry.seq] = entry.hash
@@ -639,7 +580,7 @@ def _verify_export(path: Path, saved: list[tuple[int, str]]) -> tuple[ledger.Ver
 
         verdict = ledger.walk(remember(ledger.read_export(handle)))
     if verdict.problem:
-        return verdict, verdict.problem
+        return verdict, None
     for seq, digest in saved:
         if hashes.get(seq) != digest:
             return verdict, f"anchored head {seq} ({digest[:16]}…) is not in the export"
@@ -651,13 +592,16 @@ def _verify_export(path: Path, saved: list[tuple[int, str]]) -> tuple[ledger.Ver
 @pass_state
 def head_command(state: State, as_json: bool) -> None:
     """The current head: sequence number and hash."""
-    if state.remote is not None:
-        head = state.remote.json("GET", "/ledger/head")
-        seq, digest = head["seq"], head["hash"]
-    else:
-        with state.engine().connect() as connection:
-            seq, digest = ledger.head(connection)
-    click.echo(json.dumps({"seq": seq, "hash": digest}) if as_json else f"{seq} {digest}")
+    head = state.ops.head()
+    click.echo(head.model_dump_json() if as_json else f"{head.seq} {head.hash}")
+
+
+@ledger_group.command(name="anchor")
+@pass_state
+def anchor_command(state: State) -> None:
+    """Save the current head to the anchor file and route now."""
+    head = state.ops.anchor()
+    click.echo(f"anchored head {head.seq} {head.hash}")
 
 
 @ledger_group.command(name="export")
@@ -669,8 +613,13 @@ def head_command(state: State, as_json: bool) -> None:
 @pass_state
 def export_command(state: State, output: Path | None) -> None:
     """Write the whole chain as JSON lines, hashes included, for archiving and offline verify."""
+    from oobwatch.operations import LocalOperations
+    from store import ledger
+
     state.local_only("ledger export")
-    with state.engine().connect() as connection, click.open_file(str(output or "-"), "w") as handle:
+    ops = state.ops
+    assert isinstance(ops, LocalOperations)
+    with ops.engine.connect() as connection, click.open_file(str(output or "-"), "w") as handle:
         for entry in ledger.entries(connection):
             handle.write(ledger.export_line(entry) + "\n")
 

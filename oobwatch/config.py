@@ -1,14 +1,23 @@
 """Typed configuration: a TOML file, overridden key by key by OOBWATCH_<SECTION>__<KEY>.
 
-Validated once at startup. A bad value is reported as one line naming the
-key and the problem, never as a traceback.
+The file is `--config`, else `OOBWATCH_CONFIG`, else `./oobwatch.toml`; with
+none of them there is no configuration, rather than a silent default that
+binds and stores somewhere nobody expects. Relative paths in the file (the
+SQLite database, the anchor file, TLS files) are relative to the file's
+folder, so every command finds the same store from wherever it runs. Each
+listener declares its own section (`listeners.*.Options`); this module
+composes them. Validated once: a bad value is one line naming the key and
+the problem, never a traceback.
 """
 
+import contextlib
+import json
+import os
 import re
 import socket
 import tomllib
+from collections.abc import Mapping
 from datetime import UTC, date, datetime
-from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,28 +27,26 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    FilePath,
     HttpUrl,
     IPvAnyNetwork,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
-)
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from alerts.policy import DEFAULT_ROUTE, IgnoreRule, Match, Policy, Route, Sink
-from alerts.sinks import check_url
-from canaries.tokens import TOKEN_LENGTH
+from listeners.base import ListenerOptions, Port
+from listeners.dns import DnsOptions
+from listeners.http import HttpOptions
+from listeners.smtp import SmtpOptions
 
-_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-Port = Annotated[int, Field(ge=0, le=65535)]
+ENV_PREFIX = "OOBWATCH_"
+DEFAULT_FILE = Path("oobwatch.toml")
+# Keys whose values are paths, resolved against the config file's folder.
+_PATH_KEYS = (("ledger", "anchor_file"), ("smtp", "tls_cert"), ("smtp", "tls_key"))
 
 
 class ConfigError(ValueError):
@@ -51,7 +58,7 @@ class Section(BaseModel):
 
 
 class StoreConfig(Section):
-    url: str = "sqlite:///./oobwatch.db"
+    url: str = "sqlite:///oobwatch.db"
 
     @field_validator("url")
     @classmethod
@@ -61,82 +68,6 @@ class StoreConfig(Section):
         except ArgumentError as error:
             raise ValueError(f"not a SQLAlchemy database URL ({error})") from None
         return url
-
-
-def _check_listen(address: str) -> str:
-    try:
-        ip_address(address)
-    except ValueError:
-        raise ValueError("must be an IP address to bind, such as 127.0.0.1 or ::") from None
-    return address
-
-
-ListenAddress = Annotated[str, AfterValidator(_check_listen)]
-
-
-class DnsConfig(Section):
-    enabled: bool = True
-    zone: str = "canary.example.test"
-    listen: ListenAddress = "127.0.0.1"
-    port: Port = 5353
-    # Few records per answer keep every answer small: no amplification.
-    answer_ipv4: Annotated[list[IPv4Address], Field(max_length=4)] = [IPv4Address("127.0.0.1")]
-    answer_ipv6: Annotated[list[IPv6Address], Field(max_length=4)] = []
-    ttl: Annotated[int, Field(ge=0, le=86400)] = 0
-    nameservers: Annotated[list[str], Field(max_length=2)] = []
-
-    @field_validator("zone")
-    @classmethod
-    def _zone(cls, zone: str) -> str:
-        name = _check_zone(zone)
-        # Room for "<token>." plus a few labels of exfiltrated data on the left.
-        if len(name) + TOKEN_LENGTH + 1 > 200:
-            raise ValueError(f"{zone!r} is too long to leave room for tokens under it")
-        return name
-
-    @field_validator("nameservers")
-    @classmethod
-    def _nameservers(cls, names: list[str]) -> list[str]:
-        return [_check_zone(name) for name in names]
-
-
-def _check_zone(zone: str) -> str:
-    name = zone.rstrip(".").lower()
-    labels = name.split(".")
-    if not name or not all(_LABEL.match(label) for label in labels):
-        raise ValueError(f"{zone!r} is not a valid DNS name")
-    return name
-
-
-class SmtpConfig(Section):
-    enabled: bool = True
-    listen: ListenAddress = "127.0.0.1"
-    port: Port = 2525
-    domains: list[str] = []
-    max_message_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 10 * 1024 * 1024
-    max_connections_per_source: Annotated[int, Field(ge=1, le=10_000)] = 10
-    timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
-    tls_cert: FilePath | None = None
-    tls_key: FilePath | None = None
-
-    @field_validator("domains")
-    @classmethod
-    def _domains(cls, domains: list[str]) -> list[str]:
-        return [_check_zone(domain) for domain in domains]
-
-    @model_validator(mode="after")
-    def _key_with_cert(self) -> "SmtpConfig":
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together: set both or neither")
-        return self
-
-
-class HttpConfig(Section):
-    enabled: bool = True
-    listen: ListenAddress = "127.0.0.1"
-    port: Port = 8080
-    response: Literal["empty", "404", "pixel"] = "empty"
-    max_body_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 1024 * 1024
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
@@ -160,6 +91,9 @@ Duration = Annotated[int, BeforeValidator(_duration_us)]
 
 
 def _check_apprise(url: str) -> str:
+    # Imported here: apprise loads every plugin, and most commands have no URL to check.
+    from alerts.sinks import check_url
+
     problem = check_url(url)
     if problem is not None:
         raise ValueError(f"{url.split('://', 1)[0]}://... : {problem}")
@@ -250,10 +184,15 @@ class LedgerConfig(Section):
     verify_every: Duration = _duration_us("1h")
 
 
-class ApiConfig(Section):
-    enabled: bool = True
-    listen: ListenAddress = "127.0.0.1"
+class ApiConfig(ListenerOptions):
+    """`[api]`: the admin API; never on a listener's port."""
+
     port: Port = 8787
+
+
+class LogConfig(Section):
+    format: Literal["console", "json"] = "console"
+    level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class TimelineConfig(Section):
@@ -264,24 +203,45 @@ class NodeConfig(Section):
     name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
 
 
-class Config(BaseSettings):
+class Config(Section):
     """The whole configuration of one oobwatch node."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="OOBWATCH_", env_nested_delimiter="__", extra="forbid", frozen=True
-    )
 
     node: NodeConfig = NodeConfig()
     store: StoreConfig = StoreConfig()
-    dns: DnsConfig = DnsConfig()
-    smtp: SmtpConfig = SmtpConfig()
-    http: HttpConfig = HttpConfig()
+    dns: DnsOptions = DnsOptions()
+    smtp: SmtpOptions = SmtpOptions()
+    http: HttpOptions = HttpOptions()
     alerts: AlertsConfig = AlertsConfig()
     ignore: list[IgnoreConfig] = []
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     ledger: LedgerConfig = LedgerConfig()
     timeline: TimelineConfig = TimelineConfig()
     api: ApiConfig = ApiConfig()
+    log: LogConfig = LogConfig()
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path | None:
+        """The file this configuration was read from."""
+        return self._source
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> "Config":
+        # DNS takes its port on TCP as well as UDP, so every service here competes for TCP ports.
+        bound: list[tuple[str, str, int]] = []
+        for name in ("dns", "smtp", "http", "api"):
+            options: ListenerOptions = getattr(self, name)
+            if not options.enabled or options.port == 0:
+                continue
+            for other, listen, port in bound:
+                wildcard = "0.0.0.0" in (listen, options.listen) or "::" in (  # noqa: S104
+                    listen,
+                    options.listen,
+                )
+                if port == options.port and (listen == options.listen or wildcard):
+                    raise ValueError(f"{name}.port {port} on {options.listen} is also {other}.port")
+            bound.append((name, options.listen, options.port))
+        return self
 
     @model_validator(mode="after")
     def _named_routes(self) -> "Config":
@@ -349,34 +309,86 @@ def _expiry_us(expires: datetime | date | None) -> int | None:
     return int(expires.timestamp() * 1_000_000)
 
 
-def load(path: Path | None) -> Config:
-    """Read `path` (if any), apply environment overrides, validate; raise ConfigError."""
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{path}: not valid TOML: {error}") from None
+def find(explicit: Path | None) -> Path:
+    """The config file: `explicit` (from --config or OOBWATCH_CONFIG), else ./oobwatch.toml."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"config file {explicit} does not exist")
+        return explicit
+    if DEFAULT_FILE.is_file():
+        return DEFAULT_FILE
+    raise ConfigError(
+        f"no config file: none given with --config or OOBWATCH_CONFIG, and no {DEFAULT_FILE} "
+        f"in {Path.cwd()}; `oobwatch init` writes one"
+    )
 
-    class FromFile(Config):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            if path is None:
-                return (init_settings, env_settings)
-            return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, path))
 
+def load(path: Path) -> Config:
+    """Read `path`, apply environment overrides, validate; raise ConfigError."""
     try:
-        return FromFile()
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    except OSError as error:
+        raise ConfigError(f"config file {path}: {error.strerror}") from None
+    folder = path.resolve().parent
+    _resolve_paths(raw, folder)
+    _overlay(raw, _environment(os.environ))
+    try:
+        config = Config.model_validate(raw)
     except ValidationError as error:
         raise ConfigError("\n".join(_describe(problem) for problem in error.errors())) from None
+    config._source = path.resolve()
+    return config
+
+
+def _resolve_paths(raw: dict[str, Any], folder: Path) -> None:
+    for section, key in _PATH_KEYS:
+        values = raw.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str):
+            values[key] = str(folder / Path(values[key]).expanduser())
+    store = raw.get("store")
+    if isinstance(store, dict) and isinstance(store.get("url"), str):
+        try:
+            url = make_url(store["url"])
+        except ArgumentError:
+            return  # the validator names the key
+        database = url.database
+        relative = database and database != ":memory:" and not Path(database).is_absolute()
+        if url.get_backend_name() == "sqlite" and database and relative:
+            store["url"] = url.set(database=str(folder / database)).render_as_string(
+                hide_password=False
+            )
+
+
+def _environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """`OOBWATCH_<SECTION>__<KEY>=value` as nested keys; JSON for lists and tables."""
+    found: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = name.removeprefix(ENV_PREFIX).lower().split("__")
+        parsed: Any = value
+        if value.lstrip()[:1] in ("[", "{"):
+            # Not JSON: left as text, and the validator names the key.
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(value)
+        target = found
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                break
+        else:
+            target[path[-1]] = parsed
+    return found
+
+
+def _overlay(base: dict[str, Any], over: Mapping[str, Any]) -> None:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _overlay(base[key], value)
+        else:
+            base[key] = value
 
 
 def _describe(problem: Any) -> str:
@@ -396,7 +408,8 @@ DEFAULT_CONFIG = """\
 
 [store]
 # SQLAlchemy URL. SQLite for one node; PostgreSQL (postgresql+psycopg://...) for several.
-url = "sqlite:///./oobwatch.db"
+# A relative SQLite path is relative to this file's folder.
+url = "sqlite:///oobwatch.db"
 
 [dns]
 # The zone delegated to this server (NS records at your registrar point here).
@@ -456,8 +469,9 @@ max_attempts = 12                     # then the delivery is recorded failed and
 # expires = "2027-01-31"
 
 [ledger]
-# Copies of the chain head outside the database, so a rewritten chain is caught:
-# anchor_file = "/var/lib/oobwatch/anchors.jsonl"   # append-only JSON lines
+# Copies of the chain head outside the database, so a rewritten chain is caught
+# (one is written at start, then every anchor_every, and by `oobwatch ledger anchor`):
+# anchor_file = "anchors.jsonl"       # append-only JSON lines; relative to this file
 # anchor_route = "audit"              # a route (apprise URLs, webhooks) that receives the head
 anchor_every = "1h"
 verify_every = "1h"                   # a broken chain pages heartbeat.route
@@ -467,6 +481,10 @@ verify_every = "1h"                   # a broken chain pages heartbeat.route
 enabled = true
 listen = "127.0.0.1"
 port = 8787
+
+[log]
+format = "console"                    # or "json": one JSON object per line (ECS field names)
+level = "info"
 
 [timeline]
 incident_gap = "30m"                  # a sandbox quiet this long ends an incident

@@ -19,13 +19,11 @@ import httpx
 from dnslib import DNSRecord
 from sqlalchemy import Engine, func, select
 
-from alerts.incidents import delivery_payload, queue
+from alerts import notices
 from alerts.policy import DEFAULT_ROUTE, Policy
-from alerts.render import Line, Message
 from canaries.mint import mint
 from canaries.model import HEARTBEAT_SANDBOX, Canary
 from store import ledger, registry
-from store.clock import to_iso
 from store.ledger import Event
 from store.schema import ledger as ledger_table
 
@@ -165,32 +163,17 @@ class Heartbeat:
                     continue
                 since = health.failing_since_us if ok else now_us
                 health.healthy, health.failing_since_us = ok, None if ok else now_us
-                purpose = "recovery" if ok else "heartbeat"
-                headline = (
-                    f"{name.upper()} listener on node {self.node} recovered (failing since {to_iso(since or now_us)})"
-                    if ok
-                    else f"{name.upper()} listener on node {self.node} is failing its self-test since {to_iso(now_us)}"
-                )
-                message = Message(
-                    f"oobwatch self-test: {name} {'recovered' if ok else 'FAILING'}",
-                    headline,
-                    [
-                        Line("listener", name),
-                        Line("node", self.node),
-                        Line("since", to_iso(since or now_us)),
-                    ],
-                )
-                payload = delivery_payload(
-                    purpose,
+                notices.listener_health(
+                    connection,
+                    route,
                     node=self.node,
-                    dedup_key=f"heartbeat-{self.node}-{name}",
-                    message=message,
-                    severity="critical",
+                    listener=name,
+                    healthy=ok,
+                    since_us=since or now_us,
+                    now_us=now_us,
                     canary_id=self.canary.id,
                     sandbox=HEARTBEAT_SANDBOX,
-                    listener=name,
                 )
-                queue(connection, route, payload, now_us)
                 events.append(
                     Event(
                         type="heartbeat_recovered" if ok else "heartbeat_failed",

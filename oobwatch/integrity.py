@@ -10,11 +10,9 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from alerts.incidents import delivery_payload, queue
+from alerts import notices
 from alerts.policy import DEFAULT_ROUTE, Policy
-from alerts.render import Line, Message
 from store import anchors, ledger
-from store.clock import to_iso
 from store.ledger import Event, Verdict
 
 log = logging.getLogger(__name__)
@@ -37,20 +35,10 @@ class Integrity:
         with self.engine.begin() as connection:
             seq, digest = ledger.head(connection)
             if self.anchor_route is not None:
-                message = Message(
-                    f"oobwatch ledger head on {self.node}",
-                    f"Ledger head of node {self.node}: row {seq}, hash {digest}",
-                    [Line("seq", str(seq)), Line("hash", digest), Line("time", to_iso(now_us))],
+                route = self.policy.routes[self.anchor_route]
+                notices.ledger_anchor(
+                    connection, route, node=self.node, seq=seq, digest=digest, now_us=now_us
                 )
-                payload = delivery_payload(
-                    "anchor",
-                    node=self.node,
-                    dedup_key=f"anchor-{self.node}",
-                    message=message,
-                    severity="low",
-                    head={"seq": seq, "hash": digest},
-                )
-                queue(connection, self.policy.routes[self.anchor_route], payload, now_us)
         if self.anchor_file is not None:
             anchors.save(self.anchor_file, seq, digest, self.node, now_us)
         return seq, digest
@@ -73,24 +61,15 @@ class Integrity:
         return verdict
 
     def _alarm(self, verdict: Verdict, problem: str, now_us: int) -> None:
-        message = Message(
-            f"oobwatch LEDGER BROKEN on {self.node}",
-            f"The ledger failed verification on node {self.node}: {problem}",
-            [
-                Line("first bad row", str(verdict.bad_seq)),
-                Line("verified before it", str(verdict.count)),
-            ],
-        )
-        payload = delivery_payload(
-            "integrity",
-            node=self.node,
-            dedup_key=f"ledger-{self.node}",
-            message=message,
-            severity="critical",
-        )
         with self.engine.begin() as connection:
-            queue(
-                connection, self.policy.routes[self.alarm_route or DEFAULT_ROUTE], payload, now_us
+            notices.ledger_broken(
+                connection,
+                self.policy.routes[self.alarm_route or DEFAULT_ROUTE],
+                node=self.node,
+                problem=problem,
+                bad_seq=verdict.bad_seq,
+                verified=verdict.count,
+                now_us=now_us,
             )
             ledger.append(
                 connection,

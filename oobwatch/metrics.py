@@ -1,54 +1,62 @@
 """Prometheus metrics of a running node, read at scrape time from what the node already counts."""
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from sqlalchemy import Engine
 
+from alerts.outbox import Outbox
+from listeners.base import Context
+from oobwatch.heartbeat import Heartbeat
 from store import ledger
 
-if TYPE_CHECKING:
-    from oobwatch.serve import Node
-
 _COUNTERS = {
-    "received": "Queries, messages or requests received",
-    "hits": "Canary hits recorded",
+    "received": "Queries, recipients or requests received",
+    "hits": "Canary hits committed to the ledger",
     "junk": "Traffic naming no canary, counted and not stored",
     "refused": "Queries or recipients refused",
-    "malformed": "Malformed packets or requests",
+    "malformed": "Malformed packets, commands or requests",
     "record_failures": "Hits that could not be committed",
-    "dropped": "Replies or connections dropped under load",
+    "dropped": "Replies or connections dropped under load or for abuse",
 }
 
 
 class NodeCollector(Collector):
     """Listener counters, alert delivery, outbox depth, ledger length, last heartbeat per listener."""
 
-    def __init__(self, node: "Node") -> None:
-        self._node = node
+    def __init__(
+        self,
+        contexts: Mapping[str, Context],
+        outbox: Outbox,
+        engine: Engine,
+        heartbeat: Heartbeat | None,
+    ) -> None:
+        self._contexts = contexts
+        self._outbox = outbox
+        self._engine = engine
+        self._heartbeat = heartbeat
 
     def collect(self) -> Iterator[Metric]:
-        node = self._node
         for name, help_text in _COUNTERS.items():
             family = CounterMetricFamily(
                 f"oobwatch_listener_{name}", help_text, labels=["listener"]
             )
-            for listener, context in node.contexts.items():
+            for listener, context in self._contexts.items():
                 family.add_metric([listener], getattr(context.counters, name))
             yield family
         yield CounterMetricFamily(
-            "oobwatch_alerts_sent", "Deliveries accepted by a sink", node.outbox.sent
+            "oobwatch_alerts_sent", "Deliveries accepted by a sink", self._outbox.sent
         )
         yield CounterMetricFamily(
             "oobwatch_alerts_failed",
             "Deliveries given up after their last attempt",
-            node.outbox.failed,
+            self._outbox.failed,
         )
         yield GaugeMetricFamily(
-            "oobwatch_outbox_pending", "Deliveries not yet sent", node.outbox.depth()
+            "oobwatch_outbox_pending", "Deliveries not yet sent", self._outbox.depth()
         )
-        with node.engine.connect() as connection:
+        with self._engine.connect() as connection:
             seq, _ = ledger.head(connection)
         yield GaugeMetricFamily("oobwatch_ledger_entries", "Entries in the ledger", seq)
         heartbeat = GaugeMetricFamily(
@@ -56,8 +64,8 @@ class NodeCollector(Collector):
             "Unix time of each listener's last self-test hit that landed",
             labels=["listener"],
         )
-        if node.heartbeat is not None:
-            for listener, health in node.heartbeat.health.items():
+        if self._heartbeat is not None:
+            for listener, health in self._heartbeat.health.items():
                 if health.last_ok_us is not None:
                     heartbeat.add_metric([listener], health.last_ok_us / 1_000_000)
         yield heartbeat

@@ -57,6 +57,29 @@ class Entry:
         loaded: dict[str, Any] = json.loads(self.data)
         return loaded
 
+    @property
+    def source_ip(self) -> str | None:
+        return split_source(self.source)[0]
+
+    @property
+    def source_port(self) -> int | None:
+        port = self.evidence.get("source_port") if self.source else None
+        return port if isinstance(port, int) else split_source(self.source)[1]
+
+
+def split_source(source: str | None) -> tuple[str | None, int | None]:
+    """Address and port of a `source` column: an address (the port is in the data), or
+    `ip:port` / `[ipv6]:port` as rows written before the port had its own field."""
+    if not source:
+        return None, None
+    if source.startswith("["):
+        host, _, port = source[1:].partition("]:")
+        return host, int(port) if port.isdigit() else None
+    if source.count(":") == 1:
+        host, _, port = source.partition(":")
+        return host, int(port) if port.isdigit() else None
+    return source, None
+
 
 @dataclass(frozen=True, slots=True)
 class Verdict:

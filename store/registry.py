@@ -1,11 +1,11 @@
-"""The canaries table: insert, look up and list canary rows."""
+"""The canaries table: insert, look up, list (with their hit counts) and retire canary rows."""
 
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, select, update
+from sqlalchemy import Connection, RowMapping, func, select, update
 
-from store.schema import canaries
+from store.schema import canaries, ledger
 
 
 def insert(connection: Connection, row: Mapping[str, Any]) -> None:
@@ -23,16 +23,42 @@ def by_tokens(connection: Connection, tokens: Iterable[str]) -> Sequence[RowMapp
     return connection.execute(query).mappings().all()
 
 
-def listing(connection: Connection, sandbox: str | None = None) -> Sequence[RowMapping]:
+def by_id(connection: Connection, canary_id: str) -> RowMapping | None:
+    return connection.execute(select(canaries).where(canaries.c.id == canary_id)).mappings().first()
+
+
+def listing(
+    connection: Connection, sandbox: str | None = None, kind: str | None = None
+) -> Sequence[RowMapping]:
     query = select(canaries).order_by(canaries.c.pk)
     if sandbox is not None:
         query = query.where(canaries.c.sandbox == sandbox)
+    if kind is not None:
+        query = query.where(canaries.c.kind == kind)
     return connection.execute(query).mappings().all()
 
 
-def retire(connection: Connection, canary_id: str, when_us: int) -> RowMapping | None:
-    """Mark a canary retired (it still matches and pages); its row, or None if there is none."""
-    connection.execute(
-        update(canaries).where(canaries.c.id == canary_id).values(retired_us=when_us)
+def hit_counts(connection: Connection, canary_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """Hits and the last hit's time of each canary in `canary_ids` that has any."""
+    if not canary_ids:
+        return {}
+    query = (
+        select(ledger.c.canary_id, func.count(), func.max(ledger.c.time_us))
+        .where(ledger.c.type == "hit", ledger.c.canary_id.in_(list(canary_ids)))
+        .group_by(ledger.c.canary_id)
     )
-    return connection.execute(select(canaries).where(canaries.c.id == canary_id)).mappings().first()
+    return {row[0]: (int(row[1]), int(row[2])) for row in connection.execute(query)}
+
+
+def retire(connection: Connection, canary_id: str, when_us: int) -> tuple[RowMapping, bool] | None:
+    """Mark a canary retired (it still matches and pages), once.
+
+    Returns its row and whether it was retired already, or None if there is none.
+    """
+    changed = connection.execute(
+        update(canaries)
+        .where(canaries.c.id == canary_id, canaries.c.retired_us.is_(None))
+        .values(retired_us=when_us)
+    ).rowcount
+    row = by_id(connection, canary_id)
+    return None if row is None else (row, changed == 0)

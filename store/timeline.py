@@ -38,9 +38,8 @@ class TimelineQuery:
         if self.kind is not None and entry.evidence.get("kind") != self.kind:
             return False
         if self.source is not None:
-            host = (entry.source or "").rsplit(":", 1)[0].strip("[]")
             try:
-                return ipaddress.ip_address(host) in self.source
+                return ipaddress.ip_address(entry.source_ip or "") in self.source
             except ValueError:
                 return False
         return True
@@ -99,7 +98,8 @@ class Incident:
 
     @property
     def sources(self) -> list[str]:
-        return list(dict.fromkeys(entry.source for entry in self.hits if entry.source))
+        """Distinct source hosts (a resolver's changing ports are one source)."""
+        return list(dict.fromkeys(e.source_ip for e in self.hits if e.source_ip is not None))
 
     @property
     def canaries(self) -> list[str]:

@@ -29,6 +29,10 @@ _STOP = object()
 _ATTEMPTS = 5
 
 
+class NotDurable(Exception):
+    """The ledger could not commit an event: whoever waits on it must not answer as if it had."""
+
+
 class LedgerWriter:
     """Appends events from any coroutine or callback, many per transaction."""
 
@@ -65,7 +69,7 @@ class LedgerWriter:
         self._queue.put((event, done))
 
     async def append(self, *events: Event) -> list[Entry]:
-        """Append `events` and return their entries once committed."""
+        """Append `events` and return their entries once committed; raise NotDurable if not."""
         loop = asyncio.get_running_loop()
         results: list[Entry] = []
         finished = loop.create_future()
@@ -73,7 +77,7 @@ class LedgerWriter:
         def done(entry: Entry | None) -> None:
             if entry is None:
                 if not finished.done():
-                    finished.set_exception(RuntimeError("the ledger could not commit the event"))
+                    finished.set_exception(NotDurable("the ledger could not commit the event"))
                 return
             results.append(entry)
             if len(results) == len(events) and not finished.done():

@@ -183,7 +183,7 @@ async def run_listener(engine: Engine, build: Callable[[Context], Any]) -> Async
     writer.start()
     index = TokenIndex(engine)
     index.refresh()
-    context = Context(index, writer, "test-node")
+    context = Context(index, writer, "test-node", ZONE)
     listener = build(context)
     await listener.start()
     try:
@@ -195,19 +195,20 @@ async def run_listener(engine: Engine, build: Callable[[Context], Any]) -> Async
 
 def run_dns(engine: Engine, **options: Any) -> contextlib.AbstractAsyncContextManager[Node]:
     return run_listener(
-        engine, lambda context: DnsListener(context, DnsOptions(zone=ZONE, port=0, **options))
+        engine,
+        lambda context: DnsListener(context, DnsOptions(zone=ZONE, port=0, **options)),
     )
 
 
 def run_smtp(engine: Engine, **options: Any) -> contextlib.AbstractAsyncContextManager[Node]:
     return run_listener(
-        engine, lambda context: SmtpListener(context, SmtpOptions(zone=ZONE, port=0, **options))
+        engine, lambda context: SmtpListener(context, SmtpOptions(port=0, **options))
     )
 
 
 def run_http(engine: Engine, **options: Any) -> contextlib.AbstractAsyncContextManager[Node]:
     return run_listener(
-        engine, lambda context: HttpListener(context, HttpOptions(zone=ZONE, port=0, **options))
+        engine, lambda context: HttpListener(context, HttpOptions(port=0, **options))
     )
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, update
 
-from alerts.incidents import Incidents, Timing, list_alerts
 from alerts.outbox import Outbox, Retry
 from alerts.policy import DEFAULT_ROUTE, IgnoreRule, Match, Policy, Route, Sink
+from alerts.state import AlertState, Timing, list_alerts
 from canaries.model import Canary
 from listeners.base import hit_event
 from store import ledger
@@ -62,14 +62,14 @@ def build_policy(receiver: Receiver, ignore: list[IgnoreRule] | None = None) -> 
 @dataclass
 class Pipeline:
     engine: Engine
-    incidents: Incidents
+    state: AlertState
     outbox: Outbox
     clock: Clock
 
     canaries: dict[str, Canary] = field(default_factory=dict)
 
     def hit(
-        self, sandbox: str = "prod-eu1", count: int = 1, source: str = "198.51.100.7:4000"
+        self, sandbox: str = "prod-eu1", count: int = 1, source: str = "198.51.100.7"
     ) -> list[Entry]:
         """Record `count` DNS hits of the sandbox's canary, as the listener would, at the clock's time."""
         if sandbox not in self.canaries:
@@ -80,7 +80,7 @@ class Pipeline:
                 hit_event(
                     self.canaries[sandbox],
                     protocol="dns",
-                    source=source,
+                    peer=(source, 4000),
                     node="n",
                     evidence=evidence,
                 ),
@@ -92,7 +92,7 @@ class Pipeline:
             return ledger.append(connection, events)
 
     async def run(self) -> int:
-        queued = self.incidents.dispatch(self.clock.now)
+        queued = self.state.dispatch(self.clock.now)
         await self.outbox.work()
         return queued
 
@@ -103,7 +103,7 @@ async def pipeline(engine: Engine, receiver: Receiver) -> Any:
     policy = build_policy(receiver)
     outbox = Outbox(engine, policy, Retry(1_000_000, 8_000_000, 4), "n", clock)
     yield Pipeline(
-        engine, Incidents(engine, policy, Timing(10 * MINUTE, 5 * MINUTE), "n"), outbox, clock
+        engine, AlertState(engine, policy, Timing(10 * MINUTE, 5 * MINUTE), "n"), outbox, clock
     )
     await outbox.close()
 
@@ -154,15 +154,15 @@ async def test_fifty_hits_one_page_then_digests_that_account_for_all(
     pipeline: Pipeline, receiver: Receiver
 ) -> None:
     pipeline.hit(count=1)
-    pipeline.hit(count=19, source="203.0.113.5:1")
+    pipeline.hit(count=19, source="203.0.113.5")
     await pipeline.run()
     assert len(receiver.wait_for(1, path="/oncall")) == 1
     pipeline.clock.now += 5 * MINUTE
-    pipeline.incidents.digests(pipeline.clock.now)
+    pipeline.state.digests(pipeline.clock.now)
     pipeline.hit(count=30)
     await pipeline.run()
     pipeline.clock.now += 5 * MINUTE
-    pipeline.incidents.digests(pipeline.clock.now)
+    pipeline.state.digests(pipeline.clock.now)
     await pipeline.run()
     pages = [r.json() for r in receiver.requests if r.path == "/wh"]
     assert [page["purpose"] for page in pages] == ["page", "digest", "digest"]
@@ -170,7 +170,7 @@ async def test_fifty_hits_one_page_then_digests_that_account_for_all(
     assert pages[-1]["total_hits"] == 50
     [alert] = list_alerts(pipeline.engine)
     assert alert["hit_count"] == 50
-    assert json.loads(alert["sources"]) == ["198.51.100.7:4000", "203.0.113.5:1"]
+    assert json.loads(alert["sources"]) == ["198.51.100.7", "203.0.113.5"]
     assert len(hits(pipeline.engine)) == 50  # every hit stays in the ledger
 
 
@@ -235,12 +235,12 @@ async def test_unacknowledged_alerts_escalate_and_acknowledged_ones_do_not(
     pipeline.hit(sandbox="prod-b")
     await pipeline.run()
     first, second = list_alerts(pipeline.engine)
-    pipeline.incidents.acknowledge(second["id"], "alice", pipeline.clock.now + MINUTE)
+    pipeline.state.acknowledge(second["id"], "alice", pipeline.clock.now + MINUTE)
     pipeline.clock.now += 14 * MINUTE
-    assert pipeline.incidents.escalations(pipeline.clock.now) == 0
+    assert pipeline.state.escalations(pipeline.clock.now) == 0
     pipeline.clock.now += 2 * MINUTE
-    assert pipeline.incidents.escalations(pipeline.clock.now) == 1
-    assert pipeline.incidents.escalations(pipeline.clock.now) == 0  # once only
+    assert pipeline.state.escalations(pipeline.clock.now) == 1
+    assert pipeline.state.escalations(pipeline.clock.now) == 0  # once only
     await pipeline.outbox.work()
     [escalation] = receiver.wait_for(1, path="/leads")
     assert first["id"] in escalation.json()["message"]
@@ -248,7 +248,7 @@ async def test_unacknowledged_alerts_escalate_and_acknowledged_ones_do_not(
     assert [(event["event_action"], event["dedup_key"]) for event in pd[2:]] == [
         ("acknowledge", second["id"])
     ]
-    pipeline.incidents.resolve(second["id"], "alice", pipeline.clock.now)
+    pipeline.state.resolve(second["id"], "alice", pipeline.clock.now)
     await pipeline.outbox.work()
     assert receiver.wait_for(4, path="/pd")[-1].json() == {
         "routing_key": "routing-key-1",
@@ -259,10 +259,13 @@ async def test_unacknowledged_alerts_escalate_and_acknowledged_ones_do_not(
         e.type for e in hits(pipeline.engine, "alert_resolved")
     ]
     assert types == ["alert_acked", "alert_resolved"]
-    with pytest.raises(ValueError, match="already resolved"):
-        pipeline.incidents.acknowledge(second["id"], "bob", pipeline.clock.now)
+    row, already = pipeline.state.acknowledge(second["id"], "bob", pipeline.clock.now)
+    assert already
+    assert row["status"] == "resolved"
+    assert row["acked_by"] == "alice"
+    assert len(hits(pipeline.engine, "alert_acked")) == 1
     with pytest.raises(LookupError):
-        pipeline.incidents.resolve("al-nope", "bob", pipeline.clock.now)
+        pipeline.state.resolve("al-nope", "bob", pipeline.clock.now)
 
 
 async def test_ignore_rules_suppress_until_they_expire(engine: Engine, receiver: Receiver) -> None:
@@ -275,15 +278,15 @@ async def test_ignore_rules_suppress_until_they_expire(engine: Engine, receiver:
     policy = build_policy(receiver, [rule])
     outbox = Outbox(engine, policy, Retry(1_000_000, 8_000_000, 4), "n", clock)
     pipeline = Pipeline(
-        engine, Incidents(engine, policy, Timing(10 * MINUTE, 5 * MINUTE), "n"), outbox, clock
+        engine, AlertState(engine, policy, Timing(10 * MINUTE, 5 * MINUTE), "n"), outbox, clock
     )
-    [suppressed_hit] = pipeline.hit(sandbox="dev-1", source="192.0.2.9:1")
+    [suppressed_hit] = pipeline.hit(sandbox="dev-1", source="192.0.2.9")
     assert await pipeline.run() == 0
     [suppressed] = hits(engine, "suppressed")
     assert suppressed.evidence["hit_seq"] == suppressed_hit.seq
     assert suppressed.evidence["reason"] == "mail link scanner"
     clock.now += 2 * MINUTE
-    pipeline.hit(sandbox="dev-1", source="192.0.2.9:1")
+    pipeline.hit(sandbox="dev-1", source="192.0.2.9")
     assert await pipeline.run() == 1
     assert len(receiver.requests) == 1
     await outbox.close()
@@ -293,8 +296,10 @@ async def test_dispatch_is_exactly_once_across_dispatchers(
     pipeline: Pipeline, engine: Engine, receiver: Receiver
 ) -> None:
     pipeline.hit(sandbox="dev-1", count=3)
-    other = Incidents(engine, build_policy(receiver), Timing(10 * MINUTE, 5 * MINUTE), "other-node")
-    assert pipeline.incidents.dispatch(pipeline.clock.now) == 1
+    other = AlertState(
+        engine, build_policy(receiver), Timing(10 * MINUTE, 5 * MINUTE), "other-node"
+    )
+    assert pipeline.state.dispatch(pipeline.clock.now) == 1
     assert other.dispatch(pipeline.clock.now) == 0
     assert len(list_alerts(engine)) == 1
 
@@ -304,7 +309,7 @@ async def test_a_restarted_node_takes_back_the_leases_it_died_holding(
 ) -> None:
     pipeline.hit(sandbox="dev-1")
     pipeline.hit(sandbox="dev-2")
-    pipeline.incidents.dispatch(pipeline.clock.now)
+    pipeline.state.dispatch(pipeline.clock.now)
     dead = await asyncio.create_subprocess_exec("true")
     await dead.wait()
     leased_until = pipeline.clock.now + 60_000_000

@@ -8,23 +8,38 @@ from sqlalchemy import Engine
 
 from canaries.mint import mint
 from canaries.model import HEARTBEAT_SANDBOX, Canary
-from canaries.plant import BUNDLE, CONTACTS, plant
+from canaries.plant import BUNDLE, CONTACTS, bundle_paths, plant, present_in, write
 from store import registry
 
 ZONE = "canary.example.test"
 
 
 def run(engine: Engine, into: Path) -> tuple[list[Canary], list[str]]:
+    """Plant as the CLI does: mint for the paths not present, then write exclusively."""
     planted = plant(
         engine,
-        into=into,
         sandbox="sbx-p",
         zone=ZONE,
         node="n",
         http_port=8080,
         labels={"team": "x"},
+        present=present_in(into, bundle_paths()),
     )
-    return planted.canaries, planted.skipped
+    _written, skipped = write(into, planted.files)
+    return planted.canaries, planted.skipped + skipped
+
+
+def test_write_never_leaves_the_directory_nor_follows_links(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "link").symlink_to(outside)
+    written, skipped = write(home, {"../escape": "x", "link": "y", "/etc/abs": "z", "ok/file": "w"})
+    assert written == ["ok/file"]
+    assert sorted(skipped) == ["../escape", "/etc/abs", "link"]
+    assert not outside.exists()
+    assert not (tmp_path / "escape").exists()
+    assert stat.S_IMODE((home / "ok/file").stat().st_mode) == 0o600
 
 
 def test_plant_writes_the_bundle_and_records_it(sqlite_engine: Engine, tmp_path: Path) -> None:
@@ -83,18 +98,16 @@ def test_a_second_run_clobbers_nothing(sqlite_engine: Engine, tmp_path: Path) ->
     assert (tmp_path / ".ssh" / "config").read_text() == "Host mine\n"
 
 
-def test_the_heartbeat_sandbox_is_reserved(sqlite_engine: Engine, tmp_path: Path) -> None:
-    home = tmp_path / "home"
+def test_the_heartbeat_sandbox_is_reserved_and_a_sandbox_needs_a_name(
+    sqlite_engine: Engine,
+) -> None:
     with pytest.raises(ValueError, match="reserved"):
-        plant(
-            sqlite_engine,
-            into=home,
-            sandbox=HEARTBEAT_SANDBOX,
-            zone=ZONE,
-            node="n",
-            http_port=80,
-        )
-    assert not home.exists()
+        plant(sqlite_engine, sandbox=HEARTBEAT_SANDBOX, zone=ZONE, node="n", http_port=80)
+    for blank in ("", "   "):
+        with pytest.raises(ValueError, match="needs a sandbox name"):
+            mint(sqlite_engine, kind="dns", zone=ZONE, sandbox=blank, node="n")
+    with sqlite_engine.connect() as connection:
+        assert registry.listing(connection) == []
     assert mint(
         sqlite_engine, kind="dns", zone=ZONE, sandbox=HEARTBEAT_SANDBOX, node="n", heartbeat=True
     )

@@ -40,8 +40,9 @@ async def test_each_place_fires(sqlite_engine: Engine, where: str, shape: object
     assert hit.canary_id == canary.id
     assert hit.protocol == "http"
     assert where in hit.evidence["found_in"]
-    assert hit.source is not None
-    assert hit.source.startswith("127.0.0.1:")
+    assert hit.source == "127.0.0.1"
+    assert isinstance(hit.source_port, int)
+    assert hit.source_port > 0
     assert hit.evidence["method"] in ("GET", "POST")
 
 
@@ -76,8 +77,9 @@ async def test_evidence_is_bounded_and_the_source_cannot_be_spoofed(sqlite_engin
         response = await request(node.port, "POST", "/up", headers=headers, content=b"x" * 5000)
         assert response.status_code == 200
     [hit] = hits(sqlite_engine)
-    assert hit.source is not None
-    assert hit.source.startswith("127.0.0.1:")
+    assert hit.source == "127.0.0.1"
+    assert isinstance(hit.source_port, int)
+    assert hit.source_port > 0
     evidence = hit.evidence
     assert len(evidence["headers"]) == 50
     assert all(len(value) <= 512 for _, value in evidence["headers"])
@@ -113,7 +115,7 @@ async def test_oversize_bodies_get_413_and_a_hit_in_the_headers_still_records(
     sqlite_engine: Engine,
 ) -> None:
     canary = plant_canary(sqlite_engine, "url")
-    async with run_http(sqlite_engine, max_body=4096) as node:
+    async with run_http(sqlite_engine, max_body_bytes=4096) as node:
         response = await request(node.port, "POST", f"/{canary.token}", content=b"y" * 100_000)
         assert response.status_code == 413
     [hit] = hits(sqlite_engine)

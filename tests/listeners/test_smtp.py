@@ -72,8 +72,9 @@ async def test_local_part_and_domain_forms_fire(sqlite_engine: Engine) -> None:
     assert first.evidence["mail_from"] == "agent@sandbox.internal"
     assert first.evidence["helo"] == "sandbox-7"
     assert first.evidence["tls"] is False
-    assert first.source is not None
-    assert first.source.startswith("127.0.0.1:")
+    assert first.source == "127.0.0.1"
+    assert isinstance(first.source_port, int)
+    assert first.source_port > 0
 
 
 async def test_data_is_recorded_as_evidence_with_attachments(sqlite_engine: Engine) -> None:

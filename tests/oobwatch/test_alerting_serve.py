@@ -79,7 +79,9 @@ def test_pending_deliveries_survive_a_kill_and_go_out_once_after_restart(
     assert webhook.json()["alert_id"] == alert["id"]
 
 
-def test_ack_and_resolve_from_the_cli_reach_pagerduty(serving: Serving, receiver: Receiver) -> None:
+def test_ack_and_resolve_from_the_cli_reach_pagerduty_and_webhooks(
+    serving: Serving, receiver: Receiver
+) -> None:
     serving.start()
     canary = json.loads(cli(serving.config, "mint", "dns", "--sandbox", "prod-2", "--json"))
     dns.query.udp(
@@ -92,19 +94,25 @@ def test_ack_and_resolve_from_the_cli_reach_pagerduty(serving: Serving, receiver
     [alert] = json.loads(cli(serving.config, "alerts", "list", "--open", "--json"))
     assert "acknowledged" in cli(serving.config, "alerts", "ack", alert["id"], "--by", "alice")
     assert receiver.wait_for(2, path="/pd")[1].json()["event_action"] == "acknowledge"
+    again = cli(serving.config, "alerts", "ack", alert["id"], "--by", "bob")
+    assert "acknowledged already, by alice" in again
     cli(serving.config, "alerts", "resolve", alert["id"])
     assert receiver.wait_for(3, path="/pd")[2].json()["event_action"] == "resolve"
+    hooks = receiver.wait_for(3, path="/wh")
+    assert [h.json()["purpose"] for h in hooks] == ["page", "ack", "resolve"]
+    assert hooks[1].json()["by"] == "alice"
+    assert "acknowledged" in hooks[1].json()["message"]["headline"]
     assert json.loads(cli(serving.config, "alerts", "list", "--open", "--json")) == []
     [listed] = json.loads(cli(serving.config, "alerts", "list", "--json"))
     assert listed["status"] == "resolved"
     assert listed["acked_by"] == "alice"
     table = cli(serving.config, "alerts", "list")
     assert alert["id"] in table
-    refused = CliRunner().invoke(
-        main, ["--config", str(serving.config), "alerts", "ack", alert["id"]]
-    )
-    assert refused.exit_code == 1
-    assert "already resolved" in refused.output
+    assert "resolved already" in cli(serving.config, "alerts", "ack", alert["id"])
+    assert "resolved already" in cli(serving.config, "alerts", "resolve", alert["id"])
+    missing = CliRunner().invoke(main, ["--config", str(serving.config), "alerts", "ack", "al-x"])
+    assert missing.exit_code == 1
+    assert "no alert al-x" in missing.output
 
 
 async def test_a_stopped_listener_makes_the_heartbeat_page_ops_and_recovery_pages_again(
@@ -125,7 +133,7 @@ async def test_a_stopped_listener_makes_the_heartbeat_page_ops_and_recovery_page
             "smtp": True,
             "http": True,
         }
-        assert await node.outbox.work() == 0  # healthy: nothing to page
+        assert await node.pager.outbox.work() == 0  # healthy: nothing to page
         dns_listener = node.listeners["dns"]
         addresses = dns_listener.addresses
         await dns_listener.stop()
@@ -133,19 +141,19 @@ async def test_a_stopped_listener_makes_the_heartbeat_page_ops_and_recovery_page
             {"dns": addresses, "smtp": node.listeners["smtp"].addresses}
         )
         assert outcome == {"dns": False, "smtp": True}
-        await node.outbox.work()
+        await node.pager.outbox.work()
         [page] = receiver.wait_for(1, path="/ops")
         assert "DNS listener on node n1 is failing its self-test since" in page.json()["message"]
         # Still failing: no second page.
         await node.heartbeat.check({"dns": addresses})
-        assert await node.outbox.work() == 0
+        assert await node.pager.outbox.work() == 0
         await dns_listener.start()
         assert await node.heartbeat.check({"dns": dns_listener.addresses}) == {"dns": True}
-        await node.outbox.work()
+        await node.pager.outbox.work()
         recovered = receiver.wait_for(2, path="/ops")[1]
         assert "DNS listener on node n1 recovered" in recovered.json()["message"]
-        await node.timed_alert_work()
-        await node.outbox.work()
+        await node.pager.timed_work()
+        await node.pager.outbox.work()
         # Heartbeat hits never page as incidents.
         assert receiver.wait_for(1, timeout=0.2, path="/default") == []
     finally:

@@ -116,7 +116,8 @@ def test_mint_query_page_timeline_verify(
     assert types.count("hit") == 2
     hit = next(event for event in events if event["type"] == "hit")
     assert hit["protocol"] == "dns"
-    assert hit["source"].startswith("127.0.0.1:")
+    assert hit["source_ip"] == "127.0.0.1"
+    assert isinstance(hit["source_port"], int)
     assert hit["qname"] == f"{exfil}.{minted['value']}."
     assert hit["qtype"] == "A"
     assert hit["left_labels"] == [exfil]

@@ -94,7 +94,8 @@ def test_incidents_group_by_sandbox_and_quiet_gap(config: Path) -> None:
     ]
     first = grouped[0]
     assert first["channels"] == ["dns", "http", "smtp"]
-    assert first["sources"] == ["198.51.100.1:53", "203.0.113.9:25", "203.0.113.9:443"]
+    # Distinct hosts: one host's two connections (ports 25 and 443) are one source.
+    assert first["sources"] == ["198.51.100.1", "203.0.113.9"]
     assert first["canaries"] == ["cn-a", "cn-b", "cn-c"]
     assert first["alerts"] == ["al-1"]
     assert first["acked_by"] == ["alice"]

@@ -82,9 +82,9 @@ def test_canary_and_time_window(filled: tuple[Path, Engine]) -> None:
     config, _ = filled
     window = ["--since", to_iso(BASE + 5), "--until", to_iso(BASE + 30), "--format", "json"]
     events = json.loads(timeline(config, "--canary", "cn-a", *window))
-    assert [(event["type"], event["source"]) for event in events] == [
-        ("hit", "198.51.100.1:53"),
-        ("alert_sent", None),
+    assert [(e["type"], e["source_ip"], e["source_port"]) for e in events] == [
+        ("hit", "198.51.100.1", 53),
+        ("alert_sent", None, None),
     ]
 
 

@@ -20,13 +20,14 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, RowMapping, bindparam, insert, select, update
 
-from alerts.policy import DEFAULT_ROUTE, Facts, Policy, Route
-from alerts.render import Line, Message, for_hit, truncate
+from alerts.outbox import delivery_payload, enqueue
+from alerts.policy import Facts, Policy, Route
+from alerts.render import Line, Message, for_hit, plural, truncate
 from canaries.model import HEARTBEAT_SANDBOX
 from store import ledger
 from store.clock import to_iso
 from store.ledger import Entry, Event
-from store.schema import alerts, deliveries, dispatch_cursor
+from store.schema import alerts, dispatch_cursor
 from store.schema import ledger as ledger_table
 
 MAX_SOURCES = 50
@@ -41,7 +42,7 @@ class Timing:
     digest_every_us: int
 
 
-class Incidents:
+class AlertState:
     """Alert state in the store, driven by hits and by the clock."""
 
     def __init__(self, engine: Engine, policy: Policy, timing: Timing, node: str) -> None:
@@ -124,7 +125,7 @@ class Incidents:
                 hit_count=1,
                 digested_count=1,
                 next_digest_us=entry.time_us + self._timing.digest_every_us,
-                sources=json.dumps([entry.source]),
+                sources=json.dumps([entry.source_ip]),
                 protocols=json.dumps([entry.protocol]),
             )
         )
@@ -143,7 +144,7 @@ class Incidents:
             for_hit(entry, alert_id),
             entry.evidence.get("severity"),
         )
-        return alert_id, sum(queue(connection, route, payload, now_us) for route in routes)
+        return alert_id, sum(enqueue(connection, route, payload, now_us) for route in routes)
 
     def digests(self, now_us: int) -> int:
         """Queue a digest for every alert with hits folded in since its last page or digest."""
@@ -163,8 +164,8 @@ class Incidents:
             for alert in due:
                 new = alert["hit_count"] - alert["digested_count"]
                 message = Message(
-                    f"oobwatch: {new} more hits, sandbox {alert['sandbox']}",
-                    f"{new} more hits of canary {alert['canary_id']} (sandbox {alert['sandbox']}) "
+                    f"oobwatch: {plural(new, 'more hit')}, sandbox {alert['sandbox']}",
+                    f"{plural(new, 'more hit')} of canary {alert['canary_id']} (sandbox {alert['sandbox']}) "
                     f"since the last page; {alert['hit_count']} in all",
                     [
                         Line("alert", alert["id"]),
@@ -182,7 +183,7 @@ class Incidents:
                 payload["new_hits"] = new
                 payload["total_hits"] = alert["hit_count"]
                 for route in self._routes(alert):
-                    queued += queue(connection, route, payload, now_us)
+                    queued += enqueue(connection, route, payload, now_us)
                 connection.execute(
                     update(alerts)
                     .where(alerts.c.id == alert["id"])
@@ -238,7 +239,7 @@ class Incidents:
                 message = Message(
                     f"oobwatch ESCALATED: unacknowledged alert, sandbox {alert['sandbox']}",
                     f"Alert {alert['id']} on canary {alert['canary_id']} (sandbox {alert['sandbox']}) "
-                    f"has not been acknowledged for {waited} min; {alert['hit_count']} hits so far",
+                    f"has not been acknowledged for {waited} min; {plural(alert['hit_count'], 'hit')} so far",
                     [Line("alert", alert["id"]), Line("opened", to_iso(alert["opened_us"]))],
                 )
                 payload = self._payload(
@@ -250,7 +251,7 @@ class Incidents:
                     "critical",
                 )
                 for name in dict.fromkeys(targets):
-                    queued += queue(connection, self._policy.routes[name], payload, now_us)
+                    queued += enqueue(connection, self._policy.routes[name], payload, now_us)
                 connection.execute(
                     update(alerts).where(alerts.c.id == alert["id"]).values(escalated_us=now_us)
                 )
@@ -273,40 +274,59 @@ class Incidents:
                 is not None
             )
 
-    def acknowledge(self, alert_id: str, by: str, now_us: int) -> None:
-        self._settle(
-            alert_id, "acknowledged", "ack", now_us, {"acked_by": by, "acked_us": now_us}, by
-        )
+    def acknowledge(self, alert_id: str, by: str, now_us: int) -> tuple[RowMapping, bool]:
+        """Acknowledge an open alert; (its row, whether nothing changed because it was not open)."""
+        return self._settle(alert_id, "ack", by, now_us)
 
-    def resolve(self, alert_id: str, by: str, now_us: int) -> None:
-        self._settle(alert_id, "resolved", "resolve", now_us, {"resolved_us": now_us}, by)
+    def resolve(self, alert_id: str, by: str, now_us: int) -> tuple[RowMapping, bool]:
+        """Resolve an alert; (its row, whether nothing changed because it was resolved already)."""
+        return self._settle(alert_id, "resolve", by, now_us)
 
-    def _settle(
-        self, alert_id: str, status: str, purpose: str, now_us: int, values: dict[str, Any], by: str
-    ) -> None:
+    def _settle(self, alert_id: str, purpose: str, by: str, now_us: int) -> tuple[RowMapping, bool]:
+        """Acknowledge or resolve once: a repeat changes, records and sends nothing.
+
+        The change reaches every sink of the alert's routes (and of the route it
+        escalated to): PagerDuty acknowledges or resolves its incident, webhooks
+        get the event, chat sinks a short follow-up.
+        """
         with self._engine.begin() as connection:
             _lock(connection)
-            alert = (
-                connection.execute(select(alerts).where(alerts.c.id == alert_id)).mappings().first()
-            )
+            alert = _alert(connection, alert_id)
             if alert is None:
                 raise LookupError(f"no alert {alert_id}")
-            if alert["status"] == "resolved":
-                raise ValueError(f"alert {alert_id} is already resolved")
-            if status == "acknowledged" and alert["status"] == "acknowledged":
-                raise ValueError(f"alert {alert_id} is already acknowledged by {alert['acked_by']}")
-            connection.execute(
-                update(alerts).where(alerts.c.id == alert_id).values(status=status, **values)
+            settled = ("acknowledged", "resolved") if purpose == "ack" else ("resolved",)
+            if alert["status"] in settled:
+                return alert, True
+            if purpose == "ack":
+                values: dict[str, Any] = {
+                    "status": "acknowledged",
+                    "acked_by": by,
+                    "acked_us": now_us,
+                }
+                done = "acknowledged"
+            else:
+                values = {"status": "resolved", "resolved_us": now_us}
+                done = "resolved"
+            connection.execute(update(alerts).where(alerts.c.id == alert_id).values(**values))
+            message = Message(
+                f"oobwatch: alert {alert_id} {done}",
+                f"Alert {alert_id} on canary {alert['canary_id']} (sandbox {alert['sandbox']}) "
+                f"was {done}",
+                [Line("alert", alert_id), Line("by", by, untrusted=True)],
             )
             payload = self._payload(
-                purpose, alert_id, alert["canary_id"], alert["sandbox"], None, None
+                purpose, alert_id, alert["canary_id"], alert["sandbox"], message, None
             )
+            payload["by"] = by
             for route in self._routes(alert, escalated=alert["escalated_us"] is not None):
-                queue(connection, route, payload, now_us, kinds=("pagerduty",))
+                enqueue(connection, route, payload, now_us)
             event_type = "alert_acked" if purpose == "ack" else "alert_resolved"
             ledger.append(
                 connection, [_alert_event(event_type, alert, self._node, now_us, {"by": by})]
             )
+            changed = _alert(connection, alert_id)
+            assert changed is not None
+            return changed, False
 
     def _routes(self, alert: RowMapping, escalated: bool = False) -> list[Route]:
         names = list(json.loads(alert["routes"]))
@@ -349,68 +369,6 @@ class Incidents:
             source=entry.source,
             data=data,
         )
-
-
-def delivery_payload(
-    purpose: str,
-    *,
-    node: str,
-    dedup_key: str,
-    message: Message | None,
-    severity: Any = None,
-    alert_id: str | None = None,
-    canary_id: str | None = None,
-    sandbox: str | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """What an outbox row carries to its sink (the webhook body documents these keys)."""
-    return {
-        "purpose": purpose,
-        "alert_id": alert_id,
-        "canary_id": canary_id,
-        "dedup_key": dedup_key,
-        "sandbox": sandbox,
-        "node": node,
-        "severity": severity,
-        "message": None if message is None else message.as_json(),
-        **extra,
-    }
-
-
-def queue(
-    connection: Connection,
-    route: Route,
-    payload: dict[str, Any],
-    now_us: int,
-    kinds: Sequence[str] = ("apprise", "pagerduty", "webhook"),
-) -> int:
-    """Write one pending delivery per sink of `route` into the outbox."""
-    rows = [
-        {
-            "alert_id": payload.get("alert_id"),
-            "purpose": payload["purpose"],
-            "route": route.name,
-            "sink": sink.key,
-            "payload": json.dumps({**payload, "route": route.name}),
-            "status": "pending",
-            "attempts": 0,
-            "next_attempt_us": now_us,
-            "lease_until_us": 0,
-            "created_us": now_us,
-        }
-        for sink in route.sinks
-        if sink.kind in kinds
-    ]
-    if rows:
-        connection.execute(insert(deliveries), rows)
-    return len(rows)
-
-
-def escalation_route(policy: Policy, failed_route: str) -> Route | None:
-    """Where a delivery that keeps failing is escalated: its route's escalate_to, else the default route."""
-    route = policy.routes.get(failed_route)
-    target = route.escalate_to if route is not None and route.escalate_to else DEFAULT_ROUTE
-    return None if target == failed_route else policy.routes.get(target)
 
 
 def _lock(connection: Connection) -> None:
@@ -489,7 +447,7 @@ class _Fold:
     def add(self, entry: Entry) -> None:
         self.added += 1
         self.last_hit_us = max(self.last_hit_us, entry.time_us)
-        for values, value in ((self.sources, entry.source), (self.protocols, entry.protocol)):
+        for values, value in ((self.sources, entry.source_ip), (self.protocols, entry.protocol)):
             if value is not None and value not in values and len(values) < MAX_SOURCES:
                 values.append(value)
 
@@ -519,6 +477,10 @@ class _Fold:
                 ),
                 changed,
             )
+
+
+def _alert(connection: Connection, alert_id: str) -> RowMapping | None:
+    return connection.execute(select(alerts).where(alerts.c.id == alert_id)).mappings().first()
 
 
 def list_alerts(engine: Engine, open_only: bool = False) -> Sequence[RowMapping]:

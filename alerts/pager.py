@@ -1,0 +1,93 @@
+"""The pager: the node's alert work on its asyncio loop.
+
+A commit that holds hits wakes the dispatcher (hits -> alerts -> outbox
+rows); anything queued wakes the sender. Both also run on a timer, for hits
+committed by other processes and for deliveries waiting out their backoff.
+Store work runs in threads, never on the loop the listeners answer from.
+"""
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+from alerts.outbox import Outbox
+from alerts.state import AlertState
+from store.ledger import Entry
+
+log = logging.getLogger(__name__)
+
+# Under a burst of hits, gather them into fewer, larger batches: each dispatch
+# holds the store's write lock, which the listeners' commits need too.
+BUSY_DISPATCH = 50
+BUSY_PAUSE_SECONDS = 0.05
+RETRY_SECONDS = 1.0
+
+
+class Pager:
+    """Dispatches committed hits into alerts and sends what the outbox holds."""
+
+    def __init__(self, state: AlertState, outbox: Outbox, clock: Callable[[], int]) -> None:
+        self.state = state
+        self.outbox = outbox
+        self._clock = clock
+        self._dispatch_due = asyncio.Event()
+        self._send_due = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Start both loops; hits and deliveries left from before a restart are taken up at once."""
+        self._tasks = [
+            asyncio.create_task(self._dispatching()),
+            asyncio.create_task(self._sending()),
+        ]
+        self.dispatch_soon()
+        self.send_soon()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.outbox.close()
+
+    def committed(self, entries: Sequence[Entry]) -> None:
+        """The ledger writer's commit notification: new hits mean alert work."""
+        if any(entry.type == "hit" for entry in entries):
+            self._dispatch_due.set()
+
+    def dispatch_soon(self) -> None:
+        self._dispatch_due.set()
+
+    def send_soon(self) -> None:
+        self._send_due.set()
+
+    async def timed_work(self) -> None:
+        """Digests and escalations that have come due."""
+        moment = self._clock()
+        queued = await asyncio.to_thread(self.state.digests, moment)
+        queued += await asyncio.to_thread(self.state.escalations, moment)
+        if queued:
+            self._send_due.set()
+
+    async def _dispatching(self) -> None:
+        while True:
+            await self._dispatch_due.wait()
+            self._dispatch_due.clear()
+            try:
+                if await asyncio.to_thread(self.state.dispatch, self._clock()):
+                    self._send_due.set()
+                if self.state.last_dispatched >= BUSY_DISPATCH:
+                    await asyncio.sleep(BUSY_PAUSE_SECONDS)
+            except Exception:
+                log.exception("alert dispatch failed; retrying")
+                await asyncio.sleep(RETRY_SECONDS)
+                self._dispatch_due.set()
+
+    async def _sending(self) -> None:
+        while True:
+            await self._send_due.wait()
+            self._send_due.clear()
+            try:
+                await self.outbox.work()
+            except Exception:
+                log.exception("outbox work failed; retrying")
+                await asyncio.sleep(RETRY_SECONDS)

@@ -1,0 +1,296 @@
+"""The operations layer: every operation oobwatch offers, once.
+
+The CLI (on this host or against a remote node), the admin API and the web
+console call these and only parse input and render the views they return.
+`Operations` is the interface; `LocalOperations` does the work on a store,
+`oobwatch.remote.RemoteOperations` asks a node's admin API, which is itself
+a `LocalOperations` behind HTTP.
+
+Heavier parts (alert state, the outbox, the integrity job) are imported where
+an operation needs them, so a quick `oobwatch list` does not load them.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy import Engine
+
+from canaries import plant as planting
+from canaries.mint import mint, retire
+from canaries.model import Canary
+from oobwatch.config import Config
+from oobwatch.views import (
+    ActorRequest,
+    AlertView,
+    Bundle,
+    CanaryView,
+    EventView,
+    Filters,
+    HeadView,
+    HealthView,
+    IncidentView,
+    MintRequest,
+    NewToken,
+    PlantRequest,
+    Retired,
+    Revoked,
+    Settled,
+    TokenRequest,
+    TokenView,
+    VerifyView,
+    incident_view,
+)
+from store import ledger, registry, tokens
+from store.clock import now_us
+from store.engine import open_store
+from store.timeline import find_incident, incidents, timeline
+
+if TYPE_CHECKING:
+    from alerts.state import AlertState
+    from oobwatch.integrity import Integrity
+
+
+class NotFound(LookupError):
+    """The thing asked for does not exist."""
+
+
+class Invalid(ValueError):
+    """The request cannot be carried out as asked; the message says why."""
+
+
+class Operations(Protocol):
+    """What every skin can ask for."""
+
+    def health(self) -> HealthView: ...
+
+    def canaries(self, sandbox: str | None = None, kind: str | None = None) -> list[CanaryView]: ...
+
+    def mint(self, request: MintRequest) -> CanaryView: ...
+
+    def retire(self, canary_id: str, request: ActorRequest) -> Retired: ...
+
+    def plant(self, request: PlantRequest) -> Bundle: ...
+
+    def timeline(self, filters: Filters) -> list[EventView]: ...
+
+    def incidents(self, filters: Filters) -> list[IncidentView]: ...
+
+    def incident(self, incident_id: str) -> IncidentView: ...
+
+    def alerts(self, open_only: bool = False) -> list[AlertView]: ...
+
+    def ack(self, alert_id: str, request: ActorRequest) -> Settled: ...
+
+    def resolve(self, alert_id: str, request: ActorRequest) -> Settled: ...
+
+    def head(self) -> HeadView: ...
+
+    def verify(self) -> VerifyView: ...
+
+    def anchor(self) -> HeadView: ...
+
+    def tokens(self) -> list[TokenView]: ...
+
+    def create_token(self, request: TokenRequest) -> NewToken: ...
+
+    def revoke_token(self, token_id: str) -> Revoked: ...
+
+    def rotate_token(self, token_id: str) -> NewToken: ...
+
+
+class LocalOperations:
+    """Operations on this node's store, as its configuration says."""
+
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine | None = None,
+        alert_state: "AlertState | None" = None,
+        integrity: "Integrity | None" = None,
+    ) -> None:
+        self.config = config
+        self._engine = engine
+        self._alert_state = alert_state
+        self._integrity = integrity
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = open_store(self.config.store.url)
+        return self._engine
+
+    @cached_property
+    def alert_state(self) -> "AlertState":
+        if self._alert_state is None:
+            from oobwatch.alerting import alert_state
+
+            self._alert_state = alert_state(self.config, self.engine)
+        return self._alert_state
+
+    @cached_property
+    def integrity(self) -> "Integrity":
+        if self._integrity is None:
+            from oobwatch.alerting import integrity
+
+            self._integrity = integrity(self.config, self.engine)
+        return self._integrity
+
+    def health(self) -> HealthView:
+        with self.engine.connect() as connection:
+            seq, _digest = ledger.head(connection)
+        return HealthView(status="ok", node=self.config.node.name, ledger_head=seq)
+
+    def canaries(self, sandbox: str | None = None, kind: str | None = None) -> list[CanaryView]:
+        with self.engine.connect() as connection:
+            rows = registry.listing(connection, sandbox, kind)
+            counts = registry.hit_counts(connection, [row["id"] for row in rows])
+        moment = now_us()
+        views = []
+        for row in rows:
+            hits, last = counts.get(row["id"], (0, None))
+            views.append(CanaryView.of(Canary.from_row(row), moment, hits, last))
+        return views
+
+    def _view(self, canary: Canary) -> CanaryView:
+        return CanaryView.of(canary, now_us())
+
+    def mint(self, request: MintRequest) -> CanaryView:
+        if request.kind == "credential" and request.format is None:
+            raise Invalid("credential canaries need a format")
+        try:
+            canary = mint(
+                self.engine,
+                kind=request.kind,
+                zone=self.config.dns.zone,
+                sandbox=request.sandbox,
+                node=self.config.node.name,
+                location=request.location,
+                labels=request.labels,
+                severity=request.severity,
+                note=request.note,
+                fmt=request.format,
+                http_port=self.config.http.port,
+            )
+        except ValueError as error:
+            raise Invalid(str(error)) from None
+        return self._view(canary)
+
+    def retire(self, canary_id: str, request: ActorRequest) -> Retired:
+        found = retire(self.engine, canary_id, node=self.config.node.name, by=request.by)
+        if found is None:
+            raise NotFound(f"no canary {canary_id}")
+        canary, already = found
+        return Retired(canary=self._view(canary), already=already)
+
+    def plant(self, request: PlantRequest) -> Bundle:
+        try:
+            planted = planting.plant(
+                self.engine,
+                sandbox=request.sandbox,
+                zone=self.config.dns.zone,
+                node=self.config.node.name,
+                http_port=self.config.http.port,
+                labels=request.labels,
+                present=set(request.present),
+            )
+        except ValueError as error:
+            raise Invalid(str(error)) from None
+        return Bundle(
+            canaries=[self._view(canary) for canary in planted.canaries],
+            files=planted.files,
+            skipped=planted.skipped,
+        )
+
+    def timeline(self, filters: Filters) -> list[EventView]:
+        with self.engine.connect() as connection:
+            return [EventView.of(entry) for entry in timeline(connection, filters.query())]
+
+    def incidents(self, filters: Filters) -> list[IncidentView]:
+        with self.engine.connect() as connection:
+            entries = timeline(connection, filters.query())
+        return [
+            incident_view(found) for found in incidents(entries, self.config.timeline.incident_gap)
+        ]
+
+    def incident(self, incident_id: str) -> IncidentView:
+        with self.engine.connect() as connection:
+            found = find_incident(connection, incident_id, self.config.timeline.incident_gap)
+        if found is None:
+            raise NotFound(f"no incident {incident_id}")
+        return incident_view(found, with_events=True)
+
+    def alerts(self, open_only: bool = False) -> list[AlertView]:
+        from alerts.state import list_alerts
+
+        return [AlertView.of(row) for row in list_alerts(self.engine, open_only)]
+
+    def ack(self, alert_id: str, request: ActorRequest) -> Settled:
+        return self._settle(alert_id, request, self.alert_state.acknowledge)
+
+    def resolve(self, alert_id: str, request: ActorRequest) -> Settled:
+        return self._settle(alert_id, request, self.alert_state.resolve)
+
+    def _settle(
+        self,
+        alert_id: str,
+        request: ActorRequest,
+        action: Callable[[str, str, int], tuple[Mapping[Any, Any], bool]],
+    ) -> Settled:
+        try:
+            row, already = action(alert_id, request.by, now_us())
+        except LookupError as error:
+            raise NotFound(str(error)) from None
+        return Settled(alert=AlertView.of(row), already=already)
+
+    def head(self) -> HeadView:
+        with self.engine.connect() as connection:
+            seq, digest = ledger.head(connection)
+        return HeadView(seq=seq, hash=digest)
+
+    def verify(self) -> VerifyView:
+        with self.engine.connect() as connection:
+            return VerifyView.of(ledger.verify(connection))
+
+    def anchor(self) -> HeadView:
+        """Save the head where `[ledger]` says (file and/or route) now."""
+        if self.config.ledger.anchor_file is None and self.config.ledger.anchor_route is None:
+            raise Invalid("no anchor is configured: set ledger.anchor_file or ledger.anchor_route")
+        seq, digest = self.integrity.anchor(now_us())
+        return HeadView(seq=seq, hash=digest)
+
+    def tokens(self) -> list[TokenView]:
+        return [TokenView.of(token) for token in tokens.listing(self.engine)]
+
+    def create_token(self, request: TokenRequest) -> NewToken:
+        try:
+            token, text = tokens.create(self.engine, request.name, request.scope)
+        except ValueError as error:
+            raise Invalid(str(error)) from None
+        return NewToken(token=text, **TokenView.of(token).model_dump())
+
+    def revoke_token(self, token_id: str) -> Revoked:
+        found = tokens.revoke(self.engine, token_id)
+        if found is None:
+            raise NotFound(f"no token {token_id}")
+        token, already = found
+        return Revoked(token=TokenView.of(token), already=already)
+
+    def rotate_token(self, token_id: str) -> NewToken:
+        rotated = tokens.rotate(self.engine, token_id)
+        if rotated is None:
+            if tokens.find(self.engine, token_id) is not None:
+                raise Invalid(f"token {token_id} is revoked; create a new one")
+            raise NotFound(f"no token {token_id}")
+        token, text = rotated
+        return NewToken(token=text, **TokenView.of(token).model_dump())
+
+
+def written(bundle: Bundle, into_paths: Sequence[str]) -> list[CanaryView]:
+    """The canaries of `bundle` whose files were all written (`into_paths`)."""
+    wrote = set(into_paths)
+    return [
+        canary
+        for canary in bundle.canaries
+        if all(path in wrote for path in (canary.files or {canary.location: ""}))
+    ]
