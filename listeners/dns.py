@@ -122,12 +122,6 @@ class DnsListener:
             raise OSError("no port free for both UDP and TCP")
         self._udp = udp
         loop.add_reader(udp.fileno(), self._readable)
-        log.info(
-            "dns listening on %s:%d (udp+tcp) for %s",
-            self._options.listen,
-            port,
-            self._options.zone,
-        )
 
     async def stop(self) -> None:
         if self._udp is not None:

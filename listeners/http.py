@@ -153,7 +153,6 @@ class HttpListener:
 
     async def start(self) -> None:
         await self._server.start()
-        log.info("http listening on %s:%d", *self.addresses[0])
 
     async def stop(self) -> None:
         await self._server.stop()

@@ -300,7 +300,6 @@ class SmtpListener:
         self._server = await loop.create_server(
             self._session, self._options.listen, self._options.port, reuse_address=True
         )
-        log.info("smtp listening on %s:%d", *self.addresses[0])
 
     async def stop(self) -> None:
         if self._server is not None:

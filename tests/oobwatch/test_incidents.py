@@ -119,6 +119,8 @@ def test_incident_show_tells_the_story_with_evidence(config: Path) -> None:
     assert f"Incident {first['id']}: sandbox sbx-7, 3 hits" in text
     assert text.count("  hit  ") == 3
     assert 'qname: "=cmd|x"' in text
+    assert "\\n" not in text  # blank lines between events, not an escaped newline
+    assert "\n\n" in text
     detail = json.loads(cli(config, "incident", "show", first["id"], "--format", "json"))
     assert [e["type"] for e in detail["events"]].count("hit") == 3
     for unknown in ("in-999", "in-99999999999999999999", "in-x", "in--1"):
