@@ -11,7 +11,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +44,8 @@ class State:
 
     def __init__(self, path: Path | None, log_format: str | None, verbose: bool) -> None:
         self.path = path
+        # Whether to ask apprise about every alert URL: only a command that sends needs it.
+        self.check_sinks = False
         self.log_format = log_format
         self.verbose = verbose
         self.api: tuple[str, str] | None = None
@@ -63,7 +64,7 @@ class State:
     def config(self) -> Config:
         if self._config is None:
             try:
-                self._config = load(find(self.path))
+                self._config = load(find(self.path), self.check_sinks)
             except ConfigError as error:
                 for line in str(error).splitlines():
                     click.echo(f"config error: {line}", err=True)
@@ -111,7 +112,7 @@ class Commands(click.Group):
 
 
 @click.group(cls=Commands)
-@click.version_option(version("oobwatch"), prog_name="oobwatch")
+@click.version_option(package_name="oobwatch", prog_name="oobwatch")
 @click.option(
     "--config",
     "config_path",
@@ -174,6 +175,7 @@ def serve_command(state: State) -> None:
     from oobwatch.serve import BindFailed, serve
 
     state.local_only("serve")
+    state.check_sinks = True
     config = state.config
     try:
         asyncio.run(serve(config))

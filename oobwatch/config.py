@@ -90,13 +90,14 @@ def _duration_us(value: Any) -> int:
 Duration = Annotated[int, BeforeValidator(_duration_us)]
 
 
-def _check_apprise(url: str) -> str:
-    # Imported here: apprise loads every plugin, and most commands have no URL to check.
-    from alerts.sinks import check_url
+_NOTIFY_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
 
-    problem = check_url(url)
-    if problem is not None:
-        raise ValueError(f"{url.split('://', 1)[0]}://... : {problem}")
+
+def _check_apprise(url: str) -> str:
+    # Only the shape here: asking apprise loads all of its plugins (~0.3 s), which every
+    # CLI call would pay. `serve` asks apprise itself (`sink_problems`) before it starts.
+    if not _NOTIFY_URL.match(url):
+        raise ValueError("not a notification URL such as json://host/path or slack://...")
     return url
 
 
@@ -309,6 +310,21 @@ def _expiry_us(expires: datetime | date | None) -> int | None:
     return int(expires.timestamp() * 1_000_000)
 
 
+def sink_problems(config: Config) -> list[str]:
+    """Alert URLs apprise cannot send to, each as `key: problem`."""
+    from alerts.sinks import check_url
+
+    keyed = [(f"alerts.urls.{n}", url) for n, url in enumerate(config.alerts.urls)]
+    for r, route in enumerate(config.alerts.routes):
+        keyed += [(f"alerts.routes.{r}.urls.{n}", url) for n, url in enumerate(route.urls)]
+    problems = []
+    for key, url in keyed:
+        problem = check_url(url)
+        if problem is not None:
+            problems.append(f"{key}: {url.split('://', 1)[0]}://... : {problem}")
+    return problems
+
+
 def find(explicit: Path | None) -> Path:
     """The config file: `explicit` (from --config or OOBWATCH_CONFIG), else ./oobwatch.toml."""
     if explicit is not None:
@@ -323,8 +339,11 @@ def find(explicit: Path | None) -> Path:
     )
 
 
-def load(path: Path) -> Config:
-    """Read `path`, apply environment overrides, validate; raise ConfigError."""
+def load(path: Path, check_sinks: bool = False) -> Config:
+    """Read `path`, apply environment overrides, validate; raise ConfigError.
+
+    With `check_sinks`, also ask apprise whether it can send to every alert URL.
+    """
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
@@ -339,6 +358,9 @@ def load(path: Path) -> Config:
     except ValidationError as error:
         raise ConfigError("\n".join(_describe(problem) for problem in error.errors())) from None
     config._source = path.resolve()
+    problems = sink_problems(config) if check_sinks else []
+    if problems:
+        raise ConfigError("\n".join(problems))
     return config
 
 

@@ -168,6 +168,7 @@ async def test_fifty_hits_one_page_then_digests_that_account_for_all(
     assert [page["purpose"] for page in pages] == ["page", "digest", "digest"]
     assert 1 + sum(page["new_hits"] for page in pages[1:]) == 50
     assert pages[-1]["total_hits"] == 50
+    assert pages[-1]["message"]["title"].startswith("oobwatch: 30 more hits")
     [alert] = list_alerts(pipeline.engine)
     assert alert["hit_count"] == 50
     assert json.loads(alert["sources"]) == ["198.51.100.7", "203.0.113.5"]

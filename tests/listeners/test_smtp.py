@@ -120,7 +120,9 @@ async def test_unknown_and_foreign_recipients_are_refused(sqlite_engine: Engine)
             return codes
 
         assert await blocking(session) == [550, 550, 550, 550, 250]
-        assert node.context.counters.refused == 2
+        counters = node.context.counters
+        # The same meaning on every listener: `hits` are committed hits.
+        assert (counters.received, counters.refused, counters.junk, counters.hits) == (5, 2, 2, 1)
     assert len(hits(sqlite_engine)) == 1
 
 
@@ -199,6 +201,7 @@ async def test_connections_per_source_are_capped(sqlite_engine: Engine) -> None:
             return refused
 
         assert (await blocking(open_three)).startswith(b"421")
+        assert node.context.counters.dropped == 1
         await asyncio.sleep(0.1)
         # Once the others close, the source may connect again.
         canary = plant_canary(sqlite_engine, "email")
@@ -227,6 +230,8 @@ async def test_floods_are_cut_off_and_do_not_stall_a_real_hit(sqlite_engine: Eng
         for replies in await asyncio.gather(*flooders):
             assert b"421 4.7.0 Too many errors" in replies
             assert replies.count(b"500") < 20
+        assert node.context.counters.malformed >= 4 * 10
+        assert node.context.counters.dropped == 4
     assert len(hits(sqlite_engine)) == 1
 
 
