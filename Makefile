@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) bench/dnsbench.py
 	$(PY) bench/latency.py
 	$(PY) bench/timeline.py
+	$(PY) bench/cli.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage
