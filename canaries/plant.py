@@ -7,6 +7,7 @@ exclusively, never overwritten, so a path that appeared meanwhile is skipped
 too. Running plant twice into the same directory leaves everything in place.
 """
 
+import contextlib
 import os
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -114,23 +115,44 @@ def plant(
 def write(into: Path, files: Mapping[str, str]) -> tuple[list[str], list[str]]:
     """Create each file under `into` (mode 0600), never replacing one; (written, skipped).
 
-    A path that would leave `into` (a bundle from a remote node is data) is skipped.
+    A bundle from a remote node is data: a path that would leave `into` (`..`,
+    absolute, through a symlink, even one swapped in meanwhile) or that cannot
+    be created is skipped, and the others are still written.
     """
     written, skipped = [], []
-    root = into.resolve()
-    for relative, text in files.items():
-        path = into / relative
-        if not path.resolve().is_relative_to(root) or path.is_symlink():
-            skipped.append(relative)
-            continue
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            # O_EXCL: never replace a file, even one created since the caller looked.
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            skipped.append(relative)
-            continue
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        written.append(relative)
+    into.mkdir(parents=True, exist_ok=True)
+    root = os.open(into, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for relative, text in files.items():
+            parts = Path(relative).parts
+            if not parts or Path(relative).is_absolute() or ".." in parts:
+                skipped.append(relative)
+                continue
+            try:
+                _create(root, parts, text)
+            except (OSError, ValueError):
+                skipped.append(relative)
+                continue
+            written.append(relative)
+    finally:
+        os.close(root)
     return written, skipped
+
+
+def _create(root: int, parts: tuple[str, ...], text: str) -> None:
+    """Walk down from the directory `root` without following any link, then create the file."""
+    directory = os.dup(root)
+    try:
+        for part in parts[:-1]:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o700, dir_fd=directory)
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory)
+            os.close(directory)
+            directory = inner
+        # O_EXCL: never replace a file, even one created since the caller looked.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        descriptor = os.open(parts[-1], flags, 0o600, dir_fd=directory)
+    finally:
+        os.close(directory)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text)

@@ -65,7 +65,7 @@ class StoreConfig(Section):
     def _parseable(cls, url: str) -> str:
         try:
             make_url(url)
-        except ArgumentError as error:
+        except (ArgumentError, ValueError) as error:
             raise ValueError(f"not a SQLAlchemy database URL ({error})") from None
         return url
 
@@ -368,12 +368,14 @@ def _resolve_paths(raw: dict[str, Any], folder: Path) -> None:
     for section, key in _PATH_KEYS:
         values = raw.get(section)
         if isinstance(values, dict) and isinstance(values.get(key), str):
-            values[key] = str(folder / Path(values[key]).expanduser())
+            # `~user` with no such user stays as written: the validator names the key.
+            with contextlib.suppress(RuntimeError):
+                values[key] = str(folder / Path(values[key]).expanduser())
     store = raw.get("store")
     if isinstance(store, dict) and isinstance(store.get("url"), str):
         try:
             url = make_url(store["url"])
-        except ArgumentError:
+        except (ArgumentError, ValueError):
             return  # the validator names the key
         database = url.database
         relative = database and database != ":memory:" and not Path(database).is_absolute()
@@ -393,7 +395,7 @@ def _environment(environ: Mapping[str, str]) -> dict[str, Any]:
         parsed: Any = value
         if value.lstrip()[:1] in ("[", "{"):
             # Not JSON: left as text, and the validator names the key.
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):
                 parsed = json.loads(value)
         target = found
         for part in path[:-1]:

@@ -70,7 +70,10 @@ class ConsoleFormatter(logging.Formatter):
             )
         line = _printable(line)
         if record.exc_info:
-            line += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            # Exception messages may carry sandbox bytes and newlines too: every line of the
+            # trace is escaped and indented, so none of them can pass for a record of its own.
+            trace = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            line += "".join("\n    " + _printable(part) for part in trace.split("\n"))
         return line
 
 

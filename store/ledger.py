@@ -9,6 +9,7 @@ lock, so writers in several processes or on several nodes extend one chain.
 
 import hashlib
 import json
+import re
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from store.clock import to_iso as _iso
 from store.schema import ledger, ledger_head
 
 GENESIS = "0" * 64
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +66,9 @@ class Entry:
     @property
     def source_port(self) -> int | None:
         port = self.evidence.get("source_port") if self.source else None
-        return port if isinstance(port, int) else split_source(self.source)[1]
+        if isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535:
+            return port
+        return split_source(self.source)[1]
 
 
 def split_source(source: str | None) -> tuple[str | None, int | None]:
@@ -74,11 +78,15 @@ def split_source(source: str | None) -> tuple[str | None, int | None]:
         return None, None
     if source.startswith("["):
         host, _, port = source[1:].partition("]:")
-        return host, int(port) if port.isdigit() else None
+        return host, _port(port)
     if source.count(":") == 1:
         host, _, port = source.partition(":")
-        return host, int(port) if port.isdigit() else None
+        return host, _port(port)
     return source, None
+
+
+def _port(text: str) -> int | None:
+    return int(text) if _PORT.fullmatch(text) and int(text) <= 65535 else None
 
 
 @dataclass(frozen=True, slots=True)

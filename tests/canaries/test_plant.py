@@ -111,3 +111,34 @@ def test_the_heartbeat_sandbox_is_reserved_and_a_sandbox_needs_a_name(
     assert mint(
         sqlite_engine, kind="dns", zone=ZONE, sandbox=HEARTBEAT_SANDBOX, node="n", heartbeat=True
     )
+
+
+def test_write_skips_what_it_cannot_create_and_writes_the_rest(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "f").write_text("a file, not a folder")
+    written, skipped = write(home, {"f/x": "a", "nul\x00name": "b", "ok": "c"})
+    assert written == ["ok"]
+    assert sorted(skipped) == ["f/x", "nul\x00name"]
+
+
+def test_write_never_follows_a_parent_swapped_for_a_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    home, outside = tmp_path / "home", tmp_path / "outside"
+    home.mkdir()
+    outside.mkdir()
+    real_mkdir = os.mkdir
+
+    def swap(path: str, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        # The sandbox wins the race: right after the folder is made it becomes a link.
+        real_mkdir(path, mode, dir_fd=dir_fd)
+        os.rmdir(path, dir_fd=dir_fd)
+        os.symlink(outside, path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "mkdir", swap)
+    written, skipped = write(home, {"d/x": "pwn"})
+    assert (written, skipped) == ([], ["d/x"])
+    assert list(outside.iterdir()) == []

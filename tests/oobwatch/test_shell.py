@@ -231,3 +231,67 @@ def test_exfil_decoding_survives_counters_and_other_labels(
 def test_the_schema_revision_constant_is_the_newest_migration() -> None:
     newest = sorted(path.name for path in (MIGRATIONS / "versions").glob("[0-9]*.py"))[-1]
     assert newest.startswith(HEAD_REVISION + "_")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[ledger]\nanchor_file = '~nosuchuser_zz/a'\n", None),
+        ("[store]\nurl = 'postgresql://h:abc/db'\n", "store.url: not a SQLAlchemy database URL"),
+    ],
+)
+def test_odd_values_are_config_errors_not_tracebacks(
+    tmp_path: Path, text: str, expected: str | None
+) -> None:
+    path = tmp_path / "oobwatch.toml"
+    path.write_text(text)
+    if expected is None:
+        load(path)
+    else:
+        with pytest.raises(ConfigError, match=expected):
+            load(path)
+
+
+def test_deeply_nested_environment_json_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "oobwatch.toml"
+    path.write_text("")
+    monkeypatch.setenv("OOBWATCH_DNS__PORT", "[" * 100_000)
+    with pytest.raises(ConfigError, match=r"dns\.port"):
+        load(path)
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("1.2.3.4:53", ("1.2.3.4", 53)),
+        ("[::1]:5353", ("::1", 5353)),
+        ("::1", ("::1", None)),
+        ("1.2.3.4:\u00b2", ("1.2.3.4", None)),
+        ("1.2.3.4:99999999", ("1.2.3.4", None)),
+        ("", (None, None)),
+    ],
+)
+def test_sources_split_into_address_and_port(
+    source: str, expected: tuple[str | None, int | None]
+) -> None:
+    from store.ledger import split_source
+
+    assert split_source(source) == expected
+
+
+def test_console_logs_escape_tracebacks_too() -> None:
+    import logging
+
+    from oobwatch.logs import ConsoleFormatter
+
+    try:
+        raise ValueError("x\n2030-01-01T00:00:00Z CRITICAL oobwatch: forged")
+    except ValueError:
+        record = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed", None, None)
+        import sys as _sys
+
+        record.exc_info = _sys.exc_info()
+    lines = ConsoleFormatter().format(record).splitlines()
+    assert not any(line.startswith("2030-01-01") for line in lines)
