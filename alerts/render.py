@@ -76,14 +76,19 @@ def truncate(value: Any, limit: int = LIMIT) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… (+{len(text) - limit} chars)"
 
 
-def defang(text: str) -> str:
-    """Neutralise mentions and links; make control characters visible."""
-    escaped = "".join(
+def visible(text: str) -> str:
+    """Control and other unprintable characters shown as escapes (`\\n`, `\\x1b`)."""
+    return "".join(
         char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
         for char in text
     )
+
+
+def defang(text: str) -> str:
+    """Neutralise mentions and links; make control characters visible."""
     return (
-        escaped.replace("://", "[://]")
+        visible(text)
+        .replace("://", "[://]")
         .replace(".", "[.]")
         .replace("@", "[@]")
         .replace("<", "\u2039")  # single angle quotation marks: look alike, never markup

@@ -17,7 +17,6 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
-from pydantic import ValidationError
 
 from canaries.model import Kind
 from oobwatch import output
@@ -35,7 +34,6 @@ from oobwatch.views import (
     MintRequest,
     NewToken,
     PlantRequest,
-    Protocol,
     Retired,
     Revoked,
     Settled,
@@ -56,35 +54,8 @@ GRANTS = {
 _bearer = HTTPBearer(auto_error=False, description="An API token from `oobwatch token create`.")
 
 
-def _filters(
-    sandbox: str | None = None,
-    canary: str | None = None,
-    since: str | None = Query(default=None, description="ISO 8601, inclusive"),
-    until: str | None = Query(default=None, description="ISO 8601, exclusive"),
-    protocol: Protocol | None = None,
-    source: str | None = Query(default=None, description="CIDR"),
-    kind: Kind | None = None,
-    include_heartbeat: bool = False,
-    after: int | None = Query(default=None, ge=0, lt=2**63, description="only rows after this seq"),
-) -> Filters:
-    try:
-        return Filters(
-            sandbox=sandbox,
-            canary=canary,
-            since=since,
-            until=until,
-            protocol=protocol,
-            source=source,
-            kind=kind,
-            include_heartbeat=include_heartbeat,
-            after=after,
-        )
-    except ValidationError as error:
-        problems = "; ".join(str(problem["msg"]) for problem in error.errors())
-        raise HTTPException(422, f"bad filter: {problems}") from None
-
-
-Filtered = Annotated[Filters, Depends(_filters)]
+# The query string's filter parameters, validated as the CLI's are (a bad one is 422).
+Filtered = Annotated[Filters, Query()]
 
 
 def build_api(operations: LocalOperations, collector: Collector | None = None) -> FastAPI:

@@ -52,10 +52,6 @@ class State:
         self._config: Config | None = None
         self._ops: Operations | None = None
 
-    @property
-    def remote(self) -> bool:
-        return self.api is not None
-
     def local_only(self, what: str) -> None:
         if self.api is not None:
             raise click.UsageError(f"{what} works on this host's store only, not over --api")
@@ -253,15 +249,15 @@ def plant_command(
 ) -> None:
     """Write a realistic bundle of credential, email and URL canaries into a directory."""
     from canaries.plant import bundle_paths, present_in, write
-    from oobwatch.operations import written
 
-    into.mkdir(parents=True, exist_ok=True)
     present = present_in(into, bundle_paths())
     bundle = state.ops.plant(PlantRequest(sandbox=sandbox, labels=labels, present=present))
     wrote, skipped = write(into, bundle.files)
-    for path in [*bundle.skipped, *skipped]:
+    for path in bundle.skipped:
         click.echo(f"skipped {path}: it exists already", err=True)
-    manifest = written(bundle, wrote)
+    for path in skipped:
+        click.echo(f"skipped {path}: it exists or cannot be created there", err=True)
+    manifest = bundle.written(wrote)
     if as_json:
         _json(manifest)
         return

@@ -45,6 +45,7 @@ from listeners.smtp import SmtpOptions
 
 ENV_PREFIX = "OOBWATCH_"
 DEFAULT_FILE = Path("oobwatch.toml")
+_WILDCARDS = {"0.0.0.0", "::"}  # noqa: S104 - compared with, never bound here
 # Keys whose values are paths, resolved against the config file's folder.
 _PATH_KEYS = (("ledger", "anchor_file"), ("smtp", "tls_cert"), ("smtp", "tls_key"))
 
@@ -184,6 +185,11 @@ class LedgerConfig(Section):
     anchor_every: Duration = _duration_us("1h")
     verify_every: Duration = _duration_us("1h")
 
+    @property
+    def anchored(self) -> bool:
+        """Whether heads are saved anywhere outside the database."""
+        return self.anchor_file is not None or self.anchor_route is not None
+
 
 class ApiConfig(ListenerOptions):
     """`[api]`: the admin API; never on a listener's port."""
@@ -235,11 +241,8 @@ class Config(Section):
             if not options.enabled or options.port == 0:
                 continue
             for other, listen, port in bound:
-                wildcard = "0.0.0.0" in (listen, options.listen) or "::" in (  # noqa: S104
-                    listen,
-                    options.listen,
-                )
-                if port == options.port and (listen == options.listen or wildcard):
+                overlap = listen == options.listen or bool({listen, options.listen} & _WILDCARDS)
+                if port == options.port and overlap:
                     raise ValueError(f"{name}.port {port} on {options.listen} is also {other}.port")
             bound.append((name, options.listen, options.port))
         return self
@@ -378,11 +381,11 @@ def _resolve_paths(raw: dict[str, Any], folder: Path) -> None:
         except (ArgumentError, ValueError):
             return  # the validator names the key
         database = url.database
-        relative = database and database != ":memory:" and not Path(database).is_absolute()
-        if url.get_backend_name() == "sqlite" and database and relative:
-            store["url"] = url.set(database=str(folder / database)).render_as_string(
-                hide_password=False
-            )
+        if url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+            return
+        if not Path(database).is_absolute():
+            relative = url.set(database=str(folder / database))
+            store["url"] = relative.render_as_string(hide_password=False)
 
 
 def _environment(environ: Mapping[str, str]) -> dict[str, Any]:

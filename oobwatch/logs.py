@@ -16,6 +16,8 @@ import traceback
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
+from alerts.render import visible
+
 LogFormat = Literal["console", "json"]
 # Per-request or per-connection chatter; their warnings and errors still come through.
 _QUIET = (
@@ -29,13 +31,6 @@ _QUIET = (
     "apprise",
     "asyncio",
 )
-
-
-def _printable(text: str) -> str:
-    return "".join(
-        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
-        for char in text
-    )
 
 
 class JsonFormatter(logging.Formatter):
@@ -68,12 +63,12 @@ class ConsoleFormatter(logging.Formatter):
             line += " " + " ".join(
                 f"{key}={json.dumps(value, default=str)}" for key, value in fields.items()
             )
-        line = _printable(line)
+        line = visible(line)
         if record.exc_info:
             # Exception messages may carry sandbox bytes and newlines too: every line of the
             # trace is escaped and indented, so none of them can pass for a record of its own.
             trace = "".join(traceback.format_exception(*record.exc_info)).rstrip()
-            line += "".join("\n    " + _printable(part) for part in trace.split("\n"))
+            line += "".join("\n    " + visible(part) for part in trace.split("\n"))
         return line
 
 
@@ -93,6 +88,6 @@ def configure(fmt: LogFormat, level: str, stream: TextIO | None = None) -> None:
 
 def announce(fmt: LogFormat, text: str, fields: dict[str, Any]) -> None:
     """A line for whoever started the process, on stdout: what is listening where."""
-    line = json.dumps({"message": text, **fields}) if fmt == "json" else _printable(text)
+    line = json.dumps({"message": text, **fields}) if fmt == "json" else visible(text)
     sys.stdout.write(line + "\n")
     sys.stdout.flush()

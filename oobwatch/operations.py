@@ -10,8 +10,7 @@ Heavier parts (alert state, the outbox, the integrity job) are imported where
 an operation needs them, so a quick `oobwatch list` does not load them.
 """
 
-from collections.abc import Callable, Mapping, Sequence
-from functools import cached_property
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine
@@ -120,7 +119,7 @@ class LocalOperations:
             self._engine = open_store(self.config.store.url)
         return self._engine
 
-    @cached_property
+    @property
     def alert_state(self) -> "AlertState":
         if self._alert_state is None:
             from oobwatch.alerting import alert_state
@@ -128,7 +127,7 @@ class LocalOperations:
             self._alert_state = alert_state(self.config, self.engine)
         return self._alert_state
 
-    @cached_property
+    @property
     def integrity(self) -> "Integrity":
         if self._integrity is None:
             from oobwatch.alerting import integrity
@@ -156,8 +155,6 @@ class LocalOperations:
         return CanaryView.of(canary, now_us())
 
     def mint(self, request: MintRequest) -> CanaryView:
-        if request.kind == "credential" and request.format is None:
-            raise Invalid("credential canaries need a format")
         try:
             canary = mint(
                 self.engine,
@@ -254,7 +251,7 @@ class LocalOperations:
 
     def anchor(self) -> HeadView:
         """Save the head where `[ledger]` says (file and/or route) now."""
-        if self.config.ledger.anchor_file is None and self.config.ledger.anchor_route is None:
+        if not self.config.ledger.anchored:
             raise Invalid("no anchor is configured: set ledger.anchor_file or ledger.anchor_route")
         seq, digest = self.integrity.anchor(now_us())
         return HeadView(seq=seq, hash=digest)
@@ -284,13 +281,3 @@ class LocalOperations:
             raise NotFound(f"no token {token_id}")
         token, text = rotated
         return NewToken(token=text, **TokenView.of(token).model_dump())
-
-
-def written(bundle: Bundle, into_paths: Sequence[str]) -> list[CanaryView]:
-    """The canaries of `bundle` whose files were all written (`into_paths`)."""
-    wrote = set(into_paths)
-    return [
-        canary
-        for canary in bundle.canaries
-        if all(path in wrote for path in (canary.files or {canary.location: ""}))
-    ]

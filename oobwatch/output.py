@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from alerts.render import visible
 from oobwatch.views import AlertView, CanaryView, EventView, IncidentView, detail
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -92,11 +93,7 @@ def escaped(value: Any) -> str:
     """Text with control characters shown as escapes, for a terminal."""
     if value is None:
         return ""
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return "".join(
-        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
-        for char in text
-    )
+    return visible(value if isinstance(value, str) else json.dumps(value, sort_keys=True))
 
 
 def _console() -> Any:

@@ -11,6 +11,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Engine
@@ -41,7 +42,7 @@ ALERT_TIMERS_SECONDS = 1.0
 STATS_SECONDS = 60.0
 
 # Every listener kind, by the name of its config section.
-LISTENERS: dict[str, type[DnsListener] | type[SmtpListener] | type[HttpListener]] = {
+LISTENERS: dict[str, Callable[[Context, Any], Listener]] = {
     "dns": DnsListener,
     "smtp": SmtpListener,
     "http": HttpListener,
@@ -149,7 +150,7 @@ async def start(config: Config) -> Node:
         if not options.enabled:
             continue
         context = Context(index, writer, config.node.name, config.dns.zone)
-        listener = kind(context, options)  # type: ignore[arg-type]
+        listener = kind(context, options)
         await _bind(node, name, options, listener.start)
         node.listeners[name] = listener
         node.contexts[name] = context
@@ -159,7 +160,7 @@ async def start(config: Config) -> Node:
         node.api = AsgiServer(build_api(operations, collector), config.api.listen, config.api.port)
         await _bind(node, "api", config.api, node.api.start)
     _schedule(node)
-    if config.ledger.anchor_file is not None or config.ledger.anchor_route is not None:
+    if config.ledger.anchored:
         # An anchor from the first minute: `verify --anchor` has a head to check from the start.
         await node.anchor_head()
     pager.start()
@@ -199,7 +200,7 @@ def _schedule(node: Node) -> None:
     scheduler.add_job(
         node.verify_ledger, "interval", seconds=config.ledger.verify_every / 1e6, **every
     )
-    if config.ledger.anchor_file is not None or config.ledger.anchor_route is not None:
+    if config.ledger.anchored:
         scheduler.add_job(
             node.anchor_head, "interval", seconds=config.ledger.anchor_every / 1e6, **every
         )

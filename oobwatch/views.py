@@ -8,8 +8,8 @@ they are stored, hashed and shown).
 
 import ipaddress
 import json
-from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from collections.abc import Collection, Mapping
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -21,15 +21,13 @@ from store.timeline import Incident, TimelineQuery
 from store.tokens import Token
 
 Scope = Literal["read", "mint", "ack", "admin"]
-SCOPES: tuple[str, ...] = ("read", "mint", "ack", "admin")
+SCOPES: tuple[str, ...] = get_args(Scope)
 Protocol = Literal["dns", "smtp", "http"]
 
 # Stored, hashed and printed: no control characters (PostgreSQL refuses NUL), not blank.
-_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
-Name = Annotated[
-    str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*\S[^\x00-\x1f\x7f]*$")
-]
-Text = Annotated[str, Field(max_length=2000, pattern=_PRINTABLE)]
+_CHAR = r"[^\x00-\x1f\x7f]"
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=rf"^{_CHAR}*\S{_CHAR}*$")]
+Text = Annotated[str, Field(max_length=2000, pattern=rf"^{_CHAR}*$")]
 
 
 def _when(time_us: int | None) -> str | None:
@@ -73,6 +71,9 @@ class TokenRequest(Request):
 class Filters(Request):
     """A responder's timeline filters; None means no filter."""
 
+    # In a query string, beside other parameters such as `format`.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
     sandbox: str | None = None
     canary: str | None = None
     since: str | None = Field(default=None, description="ISO 8601, inclusive")
@@ -81,7 +82,7 @@ class Filters(Request):
     source: str | None = Field(default=None, description="an IP network (CIDR)")
     kind: Kind | None = None
     include_heartbeat: bool = False
-    after: int | None = Field(default=None, ge=0, description="only rows after this seq")
+    after: int | None = Field(default=None, ge=0, lt=2**63, description="only rows after this seq")
 
     @field_validator("since", "until")
     @classmethod
@@ -186,6 +187,14 @@ class Bundle(View):
     canaries: list[CanaryView]
     files: dict[str, str]
     skipped: list[str]
+
+    def written(self, paths: Collection[str]) -> list[CanaryView]:
+        """Its canaries whose every file is among `paths` (a contact canary's is its location)."""
+        return [
+            canary
+            for canary in self.canaries
+            if all(path in paths for path in (canary.files or {canary.location: ""}))
+        ]
 
 
 class EventView(View):
