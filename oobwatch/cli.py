@@ -21,7 +21,7 @@ from canaries.kinds import CREDENTIAL_FORMATS
 from canaries.model import KINDS, SEVERITIES
 from oobwatch import logs
 from oobwatch.config import DEFAULT_CONFIG, Config, ConfigError, find, load
-from oobwatch.operations import Invalid, NotFound, Operations
+from oobwatch.operations import Invalid, NotFound, Operations, RemoteFailed
 from oobwatch.views import (
     SCOPES,
     ActorRequest,
@@ -93,8 +93,6 @@ class Commands(click.Group):
     """Turns an operation's refusal into one line and exit 1, instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from oobwatch.remote import RemoteFailed
-
         try:
             return super().invoke(ctx)
         except (NotFound, Invalid, RemoteFailed) as error:

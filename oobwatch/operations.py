@@ -58,6 +58,10 @@ class Invalid(ValueError):
     """The request cannot be carried out as asked; the message says why."""
 
 
+class RemoteFailed(Exception):
+    """A remote node could not be reached, or answered with an error that is not the caller's."""
+
+
 class Operations(Protocol):
     """What every skin can ask for."""
 

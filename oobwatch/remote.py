@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
-from oobwatch.operations import Invalid, NotFound
+from oobwatch.operations import Invalid, NotFound, RemoteFailed
 from oobwatch.views import (
     ActorRequest,
     AlertView,
@@ -33,10 +33,6 @@ from oobwatch.views import (
 
 TIMEOUT_SECONDS = 60.0
 T = TypeVar("T")
-
-
-class RemoteFailed(Exception):
-    """The API could not be reached, or answered with an error that is not the caller's."""
 
 
 class RemoteOperations:
