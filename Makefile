@@ -42,6 +42,7 @@ bench: $(STAMP)
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsperf nsd >/dev/null; \
 	fi
 	$(PY) bench/dnsbench.py
+	$(PY) bench/amplification.py
 	$(PY) bench/latency.py
 	$(PY) bench/timeline.py
 	$(PY) bench/cli.py

@@ -1,15 +1,18 @@
 """Pages about oobwatch itself: a listener failing its self-test or recovering, ledger heads
-sent away as anchors, a ledger that fails verification.
+sent away as anchors, a ledger that fails verification, a delivery given up undelivered.
 
 Each notice is queued in the outbox like an alert's page, so it is retried
 and recorded the same way; it has no alert of its own.
 """
 
-from sqlalchemy import Connection
+from collections.abc import Mapping
+from typing import Any
 
-from alerts.outbox import delivery_payload, enqueue
+from sqlalchemy import Connection, RowMapping
+
+from alerts.deliveries import delivery_payload, enqueue
 from alerts.policy import Route
-from alerts.render import Line, Message
+from alerts.render import Line, Message, plural
 from store.clock import to_iso
 
 
@@ -97,3 +100,55 @@ def ledger_broken(
         severity="critical",
     )
     return enqueue(connection, route, payload, now_us)
+
+
+def undelivered(
+    connection: Connection,
+    route: Route,
+    *,
+    node: str,
+    delivery: RowMapping,
+    payload: Mapping[str, Any],
+    attempts: int,
+    error: str,
+    now_us: int,
+) -> int:
+    """A delivery was given up with no other route to take it (dead-lettered)."""
+    where = f"{delivery['route']}/{delivery['sink']}"
+    alert_id = payload.get("alert_id")
+    lines = [Line("delivery", str(delivery["id"]))]
+    if alert_id:
+        lines.append(Line("alert", alert_id))
+    lines += [Line("queued", to_iso(delivery["created_us"])), Line("last error", error)]
+    escalated_from = payload.get("escalated_from")
+    if escalated_from:
+        lines.append(Line("escalated from", f"{escalated_from['route']}/{escalated_from['sink']}"))
+    if payload.get("message"):
+        lines.append(Line("undelivered", payload["message"]["headline"]))
+    about = f" of alert {alert_id}" if alert_id else ""
+    minutes = (now_us - delivery["created_us"]) // 60_000_000
+    message = Message(
+        f"oobwatch: {delivery['purpose']} NOT DELIVERED via {where}",
+        f"oobwatch gave up delivering the {delivery['purpose']}{about} via {where} after "
+        f"{plural(attempts, 'attempt')} in {minutes} min, with no other route to take it: {error}",
+        lines,
+    )
+    notice = delivery_payload(
+        "undelivered",
+        node=node,
+        dedup_key=f"undelivered-{delivery['id']}",
+        message=message,
+        severity="critical",
+        canary_id=payload.get("canary_id"),
+        sandbox=payload.get("sandbox"),
+        undelivered={
+            "delivery": delivery["id"],
+            "alert_id": alert_id,
+            "purpose": delivery["purpose"],
+            "route": delivery["route"],
+            "sink": delivery["sink"],
+            "attempts": attempts,
+            "error": error,
+        },
+    )
+    return enqueue(connection, route, notice, now_us)

@@ -1,14 +1,16 @@
 """The outbox: deliveries are written here in the transaction that decides them, then sent.
 
-`enqueue` writes one pending delivery per sink of a route, inside the
-caller's transaction; the `Outbox` sender works them until each is sent or
-given up.
+`alerts.deliveries.enqueue` writes one pending delivery per sink of a
+route, inside the caller's transaction; the `Outbox` sender works them until
+each is sent or given up.
 
 Deliveries are claimed with a lease, so a second node (or a restarted one)
 never sends a delivery another is sending. Each attempt is a ledger event.
 A failed attempt is retried with exponential backoff and full jitter; one
-that fails `max_attempts` times is recorded as failed and escalated. Each
-sink is called on its own, so one failing never holds up the others.
+that fails `max_attempts` times is given up. It is escalated once, to
+another route (`failed`); with no other route to take it, or when the
+escalated copy fails too, it is dead-lettered (`dead`) and the notice route
+is told. Each sink is called on its own, so one failing never holds up the others.
 
 Delivery is at least once: a crash between a sink accepting a delivery and
 its row being marked sent sends it again after restart. PagerDuty folds
@@ -20,16 +22,16 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from sqlalchemy import Connection, Engine, RowMapping, func, insert, select, update
+from sqlalchemy import Connection, Engine, RowMapping, func, select, update
 
-from alerts import sinks
-from alerts.policy import DEFAULT_ROUTE, Policy, Route
-from alerts.render import Message
+from alerts import notices, sinks
+from alerts.deliveries import enqueue, escalation_route
+from alerts.policy import DEFAULT_ROUTE, Policy
 from alerts.sinks import DeliveryFailed, Sender
 from store import ledger
 from store.ledger import Event
@@ -39,68 +41,6 @@ log = logging.getLogger(__name__)
 
 LEASE_US = 30_000_000
 BATCH = 50
-
-
-def delivery_payload(
-    purpose: str,
-    *,
-    node: str,
-    dedup_key: str,
-    message: Message | None,
-    severity: Any = None,
-    alert_id: str | None = None,
-    canary_id: str | None = None,
-    sandbox: str | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """What an outbox row carries to its sink (the webhook body documents these keys)."""
-    return {
-        "purpose": purpose,
-        "alert_id": alert_id,
-        "canary_id": canary_id,
-        "dedup_key": dedup_key,
-        "sandbox": sandbox,
-        "node": node,
-        "severity": severity,
-        "message": None if message is None else message.as_json(),
-        **extra,
-    }
-
-
-def enqueue(
-    connection: Connection,
-    route: Route,
-    payload: dict[str, Any],
-    now_us: int,
-    kinds: Collection[str] = ("apprise", "pagerduty", "webhook"),
-) -> int:
-    """Write one pending delivery per sink of `route` into the outbox."""
-    rows = [
-        {
-            "alert_id": payload.get("alert_id"),
-            "purpose": payload["purpose"],
-            "route": route.name,
-            "sink": sink.key,
-            "payload": json.dumps({**payload, "route": route.name}),
-            "status": "pending",
-            "attempts": 0,
-            "next_attempt_us": now_us,
-            "lease_until_us": 0,
-            "created_us": now_us,
-        }
-        for sink in route.sinks
-        if sink.kind in kinds
-    ]
-    if rows:
-        connection.execute(insert(deliveries), rows)
-    return len(rows)
-
-
-def escalation_route(policy: Policy, failed_route: str) -> Route | None:
-    """Where a delivery that keeps failing is escalated: its route's escalate_to, else the default route."""
-    route = policy.routes.get(failed_route)
-    target = route.escalate_to if route is not None and route.escalate_to else DEFAULT_ROUTE
-    return None if target == failed_route else policy.routes.get(target)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,13 +78,20 @@ class Outbox:
     """Sends due deliveries through their sinks and records every attempt."""
 
     def __init__(
-        self, engine: Engine, policy: Policy, retry: Retry, node: str, clock: Callable[[], int]
+        self,
+        engine: Engine,
+        policy: Policy,
+        retry: Retry,
+        node: str,
+        clock: Callable[[], int],
+        notice_route: str | None = None,
     ) -> None:
         self._engine = engine
         self._policy = policy
         self._retry = retry
         self._node = node
         self._clock = clock
+        self._notice_route = notice_route or DEFAULT_ROUTE
         self._client = httpx.AsyncClient(follow_redirects=False)
         self._senders: dict[tuple[str, str], Sender] = {}
         self._lock = asyncio.Lock()
@@ -178,9 +125,16 @@ class Outbox:
 
     def depth(self) -> int:
         """Deliveries not yet sent or given up."""
+        return self._count("pending")
+
+    def dead(self) -> int:
+        """Deliveries given up with no other route to take them."""
+        return self._count("dead")
+
+    def _count(self, status: str) -> int:
         with self._engine.connect() as connection:
             query = (
-                select(func.count()).select_from(deliveries).where(deliveries.c.status == "pending")
+                select(func.count()).select_from(deliveries).where(deliveries.c.status == status)
             )
             return int(connection.execute(query).scalar_one())
 
@@ -273,23 +227,7 @@ class Outbox:
                         "attempts": attempt,
                     }
                     events.append(self._event("alert_sent", payload, now_us, data))
-                elif attempt >= self._retry.max_attempts:
-                    self.failed += 1
-                    values = {"status": "failed", "attempts": attempt, "last_error": outcome.error}
-                    events.append(
-                        self._event("alert_failed", payload, now_us, {**data, "final": True})
-                    )
-                    log.error(
-                        "delivery %d to %s/%s given up: %s",
-                        row["id"],
-                        row["route"],
-                        row["sink"],
-                        outcome.error,
-                    )
-                    target = escalation_route(self._policy, row["route"])
-                    if target is not None and row["purpose"] not in ("ack", "resolve"):
-                        enqueue(connection, target, {**payload, "purpose": "escalation"}, now_us)
-                else:
+                elif attempt < self._retry.max_attempts:
                     values = {
                         "attempts": attempt,
                         "last_error": outcome.error,
@@ -299,10 +237,74 @@ class Outbox:
                     events.append(
                         self._event("alert_failed", payload, now_us, {**data, "final": False})
                     )
+                else:
+                    self.failed += 1
+                    escalated_to = self._give_up(
+                        connection, row, payload, attempt, outcome.error, now_us
+                    )
+                    final = {**data, "final": True, "escalated_to": escalated_to}
+                    events.append(self._event("alert_failed", payload, now_us, final))
+                    continue
                 connection.execute(
                     update(deliveries).where(deliveries.c.id == row["id"]).values(**values)
                 )
             ledger.append(connection, events)
+
+    def _give_up(
+        self,
+        connection: Connection,
+        row: RowMapping,
+        payload: dict[str, Any],
+        attempts: int,
+        error: str,
+        now_us: int,
+    ) -> str | None:
+        """Escalate a delivery out of attempts, or dead-letter it; returns the route it went to.
+
+        An escalated copy is never escalated again, so routes escalating to each
+        other cannot pass a page back and forth.
+        """
+        target = None
+        if "escalated_from" not in payload and row["purpose"] not in ("ack", "resolve"):
+            target = escalation_route(self._policy, row["route"])
+        given_up = connection.execute(
+            update(deliveries)
+            # Only from pending: a delivery is escalated or noticed once, even when its lease
+            # ran out mid-send and another sender gave it up as well.
+            .where(deliveries.c.id == row["id"], deliveries.c.status == "pending")
+            .values(
+                status="dead" if target is None else "failed", attempts=attempts, last_error=error
+            )
+        )
+        where = f"{row['route']}/{row['sink']}"
+        if target is not None:
+            log.error(
+                "delivery %d to %s given up, escalated to %s: %s",
+                row["id"],
+                where,
+                target.name,
+                error,
+            )
+            if given_up.rowcount == 1:
+                escalated_from = {"delivery": row["id"], "route": row["route"], "sink": row["sink"]}
+                escalated = {**payload, "purpose": "escalation", "escalated_from": escalated_from}
+                enqueue(connection, target, escalated, now_us)
+            return target.name
+        log.error("delivery %d to %s dead-lettered: %s", row["id"], where, error)
+        # A dead notice (or its escalated copy) carries `undelivered`: no notice about a
+        # notice, so a notice route that is down too ends the chain here.
+        if given_up.rowcount == 1 and "undelivered" not in payload:
+            notices.undelivered(
+                connection,
+                self._policy.routes[self._notice_route],
+                node=self._node,
+                delivery=row,
+                payload=payload,
+                attempts=attempts,
+                error=error,
+                now_us=now_us,
+            )
+        return None
 
     def _event(
         self, type_: str, payload: dict[str, Any], now_us: int, data: dict[str, Any]

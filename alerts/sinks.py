@@ -26,6 +26,11 @@ TIMESTAMP_HEADER = "X-Oobwatch-Timestamp"
 DELIVERY_HEADER = "X-Oobwatch-Delivery"
 
 _PAGERDUTY_ACTIONS = {"ack": "acknowledge", "resolve": "resolve", "recovery": "resolve"}
+_FORMATS: dict[apprise.NotifyFormat, Format] = {
+    apprise.NotifyFormat.TEXT: "text",
+    apprise.NotifyFormat.MARKDOWN: "markdown",
+    apprise.NotifyFormat.HTML: "html",
+}
 
 
 class DeliveryFailed(Exception):
@@ -59,9 +64,8 @@ class AppriseSink:
 
     def __init__(self, url: str) -> None:
         plugin = apprise.Apprise.instantiate(url)
-        self._format: Format = str(getattr(plugin, "notify_format", "text"))  # type: ignore[assignment]
-        if self._format not in ("text", "markdown", "html"):
-            self._format = "text"
+        # The format this URL sends: its `?format=` if it has one, else what its service displays.
+        self._format: Format = "text" if plugin is None else _FORMATS[plugin.resolve_format()]
         self._target = apprise.Apprise()
         self._target.add(url)
         self._url = url

@@ -18,20 +18,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, RowMapping, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, RowMapping, bindparam, func, insert, select, update
 
-from alerts.outbox import delivery_payload, enqueue
+from alerts.deliveries import delivery_payload, enqueue
 from alerts.policy import Facts, Policy, Route
 from alerts.render import Line, Message, for_hit, plural, truncate
 from canaries.model import HEARTBEAT_SANDBOX
 from store import ledger
 from store.clock import to_iso
 from store.ledger import Entry, Event
-from store.schema import alerts, dispatch_cursor
+from store.schema import alerts, deliveries, dispatch_cursor
 from store.schema import ledger as ledger_table
 
 MAX_SOURCES = 50
 BATCH = 500
+
+# Alert rows as shown: with how many of their deliveries were dead-lettered.
+_SHOWN = select(
+    alerts,
+    select(func.count())
+    .select_from(deliveries)
+    .where(deliveries.c.alert_id == alerts.c.id, deliveries.c.status == "dead")
+    .scalar_subquery()
+    .label("undelivered"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,11 +490,11 @@ class _Fold:
 
 
 def _alert(connection: Connection, alert_id: str) -> RowMapping | None:
-    return connection.execute(select(alerts).where(alerts.c.id == alert_id)).mappings().first()
+    return connection.execute(_SHOWN.where(alerts.c.id == alert_id)).mappings().first()
 
 
 def list_alerts(engine: Engine, open_only: bool = False) -> Sequence[RowMapping]:
-    query = select(alerts).order_by(alerts.c.opened_us)
+    query = _SHOWN.order_by(alerts.c.opened_us)
     if open_only:
         query = query.where(alerts.c.status != "resolved")
     with engine.connect() as connection:

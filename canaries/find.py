@@ -5,8 +5,10 @@ only: the label directly under the zone apex (`<token>.<zone>`, with any
 labels to its left, as in `x.y.<token>.<zone>`). Matching by position rather than by searching the
 whole name means a token smuggled elsewhere in a junk name never matches,
 and the answer to any name costs one dictionary lookup. Free text (a mail
-body, a header, a query string, a secret) is scanned instead, for tokens that
-stand alone and pass their checksum.
+body, a header, a query string, a secret) is scanned instead, for well-formed
+tokens that stand alone. Whether a candidate is a token is the index's call:
+only it holds the key that checks them, and the canaries minted before checks
+were keyed.
 """
 
 import base64
@@ -14,8 +16,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
-
-from canaries.tokens import is_token
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +74,13 @@ def in_domains(domain: str, domains: tuple[tuple[str, ...], ...]) -> bool:
 
 # Tokens in free text (bodies, headers, URLs, secrets) must stand alone: the
 # characters either side may not be base32, so no window of a longer random
-# string is mistaken for one. The checksum then rules out chance matches.
+# string is mistaken for one.
 _TOKEN_IN_TEXT = re.compile(r"(?<![a-z2-7])[a-z2-7]{26}(?![a-z2-7])")
 
 
 def scan(text: str) -> set[str]:
     """Every well-formed token standing alone anywhere in `text`, lowercased."""
-    return {found for found in _TOKEN_IN_TEXT.findall(text.lower()) if is_token(found)}
+    return set(_TOKEN_IN_TEXT.findall(text.lower()))
 
 
 def in_host(host: str, zone: tuple[str, ...]) -> str | None:

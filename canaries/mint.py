@@ -1,4 +1,8 @@
-"""Minting: a new token, what to plant, its row and its ledger event in one transaction."""
+"""Minting: a new token, what to plant, its row and its ledger event in one transaction.
+
+Tokens are checked under the deployment's token key, which lives in the store
+so that every node minting into it, and every listener reading it, agree.
+"""
 
 import secrets
 from collections.abc import Mapping
@@ -7,9 +11,17 @@ from sqlalchemy import Engine
 
 from canaries import kinds
 from canaries.model import HEARTBEAT_SANDBOX, Canary
-from canaries.tokens import new_token
-from store import ledger, registry
+from canaries.tokens import TokenKey, new_token
+from store import deployment, ledger, registry
 from store.clock import now_us
+
+# The name the token key is kept under among the store's deployment secrets.
+KEY_NAME = "token-key"
+
+
+def token_key(engine: Engine) -> TokenKey:
+    """This deployment's token key, made by the first node that asks for it."""
+    return TokenKey(deployment.secret(engine, KEY_NAME))
 
 
 def plan(kind: str, token: str, zone: str, *, http_port: int, fmt: str | None) -> kinds.Planting:
@@ -49,7 +61,7 @@ def mint(
         raise ValueError("a canary needs a sandbox name (it is what incidents group by)")
     if (sandbox == HEARTBEAT_SANDBOX) != heartbeat:
         raise ValueError(f"sandbox {HEARTBEAT_SANDBOX!r} is reserved for the built-in self-test")
-    token = new_token()
+    token = new_token(token_key(engine))
     planting = plan(kind, token, zone, http_port=http_port, fmt=fmt)
     canary = Canary(
         id="cn-" + secrets.token_hex(6),

@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from canaries import kinds
 from canaries.mint import mint
 from canaries.model import Canary
-from canaries.tokens import new_token
+from canaries.tokens import TOKEN_LENGTH
 
 BUNDLE = (
     "netrc",
@@ -43,11 +43,14 @@ class Planted:
     skipped: list[str] = field(default_factory=list)
 
 
+def _paths(fmt: str) -> list[str]:
+    """Where a credential format's files live, which does not depend on the token, zone or port."""
+    return list(kinds.credential(fmt, "a" * TOKEN_LENGTH, "example.invalid", 80).files)
+
+
 def bundle_paths() -> list[str]:
     """Every path a bundle may write, relative to the home directory it is planted in."""
-    # Where a format's files live does not depend on the token, zone or port.
-    files = (kinds.credential(fmt, new_token(), "example.invalid", 80).files for fmt in BUNDLE)
-    return [*(path for paths in files for path in paths), CONTACTS]
+    return [*(path for fmt in BUNDLE for path in _paths(fmt)), CONTACTS]
 
 
 def present_in(into: Path, paths: Iterable[str]) -> list[str]:
@@ -67,7 +70,7 @@ def plant(
     """Mint the bundle for `sandbox`, leaving out every file whose path is `present`."""
     result = Planted()
     for fmt in BUNDLE:
-        paths = list(kinds.credential(fmt, new_token(), zone, http_port).files)
+        paths = _paths(fmt)
         taken = [path for path in paths if path in present]
         if taken:
             result.skipped.extend(taken)

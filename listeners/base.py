@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import ip_address
-from typing import Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -22,6 +22,9 @@ from canaries.model import Canary
 from store.clock import now_us
 from store.ledger import Entry, Event
 from store.writer import LedgerWriter, NotDurable
+
+if TYPE_CHECKING:
+    from listeners.guard import ConnectionGuard
 
 __all__ = ["NotDurable"]
 
@@ -99,6 +102,8 @@ class Context:
     node: str
     zone: str
     counters: Counters = field(default_factory=Counters)
+    # The connection bounds of a listener that takes connections, for /metrics.
+    connections: "ConnectionGuard | None" = None
 
     def hit(self, canary: Canary, protocol: str, peer: Peer, evidence: Mapping[str, Any]) -> Event:
         return hit_event(canary, protocol=protocol, peer=peer, node=self.node, evidence=evidence)
@@ -128,17 +133,20 @@ class Context:
         self.counters.hits += sum(1 for event in events if event.type == "hit")
         return entries
 
-    def record_then(self, event: Event, answer: Callable[[], None]) -> None:
-        """Commit a hit, then call `answer`; never answer one that was not committed."""
+    def record_then(self, event: Event, answer: Callable[[bool], None]) -> None:
+        """Commit a hit, then call `answer(True)`; `answer(False)` when it could not be.
+
+        The caller must not answer the client on False: the client's retry gets
+        another chance.
+        """
         counters = self.counters
 
         def committed(entry: Entry | None) -> None:
             if entry is None:
-                # Not durable, so not answered: the client's retry gets another chance.
                 counters.record_failures += 1
-                return
-            counters.hits += 1
-            answer()
+            else:
+                counters.hits += 1
+            answer(entry is not None)
 
         self.writer.submit(event, committed)
 

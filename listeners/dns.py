@@ -8,6 +8,7 @@ everything else is answered at once from templates.
 """
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Callable
@@ -15,12 +16,12 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Annotated
 
 from dnslib import QTYPE
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from canaries.find import APEX, locate, split_name
 from canaries.model import Canary
-from canaries.tokens import TOKEN_LENGTH, decode_exfil, is_token
-from listeners.base import Context, DnsName, ListenerOptions, Port, format_peer
+from canaries.tokens import TOKEN_LENGTH, decode_exfil, is_plausible
+from listeners.base import Context, DnsName, Port, format_peer
 from listeners.dnswire import (
     CLASS_ANY,
     CLASS_IN,
@@ -34,24 +35,31 @@ from listeners.dnswire import (
     parse_query,
     refuse,
 )
+from listeners.guard import ConnectionGuard, StreamOptions
 
 log = logging.getLogger(__name__)
 
 Peer = tuple[str, int]
-Send = Callable[[bytes, Peer], None]
+# A reply to send, or None when a query will get none (so a TCP session stops waiting for it).
+Send = Callable[[bytes | None, Peer], None]
 
 _DRAIN = 64
 _MAX_DATAGRAM = 4096
-_TCP_IDLE_SECONDS = 10.0
-_TCP_MAX_CLIENTS = 256
 _RECEIVE_BUFFER = 4 * 1024 * 1024
+# Queries one TCP session may have waiting for their commit before it reads the next.
+_TCP_IN_FLIGHT = 8
 
 
-class DnsOptions(ListenerOptions):
-    """`[dns]`: the zone it is authoritative for, how it binds, and what every name answers."""
+class DnsOptions(StreamOptions):
+    """`[dns]`: the zone it is authoritative for, how it binds, and what every name answers.
+
+    The connection bounds apply to DNS over TCP; `timeout` bounds a silent
+    session, a frame that arrives slowly and a reply the client does not read.
+    """
 
     zone: DnsName = "canary.example.test"
     port: Port = 5353
+    max_connections: Annotated[int, Field(ge=1, le=65536)] = 256
     # Few records per answer keep every answer small: no amplification.
     answer_ipv4: Annotated[list[IPv4Address], Field(max_length=4)] = Field(
         default_factory=lambda: [IPv4Address("127.0.0.1")]
@@ -68,6 +76,21 @@ class DnsOptions(ListenerOptions):
             raise ValueError(f"{zone!r} is too long to leave room for tokens under it")
         return zone
 
+    @model_validator(mode="after")
+    def _no_amplification(self) -> "DnsOptions":
+        self.answers()
+        return self
+
+    def answers(self) -> ZoneAnswers:
+        """The zone's answer templates; ValueError if they would grow a query too much."""
+        return ZoneAnswers(
+            self.zone,
+            [str(address) for address in self.answer_ipv4],
+            [str(address) for address in self.answer_ipv6],
+            self.ttl,
+            list(self.nameservers) or [f"ns1.{self.zone}"],
+        )
+
 
 class DnsListener:
     """Authoritative for one zone; every name under it exists; each token query is a hit."""
@@ -78,17 +101,10 @@ class DnsListener:
         self._context = context
         self._options = options
         self._zone = split_name(options.zone)
-        nameservers = list(options.nameservers) or [f"ns1.{options.zone}"]
-        self._answers = ZoneAnswers(
-            options.zone,
-            [str(address) for address in options.answer_ipv4],
-            [str(address) for address in options.answer_ipv6],
-            options.ttl,
-            nameservers,
-        )
+        self._answers = options.answers()
         self._udp: socket.socket | None = None
         self._tcp: asyncio.Server | None = None
-        self._tcp_clients = 0
+        context.connections = self._guard = ConnectionGuard.of(options)
         self._pending: set[asyncio.Task[None]] = set()
 
     @property
@@ -149,8 +165,8 @@ class DnsListener:
                 continue
             self.respond(packet, peer, self._send_udp, "udp")
 
-    def _send_udp(self, reply: bytes, peer: Peer) -> None:
-        if self._udp is None:
+    def _send_udp(self, reply: bytes | None, peer: Peer) -> None:
+        if reply is None or self._udp is None:
             return
         try:
             self._udp.sendto(reply, peer)
@@ -167,8 +183,7 @@ class DnsListener:
         except MalformedQuery as error:
             counters.malformed += 1
             log.debug("%s malformed query: %s", format_peer(peer), error)
-            if error.answerable:
-                send(format_error(packet), peer)
+            send(format_error(packet) if error.answerable else None, peer)
             return
         if question.flags & OPCODE_MASK:
             counters.refused += 1
@@ -187,7 +202,7 @@ class DnsListener:
         canary = self._context.index.get(match.candidate)
         if canary is not None:
             self._record(canary, question, match.left, peer, transport, reply, send)
-        elif len(match.candidate) == TOKEN_LENGTH and is_token(match.candidate):
+        elif is_plausible(match.candidate, self._context.index.key):
             # Well formed but not in memory: perhaps minted a moment ago; ask the store first.
             task = asyncio.ensure_future(
                 self._respond_late(
@@ -235,48 +250,77 @@ class DnsListener:
             "decoded": decode_exfil(list(left)),
         }
         event = self._context.hit(canary, "dns", peer, evidence)
-        self._context.record_then(event, lambda: send(reply, peer))
+        self._context.record_then(event, lambda durable: send(reply if durable else None, peer))
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        if self._tcp_clients >= _TCP_MAX_CLIENTS:
+        transport = writer.transport
+        slot = self._guard.admit(peer[0], transport.abort)
+        if slot is None:
+            # DNS over TCP has no refusal message for a connection: closing it is the refusal.
             self._context.counters.dropped += 1
-            writer.close()
+            transport.abort()
             return
-        self._tcp_clients += 1
-        loop = asyncio.get_running_loop()
+        timeout = self._options.timeout
         unanswered: set[asyncio.Future[None]] = set()
         try:
-            while True:
-                prefix = await asyncio.wait_for(reader.readexactly(2), _TCP_IDLE_SECONDS)
-                packet = await asyncio.wait_for(
-                    reader.readexactly(int.from_bytes(prefix, "big")), _TCP_IDLE_SECONDS
-                )
-                answered = loop.create_future()
-                self.respond(packet, peer, self._tcp_sender(writer, answered), "tcp")
-                if not answered.done():
-                    unanswered.add(answered)
-                    answered.add_done_callback(unanswered.discard)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                await self._tcp_queries(reader, writer, peer, unanswered)
+            if unanswered:
+                # A client may half-close after its last query: its answers still go out,
+                # within the same slot and the same bound.
+                await asyncio.wait(unanswered, timeout=timeout)
+                await asyncio.wait_for(writer.drain(), timeout)
+        except (TimeoutError, ConnectionError):
             pass
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("%s dns tcp session failed", format_peer(peer))
         finally:
-            self._tcp_clients -= 1
-            if unanswered:
-                # A client may half-close after its last query: its hit answers still go out.
-                await asyncio.wait(unanswered, timeout=_TCP_IDLE_SECONDS)
-            writer.close()
+            slot.release()
+            # Closing waits for the rest to be written, however long an unread socket takes.
+            if transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                writer.close()
+
+    async def _tcp_queries(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: Peer,
+        unanswered: set[asyncio.Future[None]],
+    ) -> None:
+        """Answer length-prefixed queries until the client stops, stalls or stops reading."""
+        timeout = self._options.timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            if len(unanswered) >= _TCP_IN_FLIGHT:
+                await asyncio.wait(unanswered, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                prefix = await asyncio.wait_for(reader.readexactly(2), timeout)
+                size = int.from_bytes(prefix, "big")
+                packet = await asyncio.wait_for(reader.readexactly(size), timeout)
+            except TimeoutError:
+                self._guard.timeouts["read"] += 1
+                return
+            settled = loop.create_future()
+            unanswered.add(settled)
+            settled.add_done_callback(unanswered.discard)
+            self.respond(packet, peer, self._tcp_sender(writer, settled), "tcp")
+            try:
+                await asyncio.wait_for(writer.drain(), timeout)
+            except TimeoutError:
+                self._guard.timeouts["write"] += 1
+                raise ConnectionError("the client does not read its answers") from None
 
     @staticmethod
-    def _tcp_sender(writer: asyncio.StreamWriter, answered: asyncio.Future[None]) -> Send:
-        def send(reply: bytes, _peer: Peer) -> None:
-            if not writer.is_closing():
+    def _tcp_sender(writer: asyncio.StreamWriter, settled: asyncio.Future[None]) -> Send:
+        def send(reply: bytes | None, _peer: Peer) -> None:
+            if reply is not None and not writer.is_closing():
                 writer.write(len(reply).to_bytes(2, "big") + reply)
-            if not answered.done():
-                answered.set_result(None)
+            if not settled.done():
+                settled.set_result(None)
 
         return send

@@ -1,8 +1,13 @@
 """The catch-all HTTP listener: any request carrying a token is a hit, recorded before the answer.
 
 Served by uvicorn (h11) inside the node's loop, on its own port, never the
-admin API's. Headers are bounded by h11, bodies by `max_body`; the answer is
-fixed by configuration and never echoes anything from the request.
+admin API's. A token in the request head (Host, target, headers) is recorded
+as soon as the head has arrived, before the body is read, so a client that
+stalls its body cannot delay its hit; a token found only in the body is
+recorded once the body is in. Connections are held to the listener's bounds
+(`listeners.guard`), heads must arrive within `timeout`, bodies within
+`timeout` and `max_body_bytes`, and replies are written within `timeout`.
+The answer is fixed by configuration and never echoes anything from the request.
 """
 
 import asyncio
@@ -10,16 +15,20 @@ import contextlib
 import hashlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import uvicorn
 from pydantic import Field
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
+from uvicorn.server import ServerState
 
 from canaries.find import in_request, split_name
 from canaries.model import Canary
-from listeners.base import Context, ListenerOptions, NotDurable, Port
+from listeners.base import Context, NotDurable, Peer, Port
+from listeners.guard import ConnectionGuard, Slot, StreamOptions
+from store.ledger import Entry, Event
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +36,15 @@ Response = Literal["empty", "404", "pixel"]
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Headers = Sequence[tuple[bytes, bytes]]
 
 BODY_SCANNED = 1024
 MAX_HEADERS_KEPT = 50
 MAX_VALUE_KEPT = 512
 MAX_TARGET_KEPT = 2048
+# A request head larger than this, or with more header lines, is answered 431.
+MAX_HEAD_BYTES = 16 * 1024
+MAX_HEADER_LINES = 100
 _PIXEL = (
     b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
     b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
@@ -41,6 +54,12 @@ _ANSWERS: dict[str, tuple[int, bytes, bytes]] = {
     "404": (404, b"text/plain", b"Not Found\n"),
     "pixel": (200, b"image/gif", _PIXEL),
 }
+_CLOSE = ((b"connection", b"close"),)
+# Sent to a connection over the bounds before anything of it is read.
+_TOO_MANY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
+    b"retry-after: 1\r\nconnection: close\r\n\r\n"
+)
 
 
 # Clients such as git and docker send a stored secret only when challenged.
@@ -53,8 +72,21 @@ def _challenge(hits: list[tuple[Canary, list[str]]], headers: list[tuple[str, st
     return unauthenticated and any(canary.kind == "credential" for canary, _ in hits)
 
 
-class HttpOptions(ListenerOptions):
-    """`[http]`: how it binds, what everyone gets back, and how much body it reads."""
+def head_too_large(headers: Headers) -> bool:
+    """More header lines or bytes than any real client sends (h11 bounds only a partial head)."""
+    return len(headers) > MAX_HEADER_LINES or (
+        sum(len(name) + len(value) for name, value in headers) > MAX_HEAD_BYTES
+    )
+
+
+def framing_ambiguous(headers: Headers) -> bool:
+    """Both Content-Length and Transfer-Encoding: RFC 9112 6.1 says close after answering."""
+    names = {name.lower() for name, _ in headers}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
+class HttpOptions(StreamOptions):
+    """`[http]`: how it binds, what everyone gets back, how much body it reads, and its bounds."""
 
     port: Port = 8080
     response: Response = "empty"
@@ -63,12 +95,16 @@ class HttpOptions(ListenerOptions):
 
 @dataclass(frozen=True, slots=True)
 class Body:
-    """What was read of a request body: its first bytes, size and hash."""
+    """What was read of a request body: its first bytes, size and hash, and how reading ended."""
 
     head: bytes
     size: int
     sha256: str
-    complete: bool
+    ended: Literal["complete", "too_large", "timeout", "disconnected"]
+
+    @property
+    def complete(self) -> bool:
+        return self.ended == "complete"
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -79,13 +115,105 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
+class _BoundedConfig(uvicorn.Config):
+    """uvicorn's config, carrying the listener's connection bounds to its protocol."""
+
+    def __init__(self, app: Any, guard: ConnectionGuard, timeout: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.guard = guard
+        self.step_timeout = timeout
+
+
+class BoundedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol held to the guard's caps, with the head and write timeouts it lacks.
+
+    uvicorn times out only an idle keep-alive connection: a head sent slowly,
+    or a reply the client never reads, would hold a connection for ever.
+    """
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        assert isinstance(config, _BoundedConfig)
+        self._guard = config.guard
+        self._step = config.step_timeout
+        self._slot: Slot | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._waiting_after: RequestResponseCycle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        peer = transport.get_extra_info("peername")
+        self._slot = self._guard.admit(str(peer[0]) if peer else "", transport.abort)
+        if self._slot is None:
+            transport.write(_TOO_MANY)
+            transport.close()
+            return
+        super().connection_made(transport)
+        self._wait_for_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._slot is None:
+            return  # refused before uvicorn saw it
+        self._slot.release()
+        for timer in (self._head_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self._head_timer is not None and self.cycle is not self._waiting_after:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def on_response_complete(self) -> None:
+        # Armed before uvicorn reads a pipelined request, which then disarms it.
+        self._wait_for_head()
+        super().on_response_complete()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._write_timer = self.loop.call_later(self._step, self._expired, "write")
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _wait_for_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._waiting_after = self.cycle
+        self._head_timer = self.loop.call_later(self._step, self._head_expired)
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self.cycle is self._waiting_after:
+            self._expired("head")
+
+    def _expired(self, phase: str) -> None:
+        if not self.transport.is_closing():
+            self._guard.timeouts[phase] += 1
+            self.transport.abort()
+
+
 class AsgiServer:
     """An ASGI app served by uvicorn (h11) on its own socket, inside the running loop."""
 
-    def __init__(self, app: Any, listen: str, port: int) -> None:
+    def __init__(
+        self, app: Any, options: StreamOptions, guard: ConnectionGuard | None = None
+    ) -> None:
         self._app = app
-        self._listen = listen
-        self._port = port
+        self._options = options
+        self.guard = guard or ConnectionGuard.of(options)
         self._socket: socket.socket | None = None
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -98,16 +226,19 @@ class AsgiServer:
         return [(host, port)]
 
     async def start(self) -> None:
-        family = socket.AF_INET6 if ":" in self._listen else socket.AF_INET
+        options = self._options
+        family = socket.AF_INET6 if ":" in options.listen else socket.AF_INET
         listening = socket.socket(family, socket.SOCK_STREAM)
         listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.bind((self._listen, self._port))
+        listening.bind((options.listen, options.port))
         listening.listen(512)
         listening.setblocking(False)
         self._socket = listening
-        config = uvicorn.Config(
+        config = _BoundedConfig(
             self._app,
-            http="h11",
+            self.guard,
+            options.timeout,
+            http=BoundedH11Protocol,
             interface="asgi3",
             lifespan="off",
             # The client is the peer that connected, never a header it sent.
@@ -116,8 +247,9 @@ class AsgiServer:
             server_header=False,
             date_header=True,
             log_level="warning",
-            h11_max_incomplete_event_size=16 * 1024,
-            limit_concurrency=1000,
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+            # The guard bounds connections; uvicorn's own limit would answer a real hit 503.
+            limit_concurrency=None,
             timeout_keep_alive=5,
         )
         self._server = _EmbeddedServer(config)
@@ -145,7 +277,8 @@ class HttpListener:
         self._context = context
         self._options = options
         self._zone = split_name(context.zone)
-        self._server = AsgiServer(self.app, options.listen, options.port)
+        self._server = AsgiServer(self.app, options)
+        context.connections = self._server.guard
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -163,74 +296,127 @@ class HttpListener:
             return
         counters = self._context.counters
         counters.received += 1
-        body = await self._read_body(receive)
-        headers = [
-            (name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]
-        ]
+        raw_headers: Headers = scope["headers"]
+        headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw_headers]
         host = next((value for name, value in headers if name.lower() == "host"), "")
         target = scope.get("raw_path", b"").decode("latin-1")
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
-        found = in_request(host, target, headers, body.head.decode("utf-8", "replace"), self._zone)
-        hits: list[tuple[Canary, list[str]]] = []
+        peer = scope.get("client") or ("?", 0)
+        head = {
+            "method": scope["method"],
+            "target": target[:MAX_TARGET_KEPT],
+            "http_version": scope.get("http_version", ""),
+            "host": host[:MAX_VALUE_KEPT],
+            "headers": [
+                [name[:MAX_VALUE_KEPT], value[:MAX_VALUE_KEPT]]
+                for name, value in headers[:MAX_HEADERS_KEPT]
+            ],
+            "user_agent": next(
+                (v[:MAX_VALUE_KEPT] for n, v in headers if n.lower() == "user-agent"), None
+            ),
+        }
+        # The head's hits first: a client that stalls its body has already left them.
+        head_hits = await self._canaries(in_request(host, target, headers, "", self._zone))
+        try:
+            entries = await self._record(
+                [
+                    self._context.hit(canary, "http", peer, {**head, "found_in": where})
+                    for canary, where in head_hits
+                ]
+            )
+            body = await self._read_body(receive)
+            found = in_request("", "", [], body.head.decode("utf-8", "replace"), self._zone)
+            known = {canary.token for canary, _ in head_hits}
+            body_hits = await self._canaries(
+                {token: where for token, where in found.items() if token not in known}
+            )
+            recorded = [
+                (canary, entry) for (canary, _), entry in zip(head_hits, entries, strict=True)
+            ]
+            await self._record(self._body_events(head, body, peer, recorded, body_hits))
+        except NotDurable:
+            await self._answer(send, 503, b"text/plain", b"", _CLOSE)
+            return
+        hits = head_hits + body_hits
+        if not hits:
+            counters.junk += 1
+        close = _CLOSE if framing_ambiguous(raw_headers) or not body.complete else ()
+        if head_too_large(raw_headers):
+            await self._answer(send, 431, b"text/plain", b"", _CLOSE)
+        elif body.ended == "too_large":
+            await self._answer(send, 413, b"text/plain", b"", close)
+        elif body.ended == "timeout":
+            await self._answer(send, 408, b"text/plain", b"", close)
+        elif _challenge(hits, headers):
+            await self._answer(send, 401, b"text/plain", b"", _CHALLENGE + close)
+        else:
+            await self._answer(send, *_ANSWERS[self._options.response], close)
+
+    async def _canaries(self, found: dict[str, list[str]]) -> list[tuple[Canary, list[str]]]:
+        hits = []
         for candidate, where in found.items():
             canary = await self._context.index.lookup(candidate)
             if canary is not None:
                 hits.append((canary, where))
-        if hits:
-            peer = scope.get("client") or ("?", 0)
-            evidence = {
-                "method": scope["method"],
-                "target": target[:MAX_TARGET_KEPT],
-                "http_version": scope.get("http_version", ""),
-                "host": host[:MAX_VALUE_KEPT],
-                "headers": [
-                    [name[:MAX_VALUE_KEPT], value[:MAX_VALUE_KEPT]]
-                    for name, value in headers[:MAX_HEADERS_KEPT]
-                ],
-                "user_agent": next(
-                    (v[:MAX_VALUE_KEPT] for n, v in headers if n.lower() == "user-agent"), None
-                ),
-                "body_size": body.size,
-                "body_sha256": body.sha256,
-                "body_complete": body.complete,
-            }
-            events = [
-                self._context.hit(canary, "http", peer, {**evidence, "found_in": where})
-                for canary, where in hits
+        return hits
+
+    async def _record(self, events: list[Event]) -> list[Entry]:
+        return await self._context.record(*events) if events else []
+
+    def _body_events(
+        self,
+        head: dict[str, Any],
+        body: Body,
+        peer: Peer,
+        recorded: list[tuple[Canary, Entry]],
+        body_hits: list[tuple[Canary, list[str]]],
+    ) -> list[Event]:
+        """Hits found in the body, and the body's evidence for each hit its head already recorded."""
+        read = {
+            "body_size": body.size,
+            "body_sha256": body.sha256,
+            "body_complete": body.complete,
+            "body_ended": body.ended,
+        }
+        events = [
+            self._context.hit(canary, "http", peer, {**head, **read, "found_in": where})
+            for canary, where in body_hits
+        ]
+        if body.size:
+            events += [
+                self._context.observation(
+                    "evidence", canary, "http", peer, {"hit_seq": entry.seq, **read}
+                )
+                for canary, entry in recorded
             ]
-            try:
-                await self._context.record(*events)
-            except NotDurable:
-                await self._answer(send, 503, b"text/plain", b"")
-                return
-        else:
-            counters.junk += 1
-        if not body.complete:
-            await self._answer(send, 413, b"text/plain", b"")
-        elif _challenge(hits, headers):
-            await self._answer(send, 401, b"text/plain", b"", _CHALLENGE)
-        else:
-            await self._answer(send, *_ANSWERS[self._options.response])
+        return events
 
     async def _read_body(self, receive: Receive) -> Body:
         digest = hashlib.sha256()
         head = bytearray()
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._options.max_body_bytes:
-                return Body(bytes(head), size, digest.hexdigest(), complete=False)
-            digest.update(chunk)
-            if len(head) < BODY_SCANNED:
-                head += chunk[: BODY_SCANNED - len(head)]
-            if not message.get("more_body", False):
-                break
-        return Body(bytes(head), size, digest.hexdigest(), complete=True)
+        ended: Literal["complete", "too_large", "timeout", "disconnected"] = "complete"
+        try:
+            async with asyncio.timeout(self._options.timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        ended = "disconnected"
+                        break
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self._options.max_body_bytes:
+                        ended = "too_large"
+                        break
+                    digest.update(chunk)
+                    if len(head) < BODY_SCANNED:
+                        head += chunk[: BODY_SCANNED - len(head)]
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            ended = "timeout"
+        return Body(bytes(head), size, digest.hexdigest(), ended)
 
     @staticmethod
     async def _answer(

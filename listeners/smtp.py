@@ -10,7 +10,6 @@ inside it, are committed too.
 import asyncio
 import logging
 import ssl
-from collections import Counter
 from typing import Annotated, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -18,15 +17,8 @@ from pydantic import Field, FilePath, model_validator
 
 from canaries.find import in_address, in_domains, scan, split_name
 from canaries.model import Canary
-from listeners.base import (
-    Context,
-    DnsName,
-    ListenerOptions,
-    NotDurable,
-    Peer,
-    Port,
-    format_peer,
-)
+from listeners.base import Context, DnsName, NotDurable, Peer, Port, format_peer
+from listeners.guard import ConnectionGuard, Seconds, Slot, StreamOptions
 from listeners.mailparse import MailDetails, inspect_message
 from store.ledger import Entry, Event
 
@@ -38,14 +30,17 @@ MAX_SCANNED_CHARS = 4 * 1024 * 1024
 _ERROR_CODES = ("500", "501", "502", "503", "504")
 
 
-class SmtpOptions(ListenerOptions):
-    """`[smtp]`: how it binds, which domains it serves (default: the zone), and its limits."""
+class SmtpOptions(StreamOptions):
+    """`[smtp]`: how it binds, which domains it serves (default: the zone), and its limits.
+
+    `timeout` is aiosmtpd's: how long a session may stay silent.
+    """
 
     port: Port = 2525
     domains: list[DnsName] = Field(default_factory=list)
     max_message_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 10 * 1024 * 1024
-    max_connections_per_source: Annotated[int, Field(ge=1, le=10_000)] = 10
-    timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    max_connections_per_source: Annotated[int, Field(ge=1, le=65536)] = 10
+    timeout: Seconds = 30.0
     tls_cert: FilePath | None = None
     tls_key: FilePath | None = None
 
@@ -184,7 +179,7 @@ def _peer(session: Session | None) -> Peer:
 
 
 class GuardedSMTP(SMTP):
-    """aiosmtpd's SMTP with the limits it lacks: connections per source, and error floods.
+    """aiosmtpd's SMTP with the limits it lacks: the listener's connection bounds, and error floods.
 
     aiosmtpd does not count empty or non-ASCII lines toward its bogus-command
     limit, and answers a buffered flood of them without yielding, stalling
@@ -195,40 +190,35 @@ class GuardedSMTP(SMTP):
     def __init__(
         self,
         *args: Any,
-        connections: Counter[str],
-        per_source: int,
+        guard: ConnectionGuard,
         context: Context,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._counters = context.counters
-        self._connections = connections
-        self._per_source = per_source
-        self._source: str | None = None
+        self._guard = guard
+        self._slot: Slot | None = None
         self._errors = 0
         self._rejected = 0
         self._closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # a new connection, not the STARTTLS upgrade of one
-            source = str(transport.get_extra_info("peername")[0])
-            if self._connections[source] >= self._per_source:
+            assert isinstance(transport, asyncio.Transport)
+            self._slot = self._guard.admit(
+                str(transport.get_extra_info("peername")[0]), transport.abort
+            )
+            if self._slot is None:
                 self._counters.dropped += 1
-                log.warning("%s over the connection limit; refused", source)
-                assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(b"421 4.7.0 Too many connections from your address\r\n")
+                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
                 transport.close()
                 return
-            self._connections[source] += 1
-            self._source = source
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self._source is None:
+        if self._slot is None:
             return  # refused in connection_made: aiosmtpd never started a session
-        self._connections[self._source] -= 1
-        if self._connections[self._source] <= 0:
-            del self._connections[self._source]
+        self._slot.release()
         super().connection_lost(error)
 
     def _create_envelope(self) -> Envelope:
@@ -263,7 +253,7 @@ class SmtpListener:
         self._options = options
         domains = options.domains or [context.zone]
         self._handler = CanaryHandler(context, tuple(split_name(domain) for domain in domains))
-        self._connections: Counter[str] = Counter()
+        context.connections = self._guard = ConnectionGuard.of(options)
         self._tls: ssl.SSLContext | None = None
         if options.tls_cert is not None:
             self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -280,8 +270,7 @@ class SmtpListener:
     def _session(self) -> GuardedSMTP:
         return GuardedSMTP(
             self._handler,
-            connections=self._connections,
-            per_source=self._options.max_connections_per_source,
+            guard=self._guard,
             context=self._context,
             hostname=f"mail.{self._context.zone}",
             ident="ESMTP",

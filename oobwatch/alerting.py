@@ -21,7 +21,7 @@ def alert_state(config: Config, engine: Engine, policy: Policy | None = None) ->
 def outbox(config: Config, engine: Engine, policy: Policy) -> Outbox:
     alerts = config.alerts
     retry = Retry(alerts.retry_base, alerts.retry_max, alerts.max_attempts)
-    return Outbox(engine, policy, retry, config.node.name, now_us)
+    return Outbox(engine, policy, retry, config.node.name, now_us, config.heartbeat.route)
 
 
 def pager(config: Config, engine: Engine, policy: Policy) -> Pager:

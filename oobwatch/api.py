@@ -1,7 +1,8 @@
 """The admin HTTP API: the operations layer over HTTP, for bearer tokens with the right scope.
 
 Served by its own uvicorn server inside `oobwatch serve`, never on a
-listener's port. Every endpoint requires a token: `read` for looking,
+listener's port, behind `ApiGate`, which checks the token before any body is
+read. Every endpoint requires a token: `read` for looking,
 `mint` for minting, retiring and planting, `ack` for acknowledging and
 resolving alerts, `admin` for everything (tokens, verify, anchor). Each
 handler parses, calls one operation and returns its view; handlers are plain
@@ -20,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from canaries.model import Kind
 from oobwatch import output
+from oobwatch.apigate import ApiGate
 from oobwatch.operations import Invalid, LocalOperations, NotFound
 from oobwatch.views import (
     ActorRequest,
@@ -68,10 +70,13 @@ def build_api(operations: LocalOperations, collector: Collector | None = None) -
         version="1",
         description="Mint and plant canaries, read timelines and incidents, act on alerts, check the ledger.",
     )
+    api = operations.config.api
+    app.add_middleware(
+        ApiGate, engine=operations.engine, max_body_bytes=api.max_body_bytes, timeout=api.timeout
+    )
     metrics_registry = CollectorRegistry(auto_describe=True)
     if collector is not None:
         metrics_registry.register(collector)
-    engine = operations.engine
 
     @app.exception_handler(NotFound)
     def not_found(_request: Request, error: NotFound) -> JSONResponse:
@@ -82,14 +87,12 @@ def build_api(operations: LocalOperations, collector: Collector | None = None) -
         return JSONResponse({"detail": str(error)}, status_code=422)
 
     def require(scope: str) -> Callable[..., tokens.Token]:
+        # The gate has authenticated the request; the bearer scheme is declared for the OpenAPI document.
         def check(
-            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+            request: Request,
+            _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
         ) -> tokens.Token:
-            token = (
-                None
-                if credentials is None
-                else tokens.authenticate(engine, credentials.credentials)
-            )
+            token: tokens.Token | None = getattr(request.state, "token", None)
             if token is None:
                 raise HTTPException(
                     401, "a valid bearer token is required", {"WWW-Authenticate": "Bearer"}

@@ -40,6 +40,7 @@ from sqlalchemy.exc import ArgumentError
 from alerts.policy import DEFAULT_ROUTE, IgnoreRule, Match, Policy, Route, Sink
 from listeners.base import ListenerOptions, Port
 from listeners.dns import DnsOptions
+from listeners.guard import StreamOptions
 from listeners.http import HttpOptions
 from listeners.smtp import SmtpOptions
 
@@ -151,6 +152,11 @@ class AlertsConfig(Section):
                 raise ValueError(
                     f"route {route.name!r}: escalate_to names no route: {route.escalate_to!r}"
                 )
+            if route.escalate_to == route.name:
+                raise ValueError(
+                    f"route {route.name!r}: escalate_to names the route itself; "
+                    "name another route, or leave it out to escalate to the default route"
+                )
         return self
 
 
@@ -191,10 +197,14 @@ class LedgerConfig(Section):
         return self.anchor_file is not None or self.anchor_route is not None
 
 
-class ApiConfig(ListenerOptions):
+class ApiConfig(StreamOptions):
     """`[api]`: the admin API; never on a listener's port."""
 
     port: Port = 8787
+    max_connections: Annotated[int, Field(ge=1, le=65536)] = 128
+    max_connections_per_source: Annotated[int, Field(ge=1, le=65536)] = 16
+    # Bodies are small JSON documents; nothing is read of one before its token is checked.
+    max_body_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
 
 
 class LogConfig(Section):
@@ -473,9 +483,15 @@ urls = []
 # urls = ["json://127.0.0.1:8099/hook", "slack://token_a/token_b/token_c"]
 dedupe_window = "10m"                 # further hits of a canary fold into its open alert
 digest_every = "5m"                   # a follow-up summarising folded hits, while open
-retry_base = "5s"                     # failed deliveries retry with exponential backoff + jitter
-retry_max = "10m"
-max_attempts = 12                     # then the delivery is recorded failed and escalated
+retry_base = "5s"                     # failed deliveries retry with exponential backoff + jitter:
+retry_max = "10m"                     # waits of at most 5s, 10s, 20s ... doubling up to retry_max,
+max_attempts = 12                     # each 50-100% of that; then escalated or dead-lettered.
+# Time budget: a delivery is tried max_attempts times over the sum of the waits between its
+# attempts. The defaults above give 11 waits (5+10+20+40+80+160+320+600+600+600+600 s), so a
+# page is retried for at most 3035 s ~ 51 min (25-51 min with the jitter) before it is given up.
+# Given up, it is escalated once to another route (the route's escalate_to, else the default
+# route); with no other route, or when that copy fails too, it is dead-lettered: shown by
+# `oobwatch alerts list` and `oobwatch_outbox_dead`, and noticed to heartbeat.route.
 
 # Every route whose match fits a hit fires; empty conditions match anything.
 # [[alerts.routes]]

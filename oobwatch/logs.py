@@ -52,6 +52,44 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, default=str, ensure_ascii=True)
 
 
+class RateLimit(logging.Filter):
+    """At most `burst` records of one kind (logger and message template) per `window` seconds.
+
+    A flood of abusive clients must not turn into a flood of log lines (a full
+    disk blinds the node as well as a full descriptor table): past the burst
+    the rest of the window is dropped and counted, and the next record of
+    that kind that passes says how many were left out.
+    """
+
+    def __init__(self, burst: int = 20, window: float = 10.0, kinds: int = 4096) -> None:
+        super().__init__()
+        self._burst = burst
+        self._window = window
+        self._kinds = kinds
+        # kind -> [window start, passed in this window, dropped since the last one passed]
+        self._seen: dict[tuple[str, object], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = (record.name, record.msg)
+        seen = self._seen.get(kind)
+        if seen is None:
+            if len(self._seen) >= self._kinds:
+                self._seen.clear()
+            seen = self._seen[kind] = [record.created, 0, 0]
+        elif record.created - seen[0] >= self._window:
+            seen[0], seen[1] = record.created, 0
+        if seen[1] >= self._burst:
+            seen[2] += 1
+            return False
+        seen[1] += 1
+        if seen[2]:
+            fields = dict(getattr(record, "fields", None) or {})
+            fields["oobwatch.suppressed"] = int(seen[2])
+            record.fields = fields
+            seen[2] = 0
+        return True
+
+
 class ConsoleFormatter(logging.Formatter):
     """`time level logger: message key=value ...`, control characters escaped."""
 
@@ -76,6 +114,7 @@ def configure(fmt: LogFormat, level: str, stream: TextIO | None = None) -> None:
     """Send every logger's records to `stream` (stderr) in `fmt`, at `level` and above."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+    handler.addFilter(RateLimit())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -7,7 +7,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 
 from alerts.outbox import Outbox
+from canaries.index import TokenIndex
 from listeners.base import Context
+from listeners.guard import ConnectionGuard
 from oobwatch.heartbeat import Heartbeat
 from store import ledger
 
@@ -31,11 +33,16 @@ class NodeCollector(Collector):
         outbox: Outbox,
         engine: Engine,
         heartbeat: Heartbeat | None,
+        guards: Mapping[str, ConnectionGuard] | None = None,
+        index: TokenIndex | None = None,
     ) -> None:
         self._contexts = contexts
         self._outbox = outbox
         self._engine = engine
         self._heartbeat = heartbeat
+        # Connection bounds of servers that are not listeners (the admin API).
+        self._guards = guards or {}
+        self._index = index
 
     def collect(self) -> Iterator[Metric]:
         for name, help_text in _COUNTERS.items():
@@ -45,6 +52,24 @@ class NodeCollector(Collector):
             for listener, context in self._contexts.items():
                 family.add_metric([listener], getattr(context.counters, name))
             yield family
+        yield from self._connections()
+        if self._index is not None:
+            index = self._index
+            yield CounterMetricFamily(
+                "oobwatch_token_store_lookups",
+                "Queries to the store for plausible tokens not in memory",
+                index.store_lookups,
+            )
+            yield CounterMetricFamily(
+                "oobwatch_token_negative_hits",
+                "Plausible unknown tokens answered from the negative cache",
+                index.negative_hits,
+            )
+            yield CounterMetricFamily(
+                "oobwatch_token_lookup_overflow",
+                "Token lookups answered as junk because the lookup queue was full",
+                index.overflow,
+            )
         yield CounterMetricFamily(
             "oobwatch_alerts_sent", "Deliveries accepted by a sink", self._outbox.sent
         )
@@ -55,6 +80,11 @@ class NodeCollector(Collector):
         )
         yield GaugeMetricFamily(
             "oobwatch_outbox_pending", "Deliveries not yet sent", self._outbox.depth()
+        )
+        yield GaugeMetricFamily(
+            "oobwatch_outbox_dead",
+            "Deliveries given up with no other route to take them (dead-lettered)",
+            self._outbox.dead(),
         )
         with self._engine.connect() as connection:
             seq, _ = ledger.head(connection)
@@ -69,3 +99,37 @@ class NodeCollector(Collector):
                 if health.last_ok_us is not None:
                     heartbeat.add_metric([listener], health.last_ok_us / 1_000_000)
         yield heartbeat
+
+    def _connections(self) -> Iterator[Metric]:
+        guards = {
+            name: context.connections
+            for name, context in self._contexts.items()
+            if context.connections is not None
+        } | dict(self._guards)
+        opened = GaugeMetricFamily(
+            "oobwatch_connections_open", "Connections open now", labels=["listener"]
+        )
+        refused = CounterMetricFamily(
+            "oobwatch_connections_refused",
+            "Connections refused: the listener was full and every source held its share",
+            labels=["listener"],
+        )
+        evicted = CounterMetricFamily(
+            "oobwatch_connections_evicted",
+            "Oldest connections closed for a newer one (source: of the same source at its cap; "
+            "fair: of the busiest source, for another)",
+            labels=["listener", "reason"],
+        )
+        timeouts = CounterMetricFamily(
+            "oobwatch_connections_timed_out",
+            "Connections closed because a step took longer than the listener's timeout",
+            labels=["listener", "phase"],
+        )
+        for name, guard in guards.items():
+            opened.add_metric([name], guard.open)
+            refused.add_metric([name], guard.refused)
+            for reason in ("source", "fair"):
+                evicted.add_metric([name, reason], guard.evicted[reason])
+            for phase, count in sorted(guard.timeouts.items()):
+                timeouts.add_metric([name, phase], count)
+        yield from (opened, refused, evicted, timeouts)

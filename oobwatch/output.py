@@ -233,7 +233,17 @@ def print_files(canary: CanaryView) -> None:
 def print_alerts(alerts: Sequence[AlertView]) -> None:
     print_table(
         "alerts",
-        ("id", "status", "canary", "sandbox", "hits", "opened", "last hit", "acked by"),
+        (
+            "id",
+            "status",
+            "canary",
+            "sandbox",
+            "hits",
+            "opened",
+            "last hit",
+            "acked by",
+            "undelivered",
+        ),
         (
             (
                 a.id,
@@ -244,6 +254,7 @@ def print_alerts(alerts: Sequence[AlertView]) -> None:
                 a.opened_at,
                 a.last_hit_at,
                 a.acked_by,
+                a.undelivered or None,
             )
             for a in alerts
         ),

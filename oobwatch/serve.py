@@ -8,6 +8,7 @@ started before it and is reported as one line naming it, its address and why.
 
 import asyncio
 import logging
+import resource
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from alerts.pager import Pager
 from canaries.index import TokenIndex
 from listeners.base import Context, Listener, ListenerOptions
 from listeners.dns import DnsListener
+from listeners.guard import ConnectionGuard, StreamOptions
 from listeners.http import AsgiServer, HttpListener
 from listeners.smtp import SmtpListener
 from oobwatch import alerting, logs
@@ -110,8 +112,40 @@ async def _bind(
         raise BindFailed(name, options.listen, options.port, error) from None
 
 
+# Descriptors the node needs beside its listeners' connections: store, sinks, logs, sockets.
+_SPARE_DESCRIPTORS = 128
+
+
+def _descriptors(config: Config) -> None:
+    """Raise the descriptor limit to what the connection caps need; warn if it cannot go there.
+
+    Caps that add up to more descriptors than the process may open would let
+    a flood fill the table: then accept() fails for every listener at once.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    streams = [getattr(config, name) for name in LISTENERS] + [config.api]
+    needed = _SPARE_DESCRIPTORS + sum(
+        options.max_connections
+        for options in streams
+        if options.enabled and isinstance(options, StreamOptions)
+    )
+    if soft < needed:
+        wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    if soft < needed:
+        log.warning(
+            "the connection caps add up to %d descriptors but the process may open %d; "
+            "lower max_connections or raise the limit (ulimit -n, LimitNOFILE=)",
+            needed,
+            soft,
+            extra={"fields": {"event.action": "descriptor-limit"}},
+        )
+
+
 async def start(config: Config) -> Node:
     """Open the store, start the writer, listeners, alert pipeline and scheduler."""
+    _descriptors(config)
     engine = await asyncio.to_thread(open_store, config.store.url)
     writer = LedgerWriter(engine)
     writer.start()
@@ -156,8 +190,11 @@ async def start(config: Config) -> Node:
         node.contexts[name] = context
     if config.api.enabled:
         operations = LocalOperations(config, engine, pager.state, integrity)
-        collector = NodeCollector(node.contexts, pager.outbox, engine, node.heartbeat)
-        node.api = AsgiServer(build_api(operations, collector), config.api.listen, config.api.port)
+        api_guard = ConnectionGuard.of(config.api)
+        collector = NodeCollector(
+            node.contexts, pager.outbox, engine, node.heartbeat, {"api": api_guard}, index
+        )
+        node.api = AsgiServer(build_api(operations, collector), config.api, api_guard)
         await _bind(node, "api", config.api, node.api.start)
     _schedule(node)
     if config.ledger.anchored:

@@ -271,6 +271,7 @@ class AlertView(View):
     acked_at: str | None
     resolved_at: str | None
     escalated_at: str | None
+    undelivered: int = Field(description="deliveries given up with no other route to take them")
 
     @classmethod
     def of(cls, row: Mapping[Any, Any]) -> "AlertView":
@@ -289,6 +290,7 @@ class AlertView(View):
             acked_at=_when(row["acked_us"]),
             resolved_at=_when(row["resolved_us"]),
             escalated_at=_when(row["escalated_us"]),
+            undelivered=row["undelivered"],
         )
 
 

@@ -1,11 +1,15 @@
 """Test helpers: a throwaway PostgreSQL server, an HTTP receiver, a DNS listener in the test's loop."""
 
+import asyncio
+import base64
 import contextlib
 import glob
+import hashlib
 import itertools
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -18,11 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine
 
 from canaries.index import TokenIndex
 from canaries.mint import mint
 from canaries.model import Canary
+from canaries.tokens import TokenKey, is_plausible
 from listeners.base import Context
 from listeners.dns import DnsListener, DnsOptions
 from listeners.http import HttpListener, HttpOptions
@@ -223,6 +229,33 @@ def plant_canary(engine: Engine, kind: str = "dns", sandbox: str = "sbx-1", **ex
     )
 
 
+def legacy_token() -> str:
+    """A token as minted before checks were keyed: anyone can make one that looks valid."""
+    random_part = secrets.token_bytes(14)
+    check = hashlib.sha256(b"oobwatch-token" + random_part).digest()[:2]
+    return base64.b32encode(random_part + check).decode().rstrip("=").lower()
+
+
+def forged_tokens(key: TokenKey, count: int) -> list[str]:
+    """Names anyone could make that passed the old unkeyed checksum.
+
+    The few that pass `key`'s check by chance (1 in 65,536) are left out:
+    those are plausible, and asking the store about them is right.
+    """
+    tokens = (legacy_token() for _ in range(count * 2))
+    return [token for token in tokens if not is_plausible(token, key)][:count]
+
+
+def plant_legacy_canary(engine: Engine) -> Canary:
+    """A canary minted before checks were keyed, as a store upgraded in place still holds.
+
+    Its token is one of the 65,535 in 65,536 that the store's key does not pass.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("canaries.mint.new_token", lambda key: forged_tokens(key, 1)[0])
+        return plant_canary(engine)
+
+
 def numbered_event(number: int, node: str = "n1") -> Event:
     """A hit event whose evidence carries `number`, and text that must survive hashing."""
     return Event(
@@ -337,3 +370,29 @@ def store_with(tmp_path: Path, events: list[Event], extra: str = "") -> tuple[Pa
     with engine.begin() as connection:
         ledger.append(connection, events)
     return config, engine
+
+
+async def settle(predicate: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Wait, within a bound, until `predicate()` holds, letting listeners in this loop run."""
+    for _ in range(int(seconds / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+
+
+async def send_without_reading(port: int, payload: bytes, rounds: int) -> socket.socket:
+    """Connect with a tiny receive buffer and send `payload` `rounds` times, never reading.
+
+    Stops early once the server hangs up; returns the socket for the caller to close.
+    """
+    raw = socket.create_connection(("127.0.0.1", port))
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.setblocking(False)
+    for _ in range(rounds):
+        try:
+            raw.send(payload)
+        except BlockingIOError:
+            await asyncio.sleep(0.01)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    return raw

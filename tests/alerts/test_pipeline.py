@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, update
 
+from alerts.deliveries import escalation_route
 from alerts.outbox import Outbox, Retry
 from alerts.policy import DEFAULT_ROUTE, IgnoreRule, Match, Policy, Route, Sink
 from alerts.state import AlertState, Timing, list_alerts
@@ -106,6 +107,14 @@ async def pipeline(engine: Engine, receiver: Receiver) -> Any:
         engine, AlertState(engine, policy, Timing(10 * MINUTE, 5 * MINUTE), "n"), outbox, clock
     )
     await outbox.close()
+
+
+async def settle(outbox: Outbox, clock: Clock) -> None:
+    """Work the outbox past every backoff until nothing is pending."""
+    for _ in range(20):
+        clock.now += 10_000_000
+        await outbox.work()
+    assert outbox.depth() == 0
 
 
 def verify_signature(headers: dict[str, str], body: bytes) -> bool:
@@ -227,6 +236,108 @@ async def test_a_delivery_failing_past_its_limit_is_recorded_and_escalated(
     assert failures[-1].evidence["final"] is True
     [escalated] = receiver.wait_for(1, path="/leads")
     assert b"DNS lookup" in escalated.body
+
+
+@pytest.mark.parametrize(
+    ("failed", "expected"),
+    [
+        ("oncall", "leads"),
+        ("leads", DEFAULT_ROUTE),
+        (DEFAULT_ROUTE, None),
+        ("itself", DEFAULT_ROUTE),
+        ("to-empty", DEFAULT_ROUTE),
+    ],
+)
+def test_a_failed_delivery_escalates_only_to_another_route_with_sinks(
+    receiver: Receiver, failed: str, expected: str | None
+) -> None:
+    policy = build_policy(receiver)
+    sinks = policy.routes["leads"].sinks
+    routes = {
+        **policy.routes,
+        "itself": Route("itself", sinks, escalate_to="itself"),
+        "to-empty": Route("to-empty", sinks, escalate_to="empty"),
+        "empty": Route("empty", ()),
+    }
+    target = escalation_route(Policy(routes), failed)
+    assert (None if target is None else target.name) == expected
+    no_default = Policy({**routes, DEFAULT_ROUTE: Route(DEFAULT_ROUTE, ())})
+    assert escalation_route(no_default, "leads") is None
+
+
+async def test_an_escalated_copy_that_fails_too_is_dead_lettered_not_passed_on(
+    pipeline: Pipeline, receiver: Receiver
+) -> None:
+    receiver.failing.update({"/oncall": 100, "/leads": 100})
+    pipeline.hit()
+    await pipeline.run()
+    await settle(pipeline.outbox, pipeline.clock)
+    finals = [f.evidence for f in hits(pipeline.engine, "alert_failed") if f.evidence["final"]]
+    assert [(f["route"], f["escalated_to"]) for f in finals] == [
+        ("oncall", "leads"),
+        ("leads", None),
+    ]
+    assert pipeline.outbox.dead() == 1
+    [alert] = list_alerts(pipeline.engine)
+    assert alert["undelivered"] == 1
+    # The default route (the notice route here) gets the notice, never the page itself.
+    [notice] = receiver.wait_for(1, path="/default")
+    assert notice.json()["title"] == "oobwatch: escalation NOT DELIVERED via leads/apprise:0"
+    assert f"alert {alert['id']} via leads/apprise:0 after 4 attempts" in notice.json()["message"]
+    assert "escalated from: oncall/apprise:0" in notice.json()["message"]
+
+
+async def test_a_page_the_default_route_cannot_deliver_is_noticed_on_the_notice_route(
+    engine: Engine, receiver: Receiver
+) -> None:
+    clock = Clock()
+    policy = build_policy(receiver)
+    outbox = Outbox(engine, policy, Retry(1_000_000, 8_000_000, 4), "n", clock, "oncall")
+    pipeline = Pipeline(
+        engine, AlertState(engine, policy, Timing(10 * MINUTE, 5 * MINUTE), "n"), outbox, clock
+    )
+    receiver.failing["/default"] = 100
+    pipeline.hit(sandbox="dev-1")
+    await pipeline.run()
+    await settle(outbox, clock)
+    await outbox.close()
+    [final] = [f.evidence for f in hits(engine, "alert_failed") if f.evidence["final"]]
+    assert final["escalated_to"] is None
+    [alert] = list_alerts(engine)
+    assert alert["undelivered"] == 1
+    [webhook] = receiver.wait_for(1, path="/wh")
+    notice = webhook.json()
+    assert notice["purpose"] == "undelivered"
+    assert notice["alert_id"] is None  # a notice about oobwatch, not a page of the alert
+    assert notice["undelivered"] == {
+        "delivery": final["delivery"],
+        "alert_id": alert["id"],
+        "purpose": "page",
+        "route": DEFAULT_ROUTE,
+        "sink": "apprise:0",
+        "attempts": 4,
+        "error": final["error"],
+    }
+    [pd] = receiver.wait_for(1, path="/pd")
+    assert pd.json()["event_action"] == "trigger"
+    assert pd.json()["dedup_key"] == f"undelivered-{final['delivery']}"
+    assert pd.json()["payload"]["severity"] == "critical"
+    assert len(receiver.wait_for(1, path="/oncall")) == 1
+
+
+async def test_a_notice_that_cannot_be_delivered_is_not_noticed_again(
+    pipeline: Pipeline, receiver: Receiver
+) -> None:
+    receiver.failing["/default"] = 100
+    pipeline.hit(sandbox="dev-1")
+    await pipeline.run()
+    await settle(pipeline.outbox, pipeline.clock)
+    finals = [f.evidence for f in hits(pipeline.engine, "alert_failed") if f.evidence["final"]]
+    assert [f["purpose"] for f in finals] == ["page", "undelivered"]
+    assert pipeline.outbox.dead() == 2
+    assert len([r for r in receiver.attempts if r.path == "/default"]) == 8
+    [alert] = list_alerts(pipeline.engine)
+    assert alert["undelivered"] == 1
 
 
 async def test_unacknowledged_alerts_escalate_and_acknowledged_ones_do_not(

@@ -1,4 +1,5 @@
 import base64
+import secrets
 
 import pytest
 from hypothesis import given
@@ -16,7 +17,8 @@ from canaries.find import (
     scan,
     split_name,
 )
-from canaries.tokens import is_token, new_token
+from canaries.tokens import TOKEN_LENGTH, TokenKey, new_token
+from support import legacy_token
 
 ZONE = ("canary", "example", "test")
 
@@ -59,7 +61,14 @@ def test_names_not_ending_in_the_zone_are_outside(labels: list[str]) -> None:
         assert locate(name, ZONE) is None
 
 
-TOKEN = new_token()
+TOKEN = new_token(TokenKey(secrets.token_bytes(32)))
+
+
+BASE32 = frozenset("abcdefghijklmnopqrstuvwxyz234567")
+
+
+def well_formed(candidate: str) -> bool:
+    return len(candidate) == TOKEN_LENGTH and BASE32.issuperset(candidate)
 
 
 @pytest.mark.parametrize(
@@ -105,9 +114,7 @@ def test_scan_finds_standalone_tokens(template: str) -> None:
     assert scan(template.format(t=TOKEN, T=TOKEN.upper())) == {TOKEN}
 
 
-@pytest.mark.parametrize(
-    "text", ["x" + TOKEN, TOKEN + "a", TOKEN + "2", TOKEN[:25], TOKEN[1:] + "7"]
-)
+@pytest.mark.parametrize("text", ["x" + TOKEN, TOKEN + "a", TOKEN + "2", TOKEN[:25]])
 def test_scan_ignores_tokens_glued_to_base32_or_cut(text: str) -> None:
     assert scan(text) == set()
 
@@ -123,8 +130,14 @@ def test_scan_finds_a_token_anywhere_it_stands_alone(before: str, gap: str, afte
 
 
 @given(st.text(max_size=2000))
-def test_scan_never_raises_and_returns_only_valid_tokens(text: str) -> None:
-    assert all(is_token(found) for found in scan(text))
+def test_scan_never_raises_and_returns_only_well_formed_tokens(text: str) -> None:
+    assert all(well_formed(found) for found in scan(text))
+
+
+def test_scan_leaves_telling_tokens_from_junk_to_the_index() -> None:
+    """Only the index knows the key and the canaries minted before checks were keyed."""
+    legacy = legacy_token()
+    assert scan(f"user={legacy.upper()} pass={TOKEN}") == {legacy, TOKEN}
 
 
 def test_in_request_reports_every_place() -> None:
@@ -140,9 +153,15 @@ def test_in_request_reports_every_place() -> None:
         body_head=f"x={TOKEN}",
         zone=ZONE,
     )
-    assert found == {
-        TOKEN: ["host", "path", "query", "header:authorization", "header:cookie", "body"]
-    }
+    # The encoded Basic value may hold a base32-looking run too: the index rejects such.
+    assert found[TOKEN] == [
+        "host",
+        "path",
+        "query",
+        "header:authorization",
+        "header:cookie",
+        "body",
+    ]
 
 
 @given(
@@ -157,7 +176,7 @@ def test_in_request_never_raises(
     found = in_request(host, target, headers, body, ZONE)
     for token, places in found.items():
         assert places
-        assert places == ["host"] or is_token(token)
+        assert places == ["host"] or well_formed(token)
 
 
 @pytest.mark.parametrize(

@@ -1,32 +1,153 @@
-"""The token index: memory first, the store for well-formed unknowns, even under a forged flood."""
+"""The token index: memory first, the store only for plausible unknowns, even under a forged flood."""
 
 import asyncio
+import secrets
 
 import pytest
 from sqlalchemy import Engine
 
 from canaries import index as index_module
-from canaries.index import TokenIndex
-from canaries.tokens import new_token
-from support import plant_canary
+from canaries.index import NegativeCache, TokenIndex
+from canaries.tokens import TokenKey, is_plausible, new_token
+from store import registry
+from support import forged_tokens, plant_canary, plant_legacy_canary
 
 
-async def test_a_just_minted_canary_is_found_even_behind_a_flood_of_forged_tokens(
+async def test_a_just_minted_canary_is_found_in_the_store(sqlite_engine: Engine) -> None:
+    index = TokenIndex(sqlite_engine)
+    index.refresh()
+    canary = plant_canary(sqlite_engine)  # after the refresh: only the store knows it
+    assert index.get(canary.token) is None
+    assert await index.lookup(canary.token) == canary
+    assert index.get(canary.token) == canary
+    assert index.store_lookups == 1
+
+
+async def test_forged_and_foreign_tokens_never_reach_the_store(sqlite_engine: Engine) -> None:
+    index = TokenIndex(sqlite_engine)
+    index.refresh()
+    canary = plant_canary(sqlite_engine)
+    other_key = TokenKey(secrets.token_bytes(32))
+    foreign = [new_token(other_key) for _ in range(100)]
+    # Chance collisions with this key are plausible: leave them out, as forged_tokens does.
+    foreign = [token for token in foreign if not is_plausible(token, index.key)]
+    junk = [*forged_tokens(index.key, 5000), *foreign, "www", "a" * 25]
+    found = await asyncio.gather(*(index.lookup(token) for token in junk))
+    assert found == [None] * len(junk)
+    assert index.store_lookups == 0
+    assert index.overflow == 0
+    # The real one is still found behind them, with the one store query it needs.
+    assert await index.lookup(canary.token) == canary
+    assert index.store_lookups == 1
+
+
+async def test_canaries_minted_before_checks_were_keyed_still_hit(sqlite_engine: Engine) -> None:
+    legacy = plant_legacy_canary(sqlite_engine)
+    index = TokenIndex(sqlite_engine)
+    assert not is_plausible(legacy.token, index.key)
+    # Not plausible, so not asked about before the index has loaded it...
+    assert await index.lookup(legacy.token) is None
+    index.refresh()
+    # ...and found by lookup, whatever its check, once it has.
+    assert index.get(legacy.token) == legacy
+    assert await index.lookup(legacy.token) == legacy
+    assert index.store_lookups == 0
+
+
+async def test_the_stores_no_is_remembered_until_it_expires(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index = TokenIndex(sqlite_engine)
+    unknown = new_token(index.key)
+    for _ in range(5):
+        assert await index.lookup(unknown) is None
+    assert index.store_lookups == 1
+    assert index.negative_hits == 4
+    monkeypatch.setattr(index_module, "NEGATIVE_TTL_SECONDS", 0.0)
+    expiring = TokenIndex(sqlite_engine)
+    for _ in range(3):
+        assert await expiring.lookup(unknown) is None
+    assert expiring.store_lookups == 3
+    assert expiring.negative_hits == 0
+
+
+async def test_a_canary_loaded_later_is_no_longer_absent(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index = TokenIndex(sqlite_engine)
+    token = new_token(index.key)
+    assert await index.lookup(token) is None  # asked before its canary was committed
+    monkeypatch.setattr("canaries.mint.new_token", lambda _key: token)
+    canary = plant_canary(sqlite_engine)
+    index.refresh()
+    assert await index.lookup(token) == canary
+    assert index.negative_hits == 0
+
+
+async def test_a_failed_store_lookup_is_not_remembered(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index = TokenIndex(sqlite_engine)
+    index.refresh()
+    canary = plant_canary(sqlite_engine)
+
+    def store_away(*_args: object) -> None:
+        raise ConnectionError("store away")
+
+    monkeypatch.setattr(registry, "by_tokens", store_away)
+    assert await index.lookup(canary.token) is None
+    monkeypatch.undo()
+    assert await index.lookup(canary.token) == canary
+    assert index.store_lookups == 2
+    assert index.negative_hits == 0
+
+
+async def test_a_full_queue_answers_junk_at_once(
     sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(index_module, "MAX_PENDING", 4)
     index = TokenIndex(sqlite_engine)
     index.refresh()
-    canary = plant_canary(sqlite_engine)  # after the refresh: only the store knows it
-    forged = [index.lookup(new_token()) for _ in range(12)]
-    found = await asyncio.gather(*forged, index.lookup(canary.token))
-    assert found[-1] == canary
-    assert found[:-1] == [None] * 12
-    assert index.store_lookups >= 2  # batched rounds, not one query per token
+    canary = plant_canary(sqlite_engine)
+    plausible = [new_token(index.key) for _ in range(12)]
+    found = await asyncio.gather(
+        index.lookup(canary.token), *(index.lookup(token) for token in plausible)
+    )
+    assert found == [canary] + [None] * 12
+    # Four places: the canary and three others went to the store in one round;
+    # the other nine were answered without waiting for it.
+    assert index.overflow == 9
+    assert index.store_lookups == 1
 
 
-async def test_junk_never_reaches_the_store(sqlite_engine: Engine) -> None:
+async def test_tokens_asked_for_together_share_one_round(sqlite_engine: Engine) -> None:
     index = TokenIndex(sqlite_engine)
-    assert await index.lookup("www") is None
-    assert await index.lookup("a" * 26) is None
-    assert index.store_lookups == 0
+    index.refresh()
+    canaries = [plant_canary(sqlite_engine) for _ in range(3)]
+    tokens = [canary.token for canary in canaries] * 20
+    found = await asyncio.gather(*(index.lookup(token) for token in tokens))
+    assert found == canaries * 20
+    assert index.store_lookups == 1
+
+
+def test_the_negative_cache_is_bounded_and_expires() -> None:
+    now = [0.0]
+    cache = NegativeCache(size=3, ttl=5.0, clock=lambda: now[0])
+    for token in ("a", "b", "c", "d"):
+        cache.add(token)
+    assert len(cache) == 3
+    assert "a" not in cache  # the oldest made room
+    now[0] = 1.0
+    cache.add("b")  # added again: it goes to the back and lives until 6.0
+    cache.add("e")
+    assert "c" not in cache
+    assert [token for token in "abcde" if token in cache] == ["b", "d", "e"]
+    now[0] = 5.0
+    assert "d" not in cache
+    assert len(cache) == 2
+    cache.discard("e")
+    cache.discard("never-added")
+    assert [token for token in "abcde" if token in cache] == ["b"]
+    now[0] = 6.0
+    assert "b" not in cache
+    assert len(cache) == 0

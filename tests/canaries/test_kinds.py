@@ -4,6 +4,7 @@ import base64
 import configparser
 import json
 import netrc
+import secrets
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -13,10 +14,10 @@ import yaml
 
 from canaries import kinds
 from canaries.find import in_host, scan, split_name
-from canaries.tokens import new_token
+from canaries.tokens import TokenKey, new_token
 
 ZONE = "canary.example.test"
-TOKEN = new_token()
+TOKEN = new_token(TokenKey(secrets.token_bytes(32)))
 
 
 def render(fmt: str, port: int = 8080) -> kinds.Planting:

@@ -1,10 +1,17 @@
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
 import pytest
 from dnslib import EDNS0, QTYPE, RCODE, DNSRecord
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from listeners.dnswire import (
+    MAX_GROWTH,
     MalformedQuery,
+    Question,
     ZoneAnswers,
     encode_name,
     format_error,
@@ -156,3 +163,148 @@ def test_encode_name() -> None:
     assert encode_name("a.bc.") == b"\x01a\x02bc\x00"
     with pytest.raises(ValueError):
         encode_name("a..b")
+
+
+# The amplification bound: the largest config DnsOptions allows (4 A, 4 AAAA, two
+# nameservers outside the zone as long as the bound lets them be) on the longest zone
+# the token check allows, and on the shortest zone, where queries are smallest.
+LONG_ZONE = ".".join(["l" * 63, "o" * 63, "n" * 40, "test"])
+FAR_NAMESERVERS = [f"ns{n}.{'x' * 26}.example.net" for n in (1, 2)]
+FOUR_IPV4 = [f"192.0.2.{n}" for n in range(1, 5)]
+FOUR_IPV6 = [f"2001:db8::{n}" for n in range(1, 5)]
+LARGEST = {
+    zone: ZoneAnswers(zone, FOUR_IPV4, FOUR_IPV6, 86400, FAR_NAMESERVERS)
+    for zone in (LONG_ZONE, "z")
+}
+DISTINGUISHED = ["A", "AAAA", "ANY", "SOA", "NS", "TXT", "MX", "CNAME", "PTR", "SRV"]
+DISTINGUISHED += ["CAA", "HTTPS", "SVCB", "DNSKEY", "TYPE65280", "AXFR", "IXFR"]
+LABEL = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=40)
+
+
+def raw_query(name: str, qtype: int, *, edns: bool, dnssec_ok: bool = False) -> bytes:
+    """A query built by hand, so any qtype and any OPT record can go in it."""
+    # OPT: root owner, type 41, 1232-byte payload, version 0, the DO bit or not, no options.
+    opt = b"\x00\x00\x29\x04\xd0\x00\x00" + (b"\x80" if dnssec_ok else b"\x00") + b"\x00\x00\x00"
+    header = b"\xbe\xef\x01\x00\x00\x01\x00\x00\x00\x00\x00" + (b"\x01" if edns else b"\x00")
+    question = encode_name(name) + qtype.to_bytes(2, "big") + b"\x00\x01"
+    return header + question + (opt if edns else b"")
+
+
+def asked(name: str, qtype: str) -> tuple[bytes, Question]:
+    packet = raw_query(name, dns.rdatatype.from_text(qtype), edns=False)
+    return packet, parse_query(packet)
+
+
+def test_the_largest_config_reaches_the_bound_and_no_further() -> None:
+    assert {answers.growth for answers in LARGEST.values()} == {MAX_GROWTH}
+    default = ZoneAnswers(ZONE, ["127.0.0.1"], [], 0, [f"ns1.{ZONE}"])
+    assert default.growth == 51  # the NODATA SOA, every name in it a pointer
+
+
+@pytest.mark.parametrize("zone", list(LARGEST))
+def test_worst_case_over_every_distinguished_type_with_and_without_edns(zone: str) -> None:
+    answers = LARGEST[zone]
+    worst_ratio, most_added = 0.0, 0
+    for name in (zone, f"x.{zone}", f"data.{'t' * 26}.{zone}"):
+        for qtype in DISTINGUISHED:
+            for edns, dnssec_ok in ((False, False), (True, False), (True, True)):
+                packet = raw_query(
+                    name, dns.rdatatype.from_text(qtype), edns=edns, dnssec_ok=dnssec_ok
+                )
+                reply = answers.answer(packet, parse_query(packet), apex=name == zone)
+                dns.message.from_wire(reply)
+                worst_ratio = max(worst_ratio, len(reply) / len(packet))
+                most_added = max(most_added, len(reply) - len(packet))
+    assert most_added == MAX_GROWTH
+    # The smallest query for a name in the zone asks for the apex without EDNS.
+    smallest = len(raw_query(zone, 1, edns=False))
+    assert worst_ratio == (smallest + MAX_GROWTH) / smallest
+    assert worst_ratio <= (1.59 if zone == LONG_ZONE else 6.9)
+
+
+@settings(max_examples=400)
+@given(
+    zone=st.sampled_from(list(LARGEST)),
+    left=st.lists(LABEL, max_size=4),
+    qtype=st.sampled_from([dns.rdatatype.from_text(t) for t in DISTINGUISHED])
+    | st.integers(0, 65535),
+    edns=st.booleans(),
+    dnssec_ok=st.booleans(),
+    shout=st.booleans(),
+)
+def test_no_answer_adds_more_than_the_bound(
+    zone: str, left: list[str], qtype: int, edns: bool, dnssec_ok: bool, shout: bool
+) -> None:
+    name = ".".join([*left, zone])
+    assume(len(name) + 2 <= 255)  # its wire form, within the limit for a name
+    name = name.upper() if shout else name
+    packet = raw_query(name, qtype, edns=edns, dnssec_ok=dnssec_ok)
+    question = parse_query(packet)
+    reply = LARGEST[zone].answer(packet, question, apex=not left)
+    assert len(reply) <= len(packet) + MAX_GROWTH
+    parsed = dns.message.from_wire(reply)
+    assert parsed.id == 0xBEEF
+    assert (parsed.opt is not None) is edns
+    assert bool(parsed.ednsflags & dns.flags.DO) is (edns and dnssec_ok)
+    # Names written as pointers into the question still read as the zone's own.
+    for rrset in parsed.authority:
+        assert rrset.name == dns.name.from_text(zone)
+        assert rrset[0].rname == dns.name.from_text(f"hostmaster.{zone}")
+        assert rrset[0].mname == dns.name.from_text(FAR_NAMESERVERS[0])
+
+
+@pytest.mark.parametrize(
+    ("nameserver", "wire"),
+    [
+        (f"ns1.{ZONE}", b"\x03ns1\xc0\x0c"),  # under the zone: the rest is the question
+        ("ns1.example.test", b"\x03ns1\xc0\x13"),  # shares example.test, 7 bytes into it
+        ("ns1.example.net", encode_name("ns1.example.net")),  # nothing to point at
+    ],
+)
+def test_nameservers_point_into_the_question(nameserver: str, wire: bytes) -> None:
+    answers = ZoneAnswers(ZONE, [], [], 0, [nameserver])
+    packet = raw_query(ZONE.upper(), dns.rdatatype.NS, edns=False)
+    reply = answers.answer(packet, parse_query(packet), apex=True)
+    assert reply.endswith(wire)
+    [rrset] = dns.message.from_wire(reply).answer
+    assert [rdata.target for rdata in rrset] == [dns.name.from_text(nameserver)]
+    packet, question = asked(f"Q.x.{ZONE}", "CAA")
+    [soa] = dns.message.from_wire(answers.answer(packet, question, apex=False)).authority
+    assert soa[0].mname == dns.name.from_text(nameserver)
+
+
+def test_mx_points_into_the_question() -> None:
+    packet, question = asked(f"Q.x.{ZONE}", "MX")
+    [mx] = dns.message.from_wire(ANSWERS.answer(packet, question, apex=False)).answer
+    assert mx[0].exchange == dns.name.from_text(f"mail.{ZONE}")
+    assert mx.name == dns.name.from_text(f"q.x.{ZONE}")
+
+
+def test_nameservers_that_would_break_the_bound_are_refused() -> None:
+    long_name = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    with pytest.raises(ValueError, match="more than 112"):
+        ZoneAnswers(ZONE, [], [], 0, [long_name, "x" + long_name[1:]])
+    with pytest.raises(ValueError, match="longer than 255"):
+        encode_name(long_name + ".e")
+
+
+def test_a_name_outside_the_zone_is_never_answered_from_the_zone() -> None:
+    packet, question = asked("canary.example.org", "A")
+    reply = dns.message.from_wire(ANSWERS.answer(packet, question, apex=False))
+    assert reply.rcode() == dns.rcode.REFUSED
+
+
+@pytest.mark.parametrize("edns", [False, True])
+def test_refused_echoes_opt_and_is_never_larger_than_the_query(edns: bool) -> None:
+    packet = raw_query("www.example.com", dns.rdatatype.A, edns=edns)
+    reply = refuse(packet, parse_query(packet))
+    assert len(reply) == len(packet)
+    assert (dns.message.from_wire(reply).opt is not None) is edns
+
+
+def test_a_partial_opt_record_is_not_echoed() -> None:
+    whole = raw_query(f"x.{ZONE}", dns.rdatatype.A, edns=True)
+    partial = whole[:-8]
+    question = parse_query(partial)
+    assert not question.edns
+    assert len(ANSWERS.answer(partial, question, apex=False)) <= len(partial) + ANSWERS.growth

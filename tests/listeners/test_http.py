@@ -75,7 +75,8 @@ async def test_evidence_is_bounded_and_the_source_cannot_be_spoofed(sqlite_engin
             "Host": f"{canary.token}.{ZONE}",
         }
         response = await request(node.port, "POST", "/up", headers=headers, content=b"x" * 5000)
-        assert response.status_code == 200
+        # 120 KB of headers is more than any client sends: refused, but the hit is kept.
+        assert response.status_code == 431
     [hit] = hits(sqlite_engine)
     assert hit.source == "127.0.0.1"
     assert isinstance(hit.source_port, int)
@@ -84,8 +85,11 @@ async def test_evidence_is_bounded_and_the_source_cannot_be_spoofed(sqlite_engin
     assert len(evidence["headers"]) == 50
     assert all(len(value) <= 512 for _, value in evidence["headers"])
     assert evidence["user_agent"] == "curl/8 <script>"
-    assert evidence["body_size"] == 5000
-    assert len(evidence["body_sha256"]) == 64
+    # The head's hit was recorded before the body was read; the body's evidence follows it.
+    [body] = hits(sqlite_engine, "evidence")
+    assert body.evidence["hit_seq"] == hit.seq
+    assert body.evidence["body_size"] == 5000
+    assert len(body.evidence["body_sha256"]) == 64
 
 
 @pytest.mark.parametrize(
@@ -119,7 +123,10 @@ async def test_oversize_bodies_get_413_and_a_hit_in_the_headers_still_records(
         response = await request(node.port, "POST", f"/{canary.token}", content=b"y" * 100_000)
         assert response.status_code == 413
     [hit] = hits(sqlite_engine)
-    assert hit.evidence["body_complete"] is False
+    [body] = hits(sqlite_engine, "evidence")
+    assert body.evidence["hit_seq"] == hit.seq
+    assert body.evidence["body_complete"] is False
+    assert body.evidence["body_ended"] == "too_large"
 
 
 async def test_credential_hosts_challenge_for_the_secret(sqlite_engine: Engine) -> None:

@@ -187,26 +187,66 @@ async def test_the_hit_exists_when_the_sender_quits_before_data(sqlite_engine: E
 
 
 async def test_connections_per_source_are_capped(sqlite_engine: Engine) -> None:
+    canary = plant_canary(sqlite_engine, "email")
     async with run_smtp(sqlite_engine, max_connections_per_source=2) as node:
 
         def open_three() -> bytes:
             keep = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(2)]
             for sock in keep:
                 assert sock.recv(100).startswith(b"220")
-            with socket.create_connection(("127.0.0.1", node.port)) as third:
-                third.settimeout(5)
-                refused = third.recv(200)
+            # The newest connection wins: the third gets its session and the oldest is closed,
+            # so a source that stalls sessions still leaves the hit it sends next.
+            assert send(node.port, canary.value) == {}
+            keep[0].settimeout(5)
+            try:
+                closed = keep[0].recv(100)
+            except ConnectionResetError:
+                closed = b""
             for sock in keep:
                 sock.close()
-            return refused
+            return closed
 
-        assert (await blocking(open_three)).startswith(b"421")
-        assert node.context.counters.dropped == 1
-        await asyncio.sleep(0.1)
-        # Once the others close, the source may connect again.
-        canary = plant_canary(sqlite_engine, "email")
-        node.index.refresh()
-        assert await blocking(lambda: send(node.port, canary.value)) == {}
+        assert await blocking(open_three) == b""
+        guard = node.context.connections
+        assert guard is not None
+        assert guard.evicted["source"] >= 1
+        assert guard.open <= 2
+    assert len(hits(sqlite_engine)) == 1
+
+
+async def test_idle_sessions_of_one_source_make_room_for_another(sqlite_engine: Engine) -> None:
+    canary = plant_canary(sqlite_engine, "email")
+    async with run_smtp(sqlite_engine, max_connections=6, max_connections_per_source=6) as node:
+
+        def hog_then_send() -> tuple[dict[str, tuple[int, bytes]], bytes]:
+            hogs = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(6)]
+            for sock in hogs:
+                assert sock.recv(100).startswith(b"220")
+            with smtplib.SMTP(
+                "127.0.0.1", node.port, timeout=10, source_address=("127.0.0.2", 0)
+            ) as client:
+                client.ehlo("sandbox-7")
+                refused = client.send_message(
+                    message(canary.value), "agent@sandbox.internal", [canary.value]
+                )
+            hogs[0].settimeout(5)
+            # The oldest idle session was the one closed to make room.
+            try:
+                closed = hogs[0].recv(100)
+            except ConnectionResetError:
+                closed = b""
+            for sock in hogs:
+                sock.close()
+            return refused, closed
+
+        refused, closed = await blocking(hog_then_send)
+        assert refused == {}
+        assert closed == b""
+        guard = node.context.connections
+        assert guard is not None
+        assert guard.evicted["fair"] == 1
+    [hit] = hits(sqlite_engine)
+    assert hit.source == "127.0.0.2"
 
 
 async def test_floods_are_cut_off_and_do_not_stall_a_real_hit(sqlite_engine: Engine) -> None:

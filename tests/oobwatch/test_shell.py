@@ -1,6 +1,8 @@
 """The application shell as a new user meets it: config lookup, bind failures, logs, tokens, list."""
 
+import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from canaries.tokens import decode_exfil
+from oobwatch import logs
 from oobwatch.cli import main
 from oobwatch.config import ConfigError, load
 from store.engine import HEAD_REVISION, MIGRATIONS
@@ -295,3 +298,26 @@ def test_console_logs_escape_tracebacks_too() -> None:
         record.exc_info = _sys.exc_info()
     lines = ConsoleFormatter().format(record).splitlines()
     assert not any(line.startswith("2030-01-01") for line in lines)
+
+
+def test_a_flood_of_one_log_line_is_rate_limited(monkeypatch: pytest.MonkeyPatch) -> None:
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    stream = io.StringIO()
+    logs.configure("json", "info", stream)
+    flood = logging.getLogger("oobwatch.test.flood")
+    for n in range(1_000):
+        flood.warning("client %d misbehaved", n)
+    logging.getLogger("oobwatch.test.other").warning("a different event")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len([line for line in lines if line["log.logger"] == "oobwatch.test.flood"]) == 20
+    # Other kinds of event are not drowned by the flood.
+    assert lines[-1]["message"] == "a different event"
+    limit = next(f for f in root.handlers[0].filters if isinstance(f, logs.RateLimit))
+    record = logging.LogRecord(
+        "oobwatch.test.flood", logging.WARNING, "", 0, "client %d misbehaved", (1,), None
+    )
+    record.created += 60
+    assert limit.filter(record)
+    assert record.fields == {"oobwatch.suppressed": 980}

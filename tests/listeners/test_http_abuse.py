@@ -1,0 +1,125 @@
+"""The HTTP listener under abuse: stalled heads and bodies, huge heads, ambiguous framing, unread replies.
+
+Abuse comes from 127.0.0.1, the real hit from 127.0.0.2 (a different source on
+the same loopback), through real sockets; every wait is bounded.
+"""
+
+import asyncio
+
+import httpx
+from sqlalchemy import Engine
+
+from support import ZONE, Node, hits, plant_canary, run_http, send_without_reading, settle
+
+OTHER_SOURCE = "127.0.0.2"
+
+
+async def real_hit(node: Node, token: str) -> httpx.Response:
+    transport = httpx.AsyncHTTPTransport(local_address=OTHER_SOURCE)
+    async with httpx.AsyncClient(transport=transport, timeout=10) as client:
+        return await client.get(
+            f"http://127.0.0.1:{node.port}/", headers={"Host": f"{token}.{ZONE}"}
+        )
+
+
+async def connect(
+    port: int, source: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def test_stalled_heads_cannot_keep_a_real_hit_out(sqlite_engine: Engine) -> None:
+    """On main, 1,100 of these reached uvicorn's limit and a real hit got 503, unrecorded."""
+    canary = plant_canary(sqlite_engine, "url")
+    async with run_http(
+        sqlite_engine, max_connections=64, max_connections_per_source=32, timeout=1.0
+    ) as node:
+        stalled = []
+        try:
+            for n in range(3):
+                for _ in range(40):
+                    reader, writer = await connect(node.port, f"127.0.0.{10 + n}")
+                    writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n")
+                    stalled.append(writer)
+            await asyncio.sleep(0.1)
+            guard = node.context.connections
+            assert guard is not None
+            assert guard.open == 64
+            # Each source past 32 lost its own oldest; the third then took its fair share.
+            assert guard.evicted["source"] == 2 * (40 - 32)
+            assert guard.evicted["fair"] + guard.refused == 40
+            # Every source holds its share: a newcomer is refused at once with a protocol answer.
+            reader, writer = await connect(node.port, "127.0.0.10")
+            stalled.append(writer)
+            assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 503 ")
+            response = await real_hit(node, canary.token)
+            assert response.status_code == 200
+            assert len(hits(sqlite_engine)) == 1
+            await settle(lambda: guard.open == 0)
+            assert guard.open == 0
+            assert guard.timeouts["head"] >= 60
+        finally:
+            for writer in stalled:
+                writer.close()
+    [hit] = hits(sqlite_engine)
+    assert hit.source == OTHER_SOURCE
+
+
+async def test_a_stalled_body_does_not_delay_a_hit_in_the_head(sqlite_engine: Engine) -> None:
+    canary = plant_canary(sqlite_engine, "url")
+    async with run_http(sqlite_engine, timeout=1.0) as node:
+        reader, writer = await connect(node.port)
+        writer.write(
+            f"POST /upload HTTP/1.1\r\nHost: {canary.token}.{ZONE}\r\n"
+            "Content-Length: 100000\r\n\r\npartial".encode()
+        )
+        await settle(lambda: len(hits(sqlite_engine)) == 1)
+        assert len(hits(sqlite_engine)) == 1
+        answer = await asyncio.wait_for(reader.read(), 10)
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert b"connection: close" in answer.lower()
+        writer.close()
+    [body] = hits(sqlite_engine, "evidence")
+    assert body.evidence["body_ended"] == "timeout"
+    assert body.evidence["body_size"] == len(b"partial")
+
+
+async def test_a_huge_header_is_refused_and_closed(sqlite_engine: Engine) -> None:
+    async with run_http(sqlite_engine) as node:
+        reader, writer = await connect(node.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    status = answer.split(b"\r\n", 1)[0]
+    assert status.startswith((b"HTTP/1.1 431 ", b"HTTP/1.1 400 ")), status
+
+
+async def test_content_length_with_transfer_encoding_closes(sqlite_engine: Engine) -> None:
+    canary = plant_canary(sqlite_engine, "url")
+    async with run_http(sqlite_engine) as node:
+        reader, writer = await connect(node.port)
+        writer.write(
+            f"POST /{canary.token} HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    # One answer, then the connection is closed: the smuggled request is never served.
+    assert answer.count(b"HTTP/1.1 ") == 1
+    assert b"connection: close" in answer.lower()
+    assert len(hits(sqlite_engine)) == 1
+
+
+async def test_a_client_that_never_reads_its_replies_is_cut_off(sqlite_engine: Engine) -> None:
+    canary = plant_canary(sqlite_engine, "url")
+    async with run_http(sqlite_engine, timeout=0.5) as node:
+        pipelined = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 200
+        raw = await send_without_reading(node.port, pipelined, 3_000)
+        guard = node.context.connections
+        assert guard is not None
+        await settle(lambda: guard.open == 0)
+        assert guard.open == 0
+        assert guard.timeouts["write"] + guard.timeouts["head"] >= 1
+        raw.close()
+        assert (await real_hit(node, canary.token)).status_code == 200
+    assert len(hits(sqlite_engine)) == 1
