@@ -7,8 +7,12 @@ in the store before it is answered. Forged names cannot pass that check, so
 only just-minted tokens and the 1-in-65,536 chance collisions get this far,
 and each of those reaches the store at most once per `NEGATIVE_TTL_SECONDS`:
 the store's "no such token" is remembered. Lookups are batched into rounds,
-one store query at a time; at most `MAX_PENDING` wait at once, and past that
-a lookup is answered as junk at once rather than queue behind the store.
+one store query at a time on the index's own thread (never behind other
+work); a token asked about again while it is being looked up waits for the
+same answer. At most `MAX_PENDING` distinct tokens wait at once. Past that,
+or when the store cannot answer, `lookup` raises `Unknowable`: the token
+might be a canary, so the listener must answer with a temporary failure
+(SERVFAIL, 503, 451), never as junk, which would answer a hit it did not record.
 """
 
 import asyncio
@@ -16,6 +20,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy import Engine
 
@@ -34,6 +39,10 @@ MAX_PENDING = 4096
 # scheduled refresh also clears a token from it as soon as it loads the canary.
 NEGATIVE_TTL_SECONDS = 5.0
 NEGATIVE_CACHE_SIZE = 65536
+
+
+class Unknowable(Exception):
+    """Whether a plausible token is a canary cannot be told now: answer with a temporary failure."""
 
 
 class NegativeCache:
@@ -77,13 +86,14 @@ class TokenIndex:
         self._by_token: dict[str, Canary] = {}
         self._absent = NegativeCache(NEGATIVE_CACHE_SIZE, NEGATIVE_TTL_SECONDS)
         self._last_pk = 0
+        # Tokens being looked up, each with the answer its askers wait for.
+        self._inflight: dict[str, asyncio.Future[Canary | None]] = {}
         self._next: set[str] = set()
-        self._waiting: asyncio.Future[None] | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._pending = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-lookup")
         self._overflowed = 0
         # For /metrics: store queries made, lookups the negative cache answered,
-        # and lookups answered as junk because MAX_PENDING were waiting already.
+        # and lookups refused because MAX_PENDING tokens were waiting already.
         self.store_lookups = 0
         self.negative_hits = 0
         self.overflow = 0
@@ -109,61 +119,57 @@ class TokenIndex:
         return len(rows)
 
     async def lookup(self, token: str) -> Canary | None:
-        """The canary for a lowercase token, asking the store if it is plausible but unknown."""
+        """The canary for a lowercase token, asking the store if it is plausible but unknown.
+
+        Raises Unknowable when the store cannot be asked now.
+        """
         known = self._by_token.get(token)
         if known is not None or not is_plausible(token, self.key):
             return known
         if token in self._absent:
             self.negative_hits += 1
             return None
-        if self._pending >= MAX_PENDING:
-            self.overflow += 1
-            self._overflowed += 1
-            return None
-        self._pending += 1
-        try:
-            return await self._ask(token)
-        finally:
-            self._pending -= 1
-
-    async def _ask(self, token: str) -> Canary | None:
-        self._next.add(token)
-        if self._waiting is None:
-            self._waiting = asyncio.get_running_loop().create_future()
-        waiting = self._waiting
-        if self._worker is None:
-            self._worker = asyncio.create_task(self._rounds())
-        await asyncio.shield(waiting)
-        return self._by_token.get(token)
+        answer = self._inflight.get(token)
+        if answer is None:
+            if len(self._inflight) >= MAX_PENDING:
+                self.overflow += 1
+                self._overflowed += 1
+                raise Unknowable("the token lookup queue is full")
+            answer = self._inflight[token] = asyncio.get_running_loop().create_future()
+            self._next.add(token)
+            if self._worker is None:
+                self._worker = asyncio.create_task(self._rounds())
+        return await asyncio.shield(answer)
 
     async def _rounds(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self._next:
-                asked, waiting = self._next, self._waiting
-                self._next, self._waiting = set(), None
-                # Asked again while the last round was out: that round has the answer.
-                tokens = {
-                    token
-                    for token in asked
-                    if token not in self._by_token and token not in self._absent
-                }
+                tokens, self._next = self._next, set()
+                found: dict[str, Canary] | None
                 try:
-                    if tokens:
-                        found = await asyncio.to_thread(self._fetch, tokens)
-                        for canary in found:
-                            self.add(canary)
-                        # Only a store that answered says a token is absent; a failed
-                        # round leaves its tokens to be asked about again.
-                        for token in tokens - {canary.token for canary in found}:
-                            self._absent.add(token)
+                    fetched = await loop.run_in_executor(self._executor, self._fetch, tokens)
+                    found = {canary.token: canary for canary in fetched}
                 except Exception:
                     log.exception("store lookup of %d tokens failed", len(tokens))
-                finally:
-                    assert waiting is not None
-                    waiting.set_result(None)
+                    found = None
+                for token in tokens:
+                    answer = self._inflight.pop(token)
+                    if found is None:
+                        # Only a store that answered says a token is absent.
+                        answer.set_exception(Unknowable("the store could not be asked"))
+                        answer.exception()  # retrieved here: an asker may have gone
+                        continue
+                    canary = found.get(token)
+                    if canary is None:
+                        self._absent.add(token)
+                    else:
+                        self.add(canary)
+                    answer.set_result(canary)
                 if self._overflowed:
                     log.warning(
-                        "token lookup queue full: %d plausible tokens answered as junk",
+                        "token lookup queue full: %d plausible tokens answered with a "
+                        "temporary failure",
                         self._overflowed,
                     )
                     self._overflowed = 0

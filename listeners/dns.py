@@ -19,6 +19,7 @@ from dnslib import QTYPE
 from pydantic import Field, field_validator, model_validator
 
 from canaries.find import APEX, locate, split_name
+from canaries.index import Unknowable
 from canaries.model import Canary
 from canaries.tokens import TOKEN_LENGTH, decode_exfil, is_plausible
 from listeners.base import Context, DnsName, Port, format_peer
@@ -34,6 +35,7 @@ from listeners.dnswire import (
     not_implemented,
     parse_query,
     refuse,
+    server_failure,
 )
 from listeners.guard import ConnectionGuard, StreamOptions
 
@@ -48,6 +50,9 @@ _MAX_DATAGRAM = 4096
 _RECEIVE_BUFFER = 4 * 1024 * 1024
 # Queries one TCP session may have waiting for their commit before it reads the next.
 _TCP_IN_FLIGHT = 8
+# Frames shorter than a DNS header a session may send before it is closed.
+_HEADER_BYTES = 12
+_TCP_MAX_RUNTS = 10
 
 
 class DnsOptions(StreamOptions):
@@ -206,7 +211,7 @@ class DnsListener:
             # Well formed but not in memory: perhaps minted a moment ago; ask the store first.
             task = asyncio.ensure_future(
                 self._respond_late(
-                    question, match.candidate, match.left, peer, transport, reply, send
+                    packet, question, match.candidate, match.left, peer, transport, reply, send
                 )
             )
             self._pending.add(task)
@@ -217,6 +222,7 @@ class DnsListener:
 
     async def _respond_late(
         self,
+        packet: bytes,
         question: Question,
         candidate: str,
         left: tuple[str, ...],
@@ -225,7 +231,13 @@ class DnsListener:
         reply: bytes,
         send: Send,
     ) -> None:
-        canary = await self._context.index.lookup(candidate)
+        try:
+            canary = await self._context.index.lookup(candidate)
+        except Unknowable:
+            # Perhaps a canary: answer nothing a resolver would take as final, so it asks again.
+            self._context.counters.record_failures += 1
+            send(server_failure(packet, question), peer)
+            return
         if canary is None:
             self._context.counters.junk += 1
             send(reply, peer)
@@ -295,9 +307,14 @@ class DnsListener:
         """Answer length-prefixed queries until the client stops, stalls or stops reading."""
         timeout = self._options.timeout
         loop = asyncio.get_running_loop()
+        runts = 0
         while True:
             if len(unanswered) >= _TCP_IN_FLIGHT:
-                await asyncio.wait(unanswered, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    unanswered, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    return
             try:
                 prefix = await asyncio.wait_for(reader.readexactly(2), timeout)
                 size = int.from_bytes(prefix, "big")
@@ -305,6 +322,11 @@ class DnsListener:
             except TimeoutError:
                 self._guard.timeouts["read"] += 1
                 return
+            if size < _HEADER_BYTES:
+                runts += 1
+                if runts > _TCP_MAX_RUNTS:
+                    self._context.counters.dropped += 1
+                    return
             settled = loop.create_future()
             unanswered.add(settled)
             settled.add_done_callback(unanswered.discard)

@@ -28,7 +28,7 @@ AA = 0x0400
 RD = 0x0100
 OPCODE_MASK = 0x7800
 
-NOERROR, FORMERR, NOTIMP, REFUSED = 0, 1, 4, 5
+NOERROR, FORMERR, SERVFAIL, NOTIMP, REFUSED = 0, 1, 2, 4, 5
 
 A, NS, SOA, MX, TXT, HINFO, AAAA, OPT, IXFR, AXFR, ANY = 1, 2, 6, 15, 16, 13, 28, 41, 251, 252, 255
 CLASS_IN, CLASS_ANY = 1, 255
@@ -285,6 +285,11 @@ def _opt(question: Question) -> bytes:
 def refuse(packet: bytes, question: Question) -> bytes:
     """REFUSED, echoing the question: for names outside the zone and zone transfers."""
     return _bare(packet, question, REFUSED)
+
+
+def server_failure(packet: bytes, question: Question) -> bytes:
+    """SERVFAIL: this server cannot answer now (the resolver asks again, or another server)."""
+    return _bare(packet, question, SERVFAIL)
 
 
 def not_implemented(packet: bytes, question: Question) -> bytes:

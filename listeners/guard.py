@@ -1,19 +1,23 @@
 """Connection limits every stream listener shares: a total cap, a per-source cap, a fair share.
 
 An unauthenticated client can hold a connection open; these bounds make sure
-no client, and no set of clients from one source, can hold them all. The
-newest connection wins: a source at its cap loses its own oldest connection
-to its new one (so an intruder that stalls connections and then uses a
-canary from the same address still leaves its hit), and at the total cap a
-newcomer whose source holds fewer connections than the busiest source takes
-the place of that source's oldest one (so one source's flood cannot keep
-another's real hit out). Only when every source holds its fair share is a
-newcomer refused. A source is an IPv4 address or an IPv6 /64 (one host is
-usually given a whole /64).
+no client, and no set of clients, can hold them all. A real client sends its
+request as soon as it connects, so a connection that has been open for more
+than `eviction_grace` seconds without finishing is the one to close when a
+newcomer needs room: a source at its cap loses its own oldest connection (an
+intruder that stalls connections and then uses a canary from the same
+address still leaves its hit), and at the total cap the busiest source
+yields first (one source's flood cannot keep another's real hit out), then
+the oldest connection of all (many sources holding one stalled connection
+each cannot either). A newcomer is refused only when the connections it
+would replace are all younger than the grace, so a neighbour behind the same
+address is never cut off before its request has arrived. A source is an IPv4
+address or an IPv6 /64 (one host is usually given a whole /64).
 
 Every admission, refusal, eviction and timeout is counted for `/metrics`.
 """
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from ipaddress import IPv6Address, ip_address, ip_network
@@ -33,6 +37,8 @@ class StreamOptions(ListenerOptions):
     max_connections_per_source: Annotated[int, Field(ge=1, le=65536)] = 32
     # How long one step may take: a request's head, its body, a reply's write.
     timeout: Seconds = 10.0
+    # A connection younger than this is never closed to make room for a newer one.
+    eviction_grace: Annotated[float, Field(ge=0, le=60)] = 1.0
 
     @model_validator(mode="after")
     def _per_source_within_total(self) -> "StreamOptions":
@@ -57,11 +63,12 @@ def source_of(address: str) -> str:
 class Slot:
     """One admitted connection; `release()` it when the connection ends."""
 
-    __slots__ = ("_guard", "_released", "close", "source")
+    __slots__ = ("_guard", "_released", "born", "close", "source")
 
     def __init__(self, guard: "ConnectionGuard", source: str, close: Callable[[], None]) -> None:
         self._guard = guard
         self._released = False
+        self.born = time.monotonic()
         self.source = source
         self.close = close
 
@@ -74,63 +81,73 @@ class Slot:
 class ConnectionGuard:
     """Admits connections within the caps, evicting for fairness; counts what it does."""
 
-    def __init__(self, total: int, per_source: int) -> None:
+    def __init__(self, total: int, per_source: int, grace: float = 1.0) -> None:
         self.total = total
         self.per_source = per_source
-        self.refused = 0
-        # Connections closed for a newcomer: its source was at its cap ("source"), or
-        # another source needed the room ("fair").
+        self.grace = grace
+        # Newcomers turned away: their source held its cap of young connections ("source"),
+        # or every slot was young ("total").
+        self.refused: Counter[str] = Counter()
+        # Connections closed for a newcomer: of its own source at its cap ("source"), of a
+        # source holding more than the newcomer's ("fair"), the oldest of all ("oldest").
         self.evicted: Counter[str] = Counter()
         self.timeouts: Counter[str] = Counter()
         self.admitted = 0
-        # Insertion order is age: the first slot of a source is its oldest.
+        # Insertion order is age: the first slot of each is the oldest.
         self._sources: dict[str, dict[Slot, None]] = {}
-        self._open = 0
+        self._all: dict[Slot, None] = {}
 
     @classmethod
     def of(cls, options: StreamOptions) -> "ConnectionGuard":
-        return cls(options.max_connections, options.max_connections_per_source)
+        return cls(
+            options.max_connections, options.max_connections_per_source, options.eviction_grace
+        )
 
     @property
     def open(self) -> int:
-        return self._open
+        return len(self._all)
 
     def admit(self, address: str, close: Callable[[], None]) -> Slot | None:
         """A slot for a new connection from `address`, or None: refuse it with the protocol's answer."""
         source = source_of(address)
-        held = self._sources.get(source)
-        count = 0 if held is None else len(held)
-        if held is not None and count >= self.per_source:
-            self._evict(held, "source")
-            count -= 1
-        elif self._open >= self.total and not self._evict_for(count):
-            self.refused += 1
+        held = self._sources.get(source, {})
+        now = time.monotonic()
+        if len(held) >= self.per_source:
+            if not self._evict(held, now, "source"):
+                self.refused["source"] += 1
+                return None
+        elif len(self._all) >= self.total and not self._make_room(len(held), now):
+            self.refused["total"] += 1
             return None
         slot = Slot(self, source, close)
         self._sources.setdefault(source, {})[slot] = None
-        self._open += 1
+        self._all[slot] = None
         self.admitted += 1
         return slot
 
     def release(self, slot: Slot) -> None:
-        held = self._sources.get(slot.source)
-        if held is None or slot not in held:
+        if slot not in self._all:
             return
+        del self._all[slot]
+        held = self._sources[slot.source]
         del held[slot]
         if not held:
             del self._sources[slot.source]
-        self._open -= 1
 
-    def _evict_for(self, count: int) -> bool:
-        """Make room by closing the oldest connection of a source holding more than its share."""
-        busiest = max(self._sources.values(), key=len, default=None)
-        if busiest is None or len(busiest) <= count + 1:
-            return False
-        self._evict(busiest, "fair")
-        return True
+    def _make_room(self, count: int, now: float) -> bool:
+        """At the total cap: the busiest source yields first, else the oldest connection of all."""
+        busiest = max(self._sources.values(), key=len)
+        if len(busiest) > count + 1 and self._evict(busiest, now, "fair"):
+            return True
+        return self._evict(self._all, now, "oldest")
 
-    def _evict(self, held: dict[Slot, None], reason: str) -> None:
+    def _evict(self, held: dict[Slot, None], now: float, reason: str) -> bool:
+        """Close the oldest of `held`, unless it is younger than the grace (its request may be
+        on the way: a real client sends at once, so only a stalled one grows old)."""
         oldest = next(iter(held))
+        if now - oldest.born < self.grace:
+            return False
         oldest.release()
         self.evicted[reason] += 1
         oldest.close()
+        return True

@@ -25,6 +25,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from canaries.find import in_request, split_name
+from canaries.index import Unknowable
 from canaries.model import Canary
 from listeners.base import Context, NotDurable, Peer, Port
 from listeners.guard import ConnectionGuard, Slot, StreamOptions
@@ -45,6 +46,7 @@ MAX_TARGET_KEPT = 2048
 # A request head larger than this, or with more header lines, is answered 431.
 MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADER_LINES = 100
+MAX_CANDIDATES = 32
 _PIXEL = (
     b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
     b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
@@ -145,6 +147,8 @@ class BoundedH11Protocol(H11Protocol):
         self._slot: Slot | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._closing_seen = False
         self._waiting_after: RequestResponseCycle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -157,12 +161,13 @@ class BoundedH11Protocol(H11Protocol):
             return
         super().connection_made(transport)
         self._wait_for_head()
+        self._watchdog = self.loop.call_later(self._step, self._watch)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._slot is None:
             return  # refused before uvicorn saw it
         self._slot.release()
-        for timer in (self._head_timer, self._write_timer):
+        for timer in (self._head_timer, self._write_timer, self._watchdog):
             if timer is not None:
                 timer.cancel()
         super().connection_lost(exc)
@@ -200,9 +205,18 @@ class BoundedH11Protocol(H11Protocol):
             self._expired("head")
 
     def _expired(self, phase: str) -> None:
-        if not self.transport.is_closing():
-            self._guard.timeouts[phase] += 1
-            self.transport.abort()
+        # A closing transport too: close() waits for its buffer to drain, however long.
+        self._guard.timeouts[phase] += 1
+        self.transport.abort()
+
+    def _watch(self) -> None:
+        """Abort a connection that has been closing for a whole step: its client does not read."""
+        if self.transport.is_closing():
+            if self._closing_seen:
+                self._expired("close")
+                return
+            self._closing_seen = True
+        self._watchdog = self.loop.call_later(self._step, self._watch)
 
 
 class AsgiServer:
@@ -247,6 +261,10 @@ class AsgiServer:
             server_header=False,
             date_header=True,
             log_level="warning",
+            # Through the node's handler (escaped, rate limited), not uvicorn's own.
+            log_config=None,
+            # No upgrades: a protocol switch would leave the bounds behind.
+            ws="none",
             h11_max_incomplete_event_size=MAX_HEAD_BYTES,
             # The guard bounds connections; uvicorn's own limit would answer a real hit 503.
             limit_concurrency=None,
@@ -316,9 +334,9 @@ class HttpListener:
                 (v[:MAX_VALUE_KEPT] for n, v in headers if n.lower() == "user-agent"), None
             ),
         }
-        # The head's hits first: a client that stalls its body has already left them.
-        head_hits = await self._canaries(in_request(host, target, headers, "", self._zone))
         try:
+            # The head's hits first: a client that stalls its body has already left them.
+            head_hits = await self._canaries(in_request(host, target, headers, "", self._zone))
             entries = await self._record(
                 [
                     self._context.hit(canary, "http", peer, {**head, "found_in": where})
@@ -335,7 +353,8 @@ class HttpListener:
                 (canary, entry) for (canary, _), entry in zip(head_hits, entries, strict=True)
             ]
             await self._record(self._body_events(head, body, peer, recorded, body_hits))
-        except NotDurable:
+        except (NotDurable, Unknowable):
+            # Not recorded, or not known whether it is a canary: never answered as if it were fine.
             await self._answer(send, 503, b"text/plain", b"", _CLOSE)
             return
         hits = head_hits + body_hits
@@ -347,6 +366,7 @@ class HttpListener:
         elif body.ended == "too_large":
             await self._answer(send, 413, b"text/plain", b"", close)
         elif body.ended == "timeout":
+            self._server.guard.timeouts["body"] += 1
             await self._answer(send, 408, b"text/plain", b"", close)
         elif _challenge(hits, headers):
             await self._answer(send, 401, b"text/plain", b"", _CHALLENGE + close)
@@ -355,7 +375,9 @@ class HttpListener:
 
     async def _canaries(self, found: dict[str, list[str]]) -> list[tuple[Canary, list[str]]]:
         hits = []
-        for candidate, where in found.items():
+        # The Host and target come first; a request stuffed with token-shaped words gets no
+        # more than this many checked, so it cannot buy loop time per request.
+        for candidate, where in list(found.items())[:MAX_CANDIDATES]:
             canary = await self._context.index.lookup(candidate)
             if canary is not None:
                 hits.append((canary, where))

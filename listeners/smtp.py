@@ -10,13 +10,17 @@ inside it, are committed too.
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from pydantic import Field, FilePath, model_validator
 
 from canaries.find import in_address, in_domains, scan, split_name
+from canaries.index import Unknowable
 from canaries.model import Canary
+from canaries.tokens import is_plausible
 from listeners.base import Context, DnsName, NotDurable, Peer, Port, format_peer
 from listeners.guard import ConnectionGuard, Seconds, Slot, StreamOptions
 from listeners.mailparse import MailDetails, inspect_message
@@ -27,6 +31,10 @@ log = logging.getLogger(__name__)
 MAX_PROTOCOL_ERRORS = 10
 MAX_REJECTED_RECIPIENTS = 20
 MAX_SCANNED_CHARS = 4 * 1024 * 1024
+# Canary tokens looked up per message: a message stuffed with tokens gets no more store work.
+MAX_LEAKED = 1000
+# One message parsed at a time, beside (not in) the pool that store work uses.
+_PARSING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mail-parse")
 _ERROR_CODES = ("500", "501", "502", "503", "504")
 
 
@@ -39,6 +47,9 @@ class SmtpOptions(StreamOptions):
     port: Port = 2525
     domains: list[DnsName] = Field(default_factory=list)
     max_message_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 10 * 1024 * 1024
+    # Each session may hold a message of max_message_bytes (and aiosmtpd copies it): keep
+    # max_connections x max_message_bytes within the memory the node can spare.
+    max_connections: Annotated[int, Field(ge=1, le=65536)] = 64
     max_connections_per_source: Annotated[int, Field(ge=1, le=65536)] = 10
     timeout: Seconds = 30.0
     tls_cert: FilePath | None = None
@@ -71,7 +82,11 @@ class CanaryHandler:
         for zone in self._domains:
             match = in_address(address, zone)
             if match is not None:
-                canary = await self._context.index.lookup(match.candidate)
+                try:
+                    canary = await self._context.index.lookup(match.candidate)
+                except Unknowable:
+                    counters.record_failures += 1
+                    return "451 4.3.0 Try again later"
                 if canary is not None:
                     break
         if canary is None:
@@ -94,12 +109,26 @@ class CanaryHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
-        # Parsing and scanning a large message is slow work: keep it off the listeners' loop.
-        details, found = await asyncio.to_thread(_inspect, raw)
+        index = self._context.index
         recipients = {canary.token for canary, _ in _hits(envelope)}
+
+        def worth_asking(token: str) -> bool:
+            return token not in recipients and (
+                index.get(token) is not None or is_plausible(token, index.key)
+            )
+
+        # Parsing and scanning a large message is slow work: keep it off the listeners' loop,
+        # on a thread of its own, so store work in the shared pool never queues behind it.
+        details, found = await asyncio.get_running_loop().run_in_executor(
+            _PARSING, _inspect, raw, worth_asking
+        )
         leaked = []
-        for token in sorted(found - recipients):
-            canary = await self._context.index.lookup(token)
+        for token in sorted(found):
+            try:
+                canary = await index.lookup(token)
+            except Unknowable:
+                self._context.counters.record_failures += 1
+                return "451 4.3.0 Try again later"
             if canary is not None:
                 leaked.append(
                     self._hit(
@@ -154,9 +183,11 @@ class CanaryHandler:
         return events
 
 
-def _inspect(raw: bytes) -> tuple[MailDetails, set[str]]:
+def _inspect(raw: bytes, worth_asking: Callable[[str], bool]) -> tuple[MailDetails, set[str]]:
+    """The message's details, and the tokens in it that may be canaries (at most MAX_LEAKED)."""
     details = inspect_message(raw)
-    return details, scan(details.text[:MAX_SCANNED_CHARS])
+    found = {token for token in scan(details.text[:MAX_SCANNED_CHARS]) if worth_asking(token)}
+    return details, set(sorted(found)[:MAX_LEAKED])
 
 
 class CanaryEnvelope(Envelope):

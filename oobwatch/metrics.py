@@ -111,13 +111,14 @@ class NodeCollector(Collector):
         )
         refused = CounterMetricFamily(
             "oobwatch_connections_refused",
-            "Connections refused: the listener was full and every source held its share",
-            labels=["listener"],
+            "Connections refused because the ones they would replace were all too young "
+            "(source: of their own source at its cap; total: of the full listener)",
+            labels=["listener", "reason"],
         )
         evicted = CounterMetricFamily(
             "oobwatch_connections_evicted",
-            "Oldest connections closed for a newer one (source: of the same source at its cap; "
-            "fair: of the busiest source, for another)",
+            "Old connections closed for a newcomer (source: of its own source at its cap; "
+            "fair: of the busiest source; oldest: the oldest of all)",
             labels=["listener", "reason"],
         )
         timeouts = CounterMetricFamily(
@@ -127,8 +128,9 @@ class NodeCollector(Collector):
         )
         for name, guard in guards.items():
             opened.add_metric([name], guard.open)
-            refused.add_metric([name], guard.refused)
-            for reason in ("source", "fair"):
+            for reason in ("source", "total"):
+                refused.add_metric([name, reason], guard.refused[reason])
+            for reason in ("source", "fair", "oldest"):
                 evicted.add_metric([name, reason], guard.evicted[reason])
             for phase, count in sorted(guard.timeouts.items()):
                 timeouts.add_metric([name, phase], count)

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import resource
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,9 +144,16 @@ def _descriptors(config: Config) -> None:
         )
 
 
+# How long a thread may hold the GIL while another waits for it. Store work runs in
+# threads that release the GIL for every SQLite call; at the default 5 ms each
+# reacquisition waits out a loop busy answering a flood, several times per page.
+GIL_SWITCH_SECONDS = 0.0005
+
+
 async def start(config: Config) -> Node:
     """Open the store, start the writer, listeners, alert pipeline and scheduler."""
     _descriptors(config)
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     engine = await asyncio.to_thread(open_store, config.store.url)
     writer = LedgerWriter(engine)
     writer.start()

@@ -11,8 +11,10 @@ import os
 import dns.asyncquery
 import dns.message
 import dns.rcode
+import pytest
 from sqlalchemy import Engine
 
+from canaries import index as index_module
 from support import ZONE, Node, hits, plant_canary, run_dns, send_without_reading, settle
 
 OTHER_SOURCE = "127.0.0.2"
@@ -82,7 +84,11 @@ async def test_a_client_that_never_reads_is_cut_off(sqlite_engine: Engine) -> No
 async def test_one_source_cannot_take_every_connection(sqlite_engine: Engine) -> None:
     canary = plant_canary(sqlite_engine)
     async with run_dns(
-        sqlite_engine, max_connections=16, max_connections_per_source=12, timeout=30
+        sqlite_engine,
+        max_connections=16,
+        max_connections_per_source=12,
+        timeout=30,
+        eviction_grace=0,
     ) as node:
         idle = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(20)]
         await asyncio.sleep(0.1)
@@ -128,7 +134,9 @@ async def test_half_closed_sessions_still_get_their_answers(sqlite_engine: Engin
 async def test_a_flooding_source_still_leaves_its_own_hit(sqlite_engine: Engine) -> None:
     """An intruder that fills its share with stalled sessions, then uses a canary itself."""
     canary = plant_canary(sqlite_engine)
-    async with run_dns(sqlite_engine, max_connections_per_source=8, timeout=30) as node:
+    async with run_dns(
+        sqlite_engine, max_connections_per_source=8, timeout=30, eviction_grace=0
+    ) as node:
         stalled = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(8)]
         for _, writer in stalled:
             writer.write(b"\x00\x40")
@@ -139,3 +147,36 @@ async def test_a_flooding_source_still_leaves_its_own_hit(sqlite_engine: Engine)
             writer.close()
     [hit] = hits(sqlite_engine)
     assert hit.source == "127.0.0.1"
+
+
+async def test_a_token_that_cannot_be_looked_up_gets_servfail_never_a_junk_answer(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the first cut, a full lookup queue answered a just-minted canary as junk, unrecorded."""
+    async with run_dns(sqlite_engine) as node:
+        # Minted after the listener loaded its index: only a store lookup can find it.
+        canary = plant_canary(sqlite_engine)
+        monkeypatch.setattr(index_module, "MAX_PENDING", 0)
+        reply = await dns.asyncquery.udp(
+            dns.message.make_query(canary.value, "A"), "127.0.0.1", port=node.port, timeout=5
+        )
+        assert reply.rcode() == dns.rcode.SERVFAIL
+        assert hits(sqlite_engine) == []
+        monkeypatch.undo()
+        # The resolver's retry is looked up, recorded, then answered.
+        reply = await dns.asyncquery.udp(
+            dns.message.make_query(canary.value, "A"), "127.0.0.1", port=node.port, timeout=5
+        )
+        assert reply.rcode() == dns.rcode.NOERROR
+        assert node.context.counters.record_failures == 1
+    assert [hit.canary_id for hit in hits(sqlite_engine)] == [canary.id]
+
+
+async def test_runt_frames_end_a_session(sqlite_engine: Engine) -> None:
+    async with run_dns(sqlite_engine) as node:
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+        writer.write(b"\x00\x00" * 20_000)
+        # Closed after a few frames shorter than a header, not after 20,000 of them.
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        assert node.context.counters.received <= 20

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import datetime
 import hashlib
+import secrets
 import smtplib
 import socket
 import ssl
@@ -22,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
 
+from canaries.tokens import is_plausible
 from listeners.mailparse import inspect_message
 from store import ledger
 from support import ZONE, hits, plant_canary, run_smtp
@@ -188,7 +190,7 @@ async def test_the_hit_exists_when_the_sender_quits_before_data(sqlite_engine: E
 
 async def test_connections_per_source_are_capped(sqlite_engine: Engine) -> None:
     canary = plant_canary(sqlite_engine, "email")
-    async with run_smtp(sqlite_engine, max_connections_per_source=2) as node:
+    async with run_smtp(sqlite_engine, max_connections_per_source=2, eviction_grace=0) as node:
 
         def open_three() -> bytes:
             keep = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(2)]
@@ -216,7 +218,9 @@ async def test_connections_per_source_are_capped(sqlite_engine: Engine) -> None:
 
 async def test_idle_sessions_of_one_source_make_room_for_another(sqlite_engine: Engine) -> None:
     canary = plant_canary(sqlite_engine, "email")
-    async with run_smtp(sqlite_engine, max_connections=6, max_connections_per_source=6) as node:
+    async with run_smtp(
+        sqlite_engine, max_connections=6, max_connections_per_source=6, eviction_grace=0
+    ) as node:
 
         def hog_then_send() -> tuple[dict[str, tuple[int, bytes]], bytes]:
             hogs = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(6)]
@@ -273,6 +277,26 @@ async def test_floods_are_cut_off_and_do_not_stall_a_real_hit(sqlite_engine: Eng
         assert node.context.counters.malformed >= 4 * 10
         assert node.context.counters.dropped == 4
     assert len(hits(sqlite_engine)) == 1
+
+
+async def test_a_message_stuffed_with_token_shaped_words_costs_no_lookups(
+    sqlite_engine: Engine,
+) -> None:
+    recipient = plant_canary(sqlite_engine, "email")
+    leaked = plant_canary(sqlite_engine, "dns")
+    async with run_smtp(sqlite_engine) as node:
+        shaped = (secrets.token_hex(13)[:26].translate(_TO_BASE32) for _ in range(50_000))
+        # Leave out the one in 65,536 that passes the key's check by chance.
+        words = " ".join(w for w in shaped if not is_plausible(w, node.index.key))
+        mail = message(recipient.value, body=f"{words}\nsee {leaked.value}\n")
+        assert await blocking(lambda: send(node.port, recipient.value, mail)) == {}
+        # 50,000 candidates, none plausible under the deployment's key: checked off the
+        # loop, none asked of the store.
+        assert node.index.store_lookups == 0
+    assert {hit.canary_id for hit in hits(sqlite_engine)} == {recipient.id, leaked.id}
+
+
+_TO_BASE32 = str.maketrans("0123456789", "abcdefghij")
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:

@@ -1,0 +1,139 @@
+"""The connection guard's admission rules, as pure logic (the listeners' tests drive real sockets)."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from listeners import guard as guard_module
+from listeners.guard import ConnectionGuard, Slot, source_of
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(guard_module.time, "monotonic", fake)
+    return fake
+
+
+def admit_many(guard: ConnectionGuard, address: str, count: int, closed: list[str]) -> list[Slot]:
+    slots = []
+    for n in range(count):
+        slot = guard.admit(address, lambda tag=f"{address}#{n}": closed.append(tag))
+        assert slot is not None
+        slots.append(slot)
+    return slots
+
+
+def test_sources_are_addresses_and_ipv6_networks() -> None:
+    assert source_of("192.0.2.7") == "192.0.2.7"
+    assert source_of("2001:db8:1:2:aaaa::1") == source_of("2001:db8:1:2:bbbb::9")
+    assert source_of("2001:db8:1:2::1") != source_of("2001:db8:1:3::1")
+    assert source_of("::ffff:192.0.2.7") == "192.0.2.7"
+    assert source_of("not an address") == "not an address"
+
+
+def test_a_source_at_its_cap_loses_its_own_oldest_once_it_is_old(clock: Clock) -> None:
+    closed: list[str] = []
+    guard = ConnectionGuard(total=100, per_source=3, grace=1.0)
+    admit_many(guard, "192.0.2.1", 3, closed)
+    # Young: a neighbour behind the same address may be about to send its request.
+    assert guard.admit("192.0.2.1", lambda: closed.append("new")) is None
+    assert guard.refused["source"] == 1
+    clock.now += 2
+    assert guard.admit("192.0.2.1", lambda: closed.append("new")) is not None
+    assert closed == ["192.0.2.1#0"]
+    assert guard.evicted["source"] == 1
+    assert guard.open == 3
+
+
+def test_the_busiest_source_yields_first(clock: Clock) -> None:
+    closed: list[str] = []
+    guard = ConnectionGuard(total=6, per_source=6, grace=1.0)
+    admit_many(guard, "192.0.2.2", 2, closed)
+    admit_many(guard, "192.0.2.1", 4, closed)
+    clock.now += 2
+    assert guard.admit("192.0.2.9", lambda: None) is not None
+    # Not the oldest of all (192.0.2.2's), but the busiest source's oldest.
+    assert closed == ["192.0.2.1#0"]
+    assert guard.evicted["fair"] == 1
+
+
+def test_many_sources_with_one_stalled_connection_each_cannot_lock_out_a_newcomer(
+    clock: Clock,
+) -> None:
+    """One /48 holds 65,536 /64s: each one connection is its fair share, and the cap still holds."""
+    closed: list[str] = []
+    guard = ConnectionGuard(total=512, per_source=32, grace=1.0)
+    for n in range(512):
+        admit_many(guard, f"2001:db8:1:{n:x}::99", 1, closed)
+    clock.now += 2
+    assert guard.admit("198.51.100.7", lambda: None) is not None
+    assert guard.admit("2001:db8:1:5::99", lambda: None) is not None
+    assert closed == ["2001:db8:1:0::99#0", "2001:db8:1:1::99#0"]
+    assert guard.evicted["oldest"] == 2
+    assert guard.open == 512
+
+
+def test_a_full_listener_of_young_connections_refuses(clock: Clock) -> None:
+    guard = ConnectionGuard(total=4, per_source=4, grace=1.0)
+    admit_many(guard, "192.0.2.1", 4, [])
+    assert guard.admit("192.0.2.2", lambda: None) is None
+    assert guard.refused["total"] == 1
+
+
+def test_release_is_idempotent_and_eviction_releases() -> None:
+    guard = ConnectionGuard(total=2, per_source=1, grace=0.0)
+    first = guard.admit("192.0.2.1", lambda: None)
+    assert first is not None
+    second = guard.admit("192.0.2.1", lambda: None)
+    assert second is not None
+    assert guard.open == 1
+    first.release()
+    first.release()
+    second.release()
+    assert guard.open == 0
+
+
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(["admit", "release", "tick"]), st.integers(0, 7)),
+        max_size=200,
+    )
+)
+def test_the_caps_hold_whatever_the_order(steps: list[tuple[str, int]]) -> None:
+    now = [0.0]
+    saved = guard_module.time.monotonic
+    guard_module.time.monotonic = lambda: now[0]  # type: ignore[assignment]
+    try:
+        guard = ConnectionGuard(total=5, per_source=3, grace=1.0)
+        live: list[Slot] = []
+
+        def closer(slot_box: list[Slot]) -> None:
+            live.remove(slot_box[0])
+
+        for action, n in steps:
+            if action == "admit":
+                box: list[Slot] = []
+                slot = guard.admit(f"192.0.2.{n}", lambda box=box: closer(box))
+                if slot is not None:
+                    box.append(slot)
+                    live.append(slot)
+            elif action == "release" and live:
+                live.pop(n % len(live)).release()
+            else:
+                now[0] += 0.6
+            assert guard.open == len(live) <= 5
+            per_source: dict[str, int] = {}
+            for slot in live:
+                per_source[slot.source] = per_source.get(slot.source, 0) + 1
+            assert all(count <= 3 for count in per_source.values())
+    finally:
+        guard_module.time.monotonic = saved  # type: ignore[assignment]
