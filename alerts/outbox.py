@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 LEASE_US = 30_000_000
 BATCH = 50
+# Deliveries being sent at once by one node.
+IN_FLIGHT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,7 @@ class Outbox:
         self._client = httpx.AsyncClient(follow_redirects=False)
         self._senders: dict[tuple[str, str], Sender] = {}
         self._lock = asyncio.Lock()
+        self._wakeup = asyncio.Event()
         # Several processes on one host may share a node name: leases name the process.
         self._owner = f"{node}:{os.getpid()}"
         self.sent = 0
@@ -138,15 +141,42 @@ class Outbox:
             )
             return int(connection.execute(query).scalar_one())
 
+    def wake(self) -> None:
+        """New deliveries may be due: a `work()` in progress claims them without waiting."""
+        self._wakeup.set()
+
     async def work(self) -> int:
-        """Send every due delivery once; returns how many were attempted."""
+        """Send every due delivery once; returns how many were attempted.
+
+        Sends run side by side (up to IN_FLIGHT), and deliveries that come due
+        while others are being sent are claimed at once, not after them: one
+        slow sink cannot hold up the next page. Each outcome is recorded as it
+        comes; `work` returns when nothing is due and nothing is in flight.
+        """
         async with self._lock:
             attempted = 0
-            while due := await asyncio.to_thread(self._claim, self._clock()):
-                outcomes = await asyncio.gather(*(self._attempt(row) for row in due))
-                await asyncio.to_thread(self._record, outcomes, self._clock())
-                attempted += len(due)
-            return attempted
+            in_flight: set[asyncio.Task[Outcome]] = set()
+            try:
+                while True:
+                    self._wakeup.clear()
+                    if len(in_flight) < IN_FLIGHT:
+                        due = await asyncio.to_thread(self._claim, self._clock())
+                        in_flight |= {asyncio.create_task(self._attempt(row)) for row in due}
+                        attempted += len(due)
+                    if not in_flight:
+                        return attempted
+                    woken = asyncio.create_task(self._wakeup.wait())
+                    await asyncio.wait({*in_flight, woken}, return_when=asyncio.FIRST_COMPLETED)
+                    woken.cancel()
+                    finished = [task for task in in_flight if task.done()]
+                    in_flight.difference_update(finished)
+                    if finished:
+                        outcomes = [task.result() for task in finished]
+                        await asyncio.to_thread(self._record, outcomes, self._clock())
+            finally:
+                # Only if recording failed: the leases run out and the sends are retried.
+                for task in in_flight:
+                    task.cancel()
 
     def _claim(self, now_us: int) -> list[RowMapping]:
         claimed = []

@@ -59,6 +59,7 @@ class Pager:
 
     def send_soon(self) -> None:
         self._send_due.set()
+        self.outbox.wake()
 
     async def timed_work(self) -> None:
         """Digests and escalations that have come due."""
@@ -66,7 +67,7 @@ class Pager:
         queued = await asyncio.to_thread(self.state.digests, moment)
         queued += await asyncio.to_thread(self.state.escalations, moment)
         if queued:
-            self._send_due.set()
+            self.send_soon()
 
     async def _dispatching(self) -> None:
         while True:
@@ -74,7 +75,7 @@ class Pager:
             self._dispatch_due.clear()
             try:
                 if await asyncio.to_thread(self.state.dispatch, self._clock()):
-                    self._send_due.set()
+                    self.send_soon()
                 if self.state.last_dispatched >= BUSY_DISPATCH:
                     await asyncio.sleep(BUSY_PAUSE_SECONDS)
             except Exception:

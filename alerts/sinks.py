@@ -64,16 +64,19 @@ class AppriseSink:
 
     def __init__(self, url: str) -> None:
         plugin = apprise.Apprise.instantiate(url)
+        if plugin is None:
+            raise ValueError(f"apprise does not recognise {mask(url)}")
         # The format this URL sends: its `?format=` if it has one, else what its service displays.
-        self._format: Format = "text" if plugin is None else _FORMATS[plugin.resolve_format()]
-        self._target = apprise.Apprise()
-        self._target.add(url)
+        self._format: Format = _FORMATS[plugin.resolve_format()]
+        # The service's own plugin, called directly: apprise.Apprise.notify would start a
+        # thread pool for every page, a few milliseconds each under load.
+        self._plugin = plugin
         self._url = url
 
     async def send(self, delivery_id: int, payload: dict[str, Any]) -> None:
         title, body = render(Message.from_json(payload["message"]), self._format)
         accepted = await asyncio.to_thread(
-            self._target.notify, body, title, body_format=self._format
+            self._plugin.notify, body=body, title=title, body_format=self._format
         )
         # apprise returns a result object whose `== False` is False even on failure.
         if not bool(accepted):

@@ -70,18 +70,13 @@ class AlertState:
             with self._engine.begin() as connection:
                 # Read the hits before taking the lock the listeners' commits also need,
                 # then make sure no other dispatcher moved the cursor meanwhile.
-                cursor = connection.execute(select(dispatch_cursor.c.seq)).scalar_one()
-                rows = connection.execute(
-                    select(ledger_table)
-                    .where(ledger_table.c.seq > cursor, ledger_table.c.type == "hit")
-                    .order_by(ledger_table.c.seq)
-                    .limit(BATCH)
-                ).all()
+                cursor = connection.execute(_READ_CURSOR).scalar_one()
+                rows = connection.execute(_HITS_AFTER, {"after": cursor}).all()
                 if not rows:
                     return queued
                 hits = [Entry(**row._mapping) for row in rows]
                 _lock(connection)
-                if connection.execute(select(dispatch_cursor.c.seq)).scalar_one() != cursor:
+                if connection.execute(_READ_CURSOR).scalar_one() != cursor:
                     continue
                 self.last_dispatched += len(rows)
                 events: list[Event] = []
@@ -109,11 +104,7 @@ class AlertState:
                     folds[entry.canary_id] = _Fold.opened(alert_id, window_ends, entry)
                 _Fold.write_all(connection, [*finished, *folds.values()])
                 ledger.append(connection, events)
-                connection.execute(
-                    update(dispatch_cursor)
-                    .where(dispatch_cursor.c.id == 1)
-                    .values(seq=rows[-1].seq)
-                )
+                connection.execute(_MOVE_CURSOR, {"to": rows[-1].seq})
 
     def _open(
         self, connection: Connection, entry: Entry, now_us: int, events: list[Event]
@@ -381,15 +372,27 @@ class AlertState:
         )
 
 
+# Built once: dispatch runs them for every batch of hits.
+_READ_CURSOR = select(dispatch_cursor.c.seq)
+_TAKE_CURSOR = (
+    update(dispatch_cursor).where(dispatch_cursor.c.id == 1).values(seq=dispatch_cursor.c.seq)
+)
+_MOVE_CURSOR = update(dispatch_cursor).where(dispatch_cursor.c.id == 1).values(seq=bindparam("to"))
+_HITS_AFTER = (
+    select(ledger_table)
+    .where(ledger_table.c.seq > bindparam("after"), ledger_table.c.type == "hit")
+    .order_by(ledger_table.c.seq)
+    .limit(BATCH)
+)
+
+
 def _lock(connection: Connection) -> None:
     """Take the dispatch lock: alert state changes one transaction at a time, across nodes.
 
     A no-op write, first in the transaction, so SQLite takes its write lock
     and PostgreSQL a row lock before anything is read.
     """
-    connection.execute(
-        update(dispatch_cursor).where(dispatch_cursor.c.id == 1).values(seq=dispatch_cursor.c.seq)
-    )
+    connection.execute(_TAKE_CURSOR)
 
 
 def _alert_event(

@@ -15,7 +15,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 
 from store.clock import to_iso as _iso
 from store.schema import ledger, ledger_head
@@ -127,18 +127,26 @@ def entry_hash(
     return hashlib.sha256(encoded.encode("ascii")).hexdigest()
 
 
+# Built once: every hit's commit runs these, and building a statement costs more
+# than running it (SQLAlchemy also caches a statement object's compiled form).
+_TAKE_HEAD = update(ledger_head).where(ledger_head.c.id == 1).values(seq=ledger_head.c.seq)
+_READ_HEAD = select(ledger_head.c.seq, ledger_head.c.hash).where(ledger_head.c.id == 1)
+_INSERT = ledger.insert()
+_MOVE_HEAD = (
+    update(ledger_head)
+    .where(ledger_head.c.id == 1)
+    .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+)
+
+
 def append(connection: Connection, events: Sequence[Event]) -> list[Entry]:
     """Chain `events` onto the ledger inside the caller's transaction."""
     if not events:
         return []
     # A no-op write first: it takes the write lock before the head is read,
     # so two writers can never both extend the same head.
-    connection.execute(
-        update(ledger_head).where(ledger_head.c.id == 1).values(seq=ledger_head.c.seq)
-    )
-    head_seq, prev = connection.execute(
-        select(ledger_head.c.seq, ledger_head.c.hash).where(ledger_head.c.id == 1)
-    ).one()
+    connection.execute(_TAKE_HEAD)
+    head_seq, prev = connection.execute(_READ_HEAD).one()
     entries = []
     for offset, event in enumerate(events, start=1):
         seq = head_seq + offset
@@ -171,12 +179,8 @@ def append(connection: Connection, events: Sequence[Event]) -> list[Entry]:
             )
         )
         prev = digest
-    connection.execute(ledger.insert(), [_as_row(entry) for entry in entries])
-    connection.execute(
-        update(ledger_head)
-        .where(ledger_head.c.id == 1)
-        .values(seq=entries[-1].seq, hash=entries[-1].hash)
-    )
+    connection.execute(_INSERT, [_as_row(entry) for entry in entries])
+    connection.execute(_MOVE_HEAD, {"new_seq": entries[-1].seq, "new_hash": entries[-1].hash})
     return entries
 
 
@@ -185,9 +189,7 @@ def _as_row(entry: Entry) -> dict[str, Any]:
 
 
 def head(connection: Connection) -> tuple[int, str]:
-    seq, digest = connection.execute(
-        select(ledger_head.c.seq, ledger_head.c.hash).where(ledger_head.c.id == 1)
-    ).one()
+    seq, digest = connection.execute(_READ_HEAD).one()
     return int(seq), str(digest)
 
 
