@@ -14,6 +14,8 @@ from alerts.policy import DEFAULT_ROUTE, Policy, Route
 from alerts.render import Message
 from store.schema import deliveries
 
+_QUEUE = insert(deliveries)
+
 
 def delivery_payload(
     purpose: str,
@@ -66,7 +68,7 @@ def enqueue(
         if sink.kind in kinds
     ]
     if rows:
-        connection.execute(insert(deliveries), rows)
+        connection.execute(_QUEUE, rows)
     return len(rows)
 
 

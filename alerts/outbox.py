@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from sqlalchemy import Connection, Engine, RowMapping, func, select, update
+from sqlalchemy import Connection, Engine, RowMapping, bindparam, func, select, update
 
 from alerts import notices, sinks
 from alerts.deliveries import enqueue, escalation_route
@@ -43,6 +43,27 @@ LEASE_US = 30_000_000
 BATCH = 50
 # Deliveries being sent at once by one node.
 IN_FLIGHT = 64
+
+# Built once: every page runs them.
+_DUE_NOW = (
+    deliveries.c.status == "pending",
+    deliveries.c.next_attempt_us <= bindparam("now"),
+    deliveries.c.lease_until_us <= bindparam("now"),
+)
+_DUE = select(deliveries).where(*_DUE_NOW).order_by(deliveries.c.id).limit(BATCH)
+_ONE = update(deliveries).where(deliveries.c.id == bindparam("delivery"))
+_SENT = _ONE.values(status="sent", sent_us=bindparam("at"), attempts=bindparam("attempt"))
+_RETRY = _ONE.values(
+    attempts=bindparam("attempt"),
+    last_error=bindparam("error"),
+    next_attempt_us=bindparam("next"),
+    lease_until_us=0,
+)
+_TAKE = (
+    update(deliveries)
+    .where(deliveries.c.id == bindparam("delivery"), *_DUE_NOW)
+    .values(lease_until_us=bindparam("until"), lease_owner=bindparam("owner"))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,31 +202,17 @@ class Outbox:
     def _claim(self, now_us: int) -> list[RowMapping]:
         claimed = []
         with self._engine.begin() as connection:
-            rows = (
-                connection.execute(
-                    select(deliveries)
-                    .where(
-                        deliveries.c.status == "pending",
-                        deliveries.c.next_attempt_us <= now_us,
-                        deliveries.c.lease_until_us <= now_us,
-                    )
-                    .order_by(deliveries.c.id)
-                    .limit(BATCH)
-                )
-                .mappings()
-                .all()
-            )
+            rows = connection.execute(_DUE, {"now": now_us}).mappings().all()
             for row in rows:
                 # Re-check everything: another sender may have tried it since the SELECT.
                 taken = connection.execute(
-                    update(deliveries)
-                    .where(
-                        deliveries.c.id == row["id"],
-                        deliveries.c.status == "pending",
-                        deliveries.c.next_attempt_us <= now_us,
-                        deliveries.c.lease_until_us <= now_us,
-                    )
-                    .values(lease_until_us=now_us + LEASE_US, lease_owner=self._owner)
+                    _TAKE,
+                    {
+                        "delivery": row["id"],
+                        "now": now_us,
+                        "until": now_us + LEASE_US,
+                        "owner": self._owner,
+                    },
                 )
                 if taken.rowcount == 1:
                     claimed.append(row)
@@ -251,19 +258,20 @@ class Outbox:
                 }
                 if outcome.error is None:
                     self.sent += 1
-                    values: dict[str, Any] = {
-                        "status": "sent",
-                        "sent_us": now_us,
-                        "attempts": attempt,
-                    }
+                    connection.execute(
+                        _SENT, {"delivery": row["id"], "at": now_us, "attempt": attempt}
+                    )
                     events.append(self._event("alert_sent", payload, now_us, data))
                 elif attempt < self._retry.max_attempts:
-                    values = {
-                        "attempts": attempt,
-                        "last_error": outcome.error,
-                        "next_attempt_us": now_us + self._retry.delay_us(attempt),
-                        "lease_until_us": 0,
-                    }
+                    connection.execute(
+                        _RETRY,
+                        {
+                            "delivery": row["id"],
+                            "attempt": attempt,
+                            "error": outcome.error,
+                            "next": now_us + self._retry.delay_us(attempt),
+                        },
+                    )
                     events.append(
                         self._event("alert_failed", payload, now_us, {**data, "final": False})
                     )
@@ -274,10 +282,6 @@ class Outbox:
                     )
                     final = {**data, "final": True, "escalated_to": escalated_to}
                     events.append(self._event("alert_failed", payload, now_us, final))
-                    continue
-                connection.execute(
-                    update(deliveries).where(deliveries.c.id == row["id"]).values(**values)
-                )
             ledger.append(connection, events)
 
     def _give_up(

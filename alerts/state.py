@@ -113,22 +113,23 @@ class AlertState:
         routes = self._policy.routes_for(Facts.of(entry))
         alert_id = "al-" + secrets.token_hex(6)
         connection.execute(
-            insert(alerts).values(
-                id=alert_id,
-                canary_id=entry.canary_id,
-                sandbox=entry.sandbox,
-                routes=json.dumps([route.name for route in routes]),
-                status="open",
-                opened_us=entry.time_us,
-                window_ends_us=entry.time_us + self._timing.dedupe_window_us,
-                last_hit_us=entry.time_us,
-                first_hit_seq=entry.seq,
-                hit_count=1,
-                digested_count=1,
-                next_digest_us=entry.time_us + self._timing.digest_every_us,
-                sources=json.dumps([entry.source_ip]),
-                protocols=json.dumps([entry.protocol]),
-            )
+            _OPEN_ALERT,
+            {
+                "id": alert_id,
+                "canary_id": entry.canary_id,
+                "sandbox": entry.sandbox,
+                "routes": json.dumps([route.name for route in routes]),
+                "status": "open",
+                "opened_us": entry.time_us,
+                "window_ends_us": entry.time_us + self._timing.dedupe_window_us,
+                "last_hit_us": entry.time_us,
+                "first_hit_seq": entry.seq,
+                "hit_count": 1,
+                "digested_count": 1,
+                "next_digest_us": entry.time_us + self._timing.digest_every_us,
+                "sources": json.dumps([entry.source_ip]),
+                "protocols": json.dumps([entry.protocol]),
+            },
         )
         events.append(
             self._event(
@@ -373,6 +374,15 @@ class AlertState:
 
 
 # Built once: dispatch runs them for every batch of hits.
+_OPEN_ALERT = insert(alerts)
+_UNRESOLVED_OF = (
+    select(alerts)
+    .where(
+        alerts.c.canary_id.in_(bindparam("canaries", expanding=True)),
+        alerts.c.status != "resolved",
+    )
+    .order_by(alerts.c.opened_us)
+)
 _READ_CURSOR = select(dispatch_cursor.c.seq)
 _TAKE_CURSOR = (
     update(dispatch_cursor).where(dispatch_cursor.c.id == 1).values(seq=dispatch_cursor.c.seq)
@@ -440,11 +450,7 @@ class _Fold:
                 first.setdefault(entry.canary_id, entry.time_us)
         if not first:
             return {}
-        rows = connection.execute(
-            select(alerts)
-            .where(alerts.c.canary_id.in_(list(first)), alerts.c.status != "resolved")
-            .order_by(alerts.c.opened_us)
-        ).mappings()
+        rows = connection.execute(_UNRESOLVED_OF, {"canaries": list(first)}).mappings()
         found = {}
         for row in rows:
             if row["window_ends_us"] > first[row["canary_id"]]:
