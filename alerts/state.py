@@ -14,6 +14,7 @@ first hit after the window opens a new alert. Every hit stays in the ledger.
 
 import json
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,10 @@ from store.schema import alerts, deliveries, dispatch_cursor
 from store.schema import ledger as ledger_table
 
 MAX_SOURCES = 50
-BATCH = 500
+# Hits per dispatch transaction: it holds the write lock the listeners' commits need,
+# so a backlog is worked off in short transactions with a pause between them.
+BATCH = 100
+BATCH_PAUSE_SECONDS = 0.002
 
 # Alert rows as shown: with how many of their deliveries were dead-lettered.
 _SHOWN = select(
@@ -67,6 +71,9 @@ class AlertState:
         queued = 0
         self.last_dispatched = 0
         while True:
+            if self.last_dispatched:
+                # The lock is not fair: without a pause this thread would take it straight back.
+                time.sleep(BATCH_PAUSE_SECONDS)
             with self._engine.begin() as connection:
                 # Read the hits before taking the lock the listeners' commits also need,
                 # then make sure no other dispatcher moved the cursor meanwhile.
