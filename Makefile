@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) bench/dnsbench.py
 	$(PY) bench/amplification.py
 	$(PY) bench/latency.py
+	$(PY) bench/hostile.py
 	$(PY) bench/timeline.py
 	$(PY) bench/cli.py
 

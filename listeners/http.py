@@ -57,6 +57,9 @@ _ANSWERS: dict[str, tuple[int, bytes, bytes]] = {
     "pixel": (200, b"image/gif", _PIXEL),
 }
 _CLOSE = ((b"connection", b"close"),)
+# asyncio accepts up to this many queued connections per wake-up, each a descriptor until
+# it is refused: a flood of connects costs at most this many beyond the caps.
+_BACKLOG = 256
 # Sent to a connection over the bounds before anything of it is read.
 _TOO_MANY = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
@@ -245,7 +248,7 @@ class AsgiServer:
         listening = socket.socket(family, socket.SOCK_STREAM)
         listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listening.bind((options.listen, options.port))
-        listening.listen(512)
+        listening.listen(_BACKLOG)
         listening.setblocking(False)
         self._socket = listening
         config = _BoundedConfig(
@@ -269,6 +272,7 @@ class AsgiServer:
             # The guard bounds connections; uvicorn's own limit would answer a real hit 503.
             limit_concurrency=None,
             timeout_keep_alive=5,
+            backlog=_BACKLOG,
         )
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[listening]))
