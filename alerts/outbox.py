@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ from store.schema import deliveries
 log = logging.getLogger(__name__)
 
 LEASE_US = 30_000_000
+ATTEMPT_SECONDS = 20.0
 BATCH = 50
 # Deliveries being sent at once by one node.
 IN_FLIGHT = 64
@@ -51,7 +52,12 @@ _DUE_NOW = (
     deliveries.c.lease_until_us <= bindparam("now"),
 )
 _DUE = select(deliveries).where(*_DUE_NOW).order_by(deliveries.c.id).limit(BATCH)
-_ONE = update(deliveries).where(deliveries.c.id == bindparam("delivery"))
+# Only while this process still holds the lease it sent under.
+_ONE = update(deliveries).where(
+    deliveries.c.id == bindparam("delivery"),
+    deliveries.c.status == "pending",
+    deliveries.c.lease_owner == bindparam("owner"),
+)
 _SENT = _ONE.values(status="sent", sent_us=bindparam("at"), attempts=bindparam("attempt"))
 _RETRY = _ONE.values(
     attempts=bindparam("attempt"),
@@ -176,13 +182,17 @@ class Outbox:
         """
         async with self._lock:
             attempted = 0
-            in_flight: set[asyncio.Task[Outcome]] = set()
+            in_flight: dict[asyncio.Task[Outcome], int] = {}
+            woken: asyncio.Task[Any] | None = None
             try:
                 while True:
                     self._wakeup.clear()
-                    if len(in_flight) < IN_FLIGHT:
-                        due = await asyncio.to_thread(self._claim, self._clock())
-                        in_flight |= {asyncio.create_task(self._attempt(row)) for row in due}
+                    room = IN_FLIGHT - len(in_flight)
+                    if room > 0:
+                        sending = set(in_flight.values())
+                        due = await asyncio.to_thread(self._claim, self._clock(), room, sending)
+                        for row in due:
+                            in_flight[asyncio.create_task(self._attempt(row))] = row["id"]
                         attempted += len(due)
                     if not in_flight:
                         return attempted
@@ -190,20 +200,27 @@ class Outbox:
                     await asyncio.wait({*in_flight, woken}, return_when=asyncio.FIRST_COMPLETED)
                     woken.cancel()
                     finished = [task for task in in_flight if task.done()]
-                    in_flight.difference_update(finished)
+                    for task in finished:
+                        del in_flight[task]
                     if finished:
                         outcomes = [task.result() for task in finished]
                         await asyncio.to_thread(self._record, outcomes, self._clock())
             finally:
-                # Only if recording failed: the leases run out and the sends are retried.
-                for task in in_flight:
+                # Only if recording failed or we are stopping: the leases run out and the
+                # sends are retried (at least once, never lost).
+                for task in [*in_flight, *([woken] if woken is not None else [])]:
                     task.cancel()
 
-    def _claim(self, now_us: int) -> list[RowMapping]:
-        claimed = []
+    def _claim(self, now_us: int, room: int, sending: Collection[int]) -> list[RowMapping]:
+        """Lease up to `room` due deliveries to this process, leaving out those it is sending."""
+        claimed: list[RowMapping] = []
         with self._engine.begin() as connection:
             rows = connection.execute(_DUE, {"now": now_us}).mappings().all()
             for row in rows:
+                if len(claimed) >= room:
+                    break
+                if row["id"] in sending:
+                    continue
                 # Re-check everything: another sender may have tried it since the SELECT.
                 taken = connection.execute(
                     _TAKE,
@@ -219,11 +236,15 @@ class Outbox:
         return claimed
 
     async def _attempt(self, row: RowMapping) -> Outcome:
-        sender = self._sender(row["route"], row["sink"])
-        if sender is None:
-            return Outcome(row, f"sink {row['route']}/{row['sink']} is no longer configured")
         try:
-            await sender.send(row["id"], json.loads(row["payload"]))
+            sender = self._sender(row["route"], row["sink"])
+            if sender is None:
+                return Outcome(row, f"sink {row['route']}/{row['sink']} is no longer configured")
+            # Well within the lease: no other sender, this one included, takes it up meanwhile.
+            async with asyncio.timeout(ATTEMPT_SECONDS):
+                await sender.send(row["id"], json.loads(row["payload"]))
+        except TimeoutError:
+            return Outcome(row, f"no answer within {ATTEMPT_SECONDS:g} s")
         except DeliveryFailed as failure:
             return Outcome(row, str(failure))
         except Exception as failure:
@@ -259,7 +280,13 @@ class Outbox:
                 if outcome.error is None:
                     self.sent += 1
                     connection.execute(
-                        _SENT, {"delivery": row["id"], "at": now_us, "attempt": attempt}
+                        _SENT,
+                        {
+                            "delivery": row["id"],
+                            "owner": self._owner,
+                            "at": now_us,
+                            "attempt": attempt,
+                        },
                     )
                     events.append(self._event("alert_sent", payload, now_us, data))
                 elif attempt < self._retry.max_attempts:
@@ -267,6 +294,7 @@ class Outbox:
                         _RETRY,
                         {
                             "delivery": row["id"],
+                            "owner": self._owner,
                             "attempt": attempt,
                             "error": outcome.error,
                             "next": now_us + self._retry.delay_us(attempt),

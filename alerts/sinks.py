@@ -7,11 +7,13 @@ fold repeats into one incident nor acknowledge or resolve it.
 """
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import apprise
@@ -59,6 +61,11 @@ def mask(url: str) -> str:
     return f"{scheme}://{rest.split('/', 1)[0].rsplit('@', 1)[-1]}/..."
 
 
+# apprise sends block a thread each: on threads of their own, a hung service cannot
+# hold up the store work (claims, records, dispatch) in the shared pool.
+_SENDING = ThreadPoolExecutor(max_workers=16, thread_name_prefix="apprise")
+
+
 class AppriseSink:
     """Any apprise URL, rendered in the format that service displays."""
 
@@ -75,8 +82,11 @@ class AppriseSink:
 
     async def send(self, delivery_id: int, payload: dict[str, Any]) -> None:
         title, body = render(Message.from_json(payload["message"]), self._format)
-        accepted = await asyncio.to_thread(
-            self._plugin.notify, body=body, title=title, body_format=self._format
+        accepted = await asyncio.get_running_loop().run_in_executor(
+            _SENDING,
+            functools.partial(
+                self._plugin.notify, body=body, title=title, body_format=self._format
+            ),
         )
         # apprise returns a result object whose `== False` is False even on failure.
         if not bool(accepted):

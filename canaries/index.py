@@ -17,6 +17,7 @@ might be a canary, so the listener must answer with a temporary failure
 
 import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -53,28 +54,33 @@ class NegativeCache:
         self._ttl = ttl
         self._clock = clock
         self._until: OrderedDict[str, float] = OrderedDict()
+        # The loop asks; the refresh thread discards tokens it has just loaded.
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._until)
 
     def __contains__(self, token: str) -> bool:
-        until = self._until.get(token)
-        if until is None:
+        with self._lock:
+            until = self._until.get(token)
+            if until is None:
+                return False
+            if self._clock() < until:
+                return True
+            del self._until[token]
             return False
-        if self._clock() < until:
-            return True
-        del self._until[token]
-        return False
 
     def add(self, token: str) -> None:
-        self._until[token] = self._clock() + self._ttl
-        # Every entry lives as long, so the front is always the first to expire.
-        self._until.move_to_end(token)
-        if len(self._until) > self._size:
-            self._until.popitem(last=False)
+        with self._lock:
+            self._until[token] = self._clock() + self._ttl
+            # Every entry lives as long, so the front is always the first to expire.
+            self._until.move_to_end(token)
+            if len(self._until) > self._size:
+                self._until.popitem(last=False)
 
     def discard(self, token: str) -> None:
-        self._until.pop(token, None)
+        with self._lock:
+            self._until.pop(token, None)
 
 
 class TokenIndex:
@@ -175,6 +181,10 @@ class TokenIndex:
                     self._overflowed = 0
         finally:
             self._worker = None
+            # Cancelled mid-round (the node stopping): nobody may wait for ever.
+            for token in [token for token, answer in self._inflight.items() if not answer.done()]:
+                self._inflight.pop(token).set_exception(Unknowable("the lookup was cancelled"))
+                self._next.discard(token)
 
     def _fetch(self, tokens: set[str]) -> list[Canary]:
         self.store_lookups += 1

@@ -37,7 +37,7 @@ from listeners.dnswire import (
     refuse,
     server_failure,
 )
-from listeners.guard import ConnectionGuard, StreamOptions
+from listeners.guard import ConnectionGuard, Slot, StreamOptions
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ class DnsListener:
         unanswered: set[asyncio.Future[None]] = set()
         try:
             with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-                await self._tcp_queries(reader, writer, peer, unanswered)
+                await self._tcp_queries(reader, writer, peer, slot, unanswered)
             if unanswered:
                 # A client may half-close after its last query: its answers still go out,
                 # within the same slot and the same bound.
@@ -302,6 +302,7 @@ class DnsListener:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: Peer,
+        slot: Slot,
         unanswered: set[asyncio.Future[None]],
     ) -> None:
         """Answer length-prefixed queries until the client stops, stalls or stops reading."""
@@ -322,6 +323,7 @@ class DnsListener:
             except TimeoutError:
                 self._guard.timeouts["read"] += 1
                 return
+            slot.touch()
             if size < _HEADER_BYTES:
                 runts += 1
                 if runts > _TCP_MAX_RUNTS:

@@ -1,17 +1,17 @@
 """Connection limits every stream listener shares: a total cap, a per-source cap, a fair share.
 
 An unauthenticated client can hold a connection open; these bounds make sure
-no client, and no set of clients, can hold them all. A real client sends its
-request as soon as it connects, so a connection that has been open for more
-than `eviction_grace` seconds without finishing is the one to close when a
-newcomer needs room: a source at its cap loses its own oldest connection (an
-intruder that stalls connections and then uses a canary from the same
-address still leaves its hit), and at the total cap the busiest source
-yields first (one source's flood cannot keep another's real hit out), then
-the oldest connection of all (many sources holding one stalled connection
-each cannot either). A newcomer is refused only when the connections it
-would replace are all younger than the grace, so a neighbour behind the same
-address is never cut off before its request has arrived. A source is an IPv4
+no client, and no set of clients, can hold them all. A real client keeps
+sending until it is answered, so a connection that has sent nothing for more
+than `eviction_grace` seconds is the one to close when a newcomer needs room:
+a source at its cap loses its own idlest connection (an intruder that stalls
+connections and then uses a canary from the same address still leaves its
+hit), and at the total cap the busiest source yields first (one source's
+flood cannot keep another's real hit out), then the idlest connection of all
+(many sources holding one stalled connection each cannot either). A newcomer
+is refused only when the connections it would replace have all been active
+within the grace, so a neighbour behind the same address is never cut off
+while it is talking. A source is an IPv4
 address or an IPv6 /64 (one host is usually given a whole /64).
 
 Every admission, refusal, eviction and timeout is counted for `/metrics`.
@@ -37,7 +37,7 @@ class StreamOptions(ListenerOptions):
     max_connections_per_source: Annotated[int, Field(ge=1, le=65536)] = 32
     # How long one step may take: a request's head, its body, a reply's write.
     timeout: Seconds = 10.0
-    # A connection younger than this is never closed to make room for a newer one.
+    # A connection that sent something this recently is never closed to make room.
     eviction_grace: Annotated[float, Field(ge=0, le=60)] = 1.0
 
     @model_validator(mode="after")
@@ -63,14 +63,19 @@ def source_of(address: str) -> str:
 class Slot:
     """One admitted connection; `release()` it when the connection ends."""
 
-    __slots__ = ("_guard", "_released", "born", "close", "source")
+    __slots__ = ("_guard", "_released", "active", "close", "source")
 
     def __init__(self, guard: "ConnectionGuard", source: str, close: Callable[[], None]) -> None:
         self._guard = guard
         self._released = False
-        self.born = time.monotonic()
+        self.active = time.monotonic()
         self.source = source
         self.close = close
+
+    def touch(self) -> None:
+        """The client sent something: this connection is in use, the last to be closed for room."""
+        if not self._released:
+            self._guard.touch(self)
 
     def release(self) -> None:
         if not self._released:
@@ -93,7 +98,7 @@ class ConnectionGuard:
         self.evicted: Counter[str] = Counter()
         self.timeouts: Counter[str] = Counter()
         self.admitted = 0
-        # Insertion order is age: the first slot of each is the oldest.
+        # Ordered by last activity: the first slot of each is the one idle longest.
         self._sources: dict[str, dict[Slot, None]] = {}
         self._all: dict[Slot, None] = {}
 
@@ -134,20 +139,28 @@ class ConnectionGuard:
         if not held:
             del self._sources[slot.source]
 
+    def touch(self, slot: Slot) -> None:
+        slot.active = time.monotonic()
+        held = self._sources[slot.source]
+        del held[slot]
+        held[slot] = None
+        del self._all[slot]
+        self._all[slot] = None
+
     def _make_room(self, count: int, now: float) -> bool:
-        """At the total cap: the busiest source yields first, else the oldest connection of all."""
+        """At the total cap: the busiest source yields first, else the idlest connection of all."""
         busiest = max(self._sources.values(), key=len)
         if len(busiest) > count + 1 and self._evict(busiest, now, "fair"):
             return True
         return self._evict(self._all, now, "oldest")
 
     def _evict(self, held: dict[Slot, None], now: float, reason: str) -> bool:
-        """Close the oldest of `held`, unless it is younger than the grace (its request may be
-        on the way: a real client sends at once, so only a stalled one grows old)."""
-        oldest = next(iter(held))
-        if now - oldest.born < self.grace:
+        """Close the idlest of `held`, unless it sent something within the grace (its request
+        may be on the way: a real client keeps sending, only a stalled one stays silent)."""
+        idlest = next(iter(held))
+        if now - idlest.active < self.grace:
             return False
-        oldest.release()
+        idlest.release()
         self.evicted[reason] += 1
-        oldest.close()
+        idlest.close()
         return True

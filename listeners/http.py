@@ -27,6 +27,7 @@ from uvicorn.server import ServerState
 from canaries.find import in_request, split_name
 from canaries.index import Unknowable
 from canaries.model import Canary
+from canaries.tokens import is_plausible
 from listeners.base import Context, NotDurable, Peer, Port
 from listeners.guard import ConnectionGuard, Slot, StreamOptions
 from store.ledger import Entry, Event
@@ -46,6 +47,7 @@ MAX_TARGET_KEPT = 2048
 # A request head larger than this, or with more header lines, is answered 431.
 MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADER_LINES = 100
+# Plausible tokens (known, or passing the keyed check) looked up per request.
 MAX_CANDIDATES = 32
 _PIXEL = (
     b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
@@ -165,6 +167,12 @@ class BoundedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self._wait_for_head()
         self._watchdog = self.loop.call_later(self._step, self._watch)
+
+    def data_received(self, data: bytes) -> None:
+        if self._slot is None:
+            return  # refused: nothing of it is read
+        self._slot.touch()
+        super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._slot is None:
@@ -378,11 +386,23 @@ class HttpListener:
             await self._answer(send, *_ANSWERS[self._options.response], close)
 
     async def _canaries(self, found: dict[str, list[str]]) -> list[tuple[Canary, list[str]]]:
+        """The canaries among `found`; Unknowable when too many might be one to ask about.
+
+        Words that are neither known nor pass the deployment's keyed check are dropped
+        first, cheaply: only plausible ones are worth a lookup, and a request stuffed with
+        more than MAX_CANDIDATES of those (by chance 1 in 65,536 each) is answered 503.
+        """
+        index = self._context.index
+        worth = [
+            (candidate, where)
+            for candidate, where in found.items()
+            if index.get(candidate) is not None or is_plausible(candidate, index.key)
+        ]
+        if len(worth) > MAX_CANDIDATES:
+            raise Unknowable(f"{len(worth)} plausible tokens in one request")
         hits = []
-        # The Host and target come first; a request stuffed with token-shaped words gets no
-        # more than this many checked, so it cannot buy loop time per request.
-        for candidate, where in list(found.items())[:MAX_CANDIDATES]:
-            canary = await self._context.index.lookup(candidate)
+        for candidate, where in worth:
+            canary = await index.lookup(candidate)
             if canary is not None:
                 hits.append((canary, where))
         return hits

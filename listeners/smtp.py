@@ -52,6 +52,8 @@ class SmtpOptions(StreamOptions):
     max_connections: Annotated[int, Field(ge=1, le=65536)] = 64
     max_connections_per_source: Annotated[int, Field(ge=1, le=65536)] = 10
     timeout: Seconds = 30.0
+    # A mail client pauses for DNS, TLS and its own queue between commands.
+    eviction_grace: Annotated[float, Field(ge=0, le=60)] = 10.0
     tls_cert: FilePath | None = None
     tls_key: FilePath | None = None
 
@@ -245,6 +247,11 @@ class GuardedSMTP(SMTP):
                 transport.close()
                 return
         super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._slot is not None:
+            self._slot.touch()
+        super().data_received(data)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._slot is None:

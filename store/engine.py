@@ -4,7 +4,6 @@
 migrations, which means loading alembic, only when it is behind.
 """
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,42 +34,7 @@ def open_engine(url: str) -> Engine:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
-    _serialise_writes(engine)
     return engine
-
-
-# Long enough for any one write transaction; past it SQLite's own busy handling takes over.
-_WRITE_WAIT_SECONDS = 30.0
-_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
-
-
-def _serialise_writes(engine: Engine) -> None:
-    """One write transaction at a time in this process, queued on a lock, not on SQLite.
-
-    SQLite has one writer; a second in-process writer that finds the lock taken
-    sleeps in SQLite's busy handler (1, 2, 5, 10 ms, ...) and wakes late, so a
-    hit commit waiting behind an alert dispatch would be answered milliseconds
-    after the lock was free. A Python lock wakes the next writer at once. It is
-    re-entrant, as a thread may write through a second connection while its
-    first is open; other processes still meet SQLite's busy timeout.
-    """
-    lock = threading.RLock()
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def _take(connection: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if "write_lock" in connection.info or not statement.lstrip()[:7].upper().startswith(
-            _WRITES
-        ):
-            return
-        if lock.acquire(timeout=_WRITE_WAIT_SECONDS):
-            connection.info["write_lock"] = True
-
-    def _give(connection: Any) -> None:
-        if connection.info.pop("write_lock", False):
-            lock.release()
-
-    event.listen(engine, "commit", _give)
-    event.listen(engine, "rollback", _give)
 
 
 def open_store(url: str) -> Engine:

@@ -82,6 +82,17 @@ def test_many_sources_with_one_stalled_connection_each_cannot_lock_out_a_newcome
     assert guard.open == 512
 
 
+def test_a_connection_that_keeps_talking_is_not_the_one_closed(clock: Clock) -> None:
+    """A slow upload or a mail session is old but active: the silent one goes first."""
+    closed: list[str] = []
+    guard = ConnectionGuard(total=100, per_source=2, grace=1.0)
+    talking, _silent = admit_many(guard, "192.0.2.1", 2, closed)
+    clock.now += 5
+    talking.touch()
+    assert guard.admit("192.0.2.1", lambda: None) is not None
+    assert closed == ["192.0.2.1#1"]
+
+
 def test_a_full_listener_of_young_connections_refuses(clock: Clock) -> None:
     guard = ConnectionGuard(total=4, per_source=4, grace=1.0)
     admit_many(guard, "192.0.2.1", 4, [])

@@ -10,7 +10,17 @@ import socket
 import httpx
 from sqlalchemy import Engine
 
-from support import ZONE, Node, hits, plant_canary, run_http, send_without_reading, settle
+from canaries.tokens import is_plausible
+from support import (
+    ZONE,
+    Node,
+    hits,
+    legacy_token,
+    plant_canary,
+    run_http,
+    send_without_reading,
+    settle,
+)
 
 OTHER_SOURCE = "127.0.0.2"
 
@@ -163,3 +173,24 @@ async def test_a_closing_connection_whose_client_stops_reading_is_aborted(
         assert guard.open == 0
         assert sum(guard.timeouts.values()) >= 1
         raw.close()
+
+
+async def test_token_shaped_words_cannot_push_a_canary_out_of_the_request(
+    sqlite_engine: Engine,
+) -> None:
+    """On the first cut only the first 32 words were checked: junk in the query hid a canary."""
+    canary = plant_canary(sqlite_engine, "url")
+    async with run_http(sqlite_engine) as node:
+        shaped = (legacy_token() for _ in range(200))
+        # Leave out the one in 65,536 that passes the key's check by chance.
+        words = [word for word in shaped if not is_plausible(word, node.index.key)]
+        query = "&".join(f"a={word}" for word in words)
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(
+                f"http://127.0.0.1:{node.port}/x?{query}",
+                headers={"Authorization": f"Bearer {canary.token}"},
+            )
+        assert response.status_code == 200
+        assert node.index.store_lookups == 0
+    [hit] = hits(sqlite_engine)
+    assert hit.evidence["found_in"] == ["header:authorization"]

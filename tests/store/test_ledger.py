@@ -2,7 +2,6 @@
 
 import itertools
 import multiprocessing
-import threading
 
 import pytest
 from sqlalchemy import Engine, delete, insert, text, update
@@ -148,34 +147,3 @@ def test_the_store_refuses_to_change_ledger_rows(engine: Engine, change: str) ->
     with pytest.raises(DatabaseError, match="append-only"), engine.begin() as connection:
         connection.execute(statement)
     assert verdict(engine).intact
-
-
-def test_threads_of_one_process_queue_for_the_write_lock(sqlite_engine: Engine) -> None:
-    """In-process SQLite writers wait on a lock, not in SQLite's sleeping busy handler."""
-    failures: list[BaseException] = []
-
-    def write(worker: int) -> None:
-        try:
-            for n in range(25):
-                with sqlite_engine.begin() as connection:
-                    ledger.append(connection, [numbered_event(worker * 100 + n)])
-        except BaseException as error:
-            failures.append(error)
-
-    def abandon() -> None:
-        # A write that rolls back must give the lock back too.
-        with sqlite_engine.connect() as connection:
-            ledger.append(connection, [numbered_event(999)])
-            connection.rollback()
-
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(6)]
-    threads.append(threading.Thread(target=abandon))
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not any(thread.is_alive() for thread in threads)
-    assert failures == []
-    with sqlite_engine.connect() as connection:
-        assert ledger.head(connection)[0] == 6 * 25
-        assert ledger.verify(connection).intact
