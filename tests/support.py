@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,11 +130,12 @@ class Receiver:
     """A real HTTP server on 127.0.0.1 recording every request.
 
     It answers `status`, or for a path in `failing`, 500 while that path's
-    count of failures to give is above zero.
+    count of failures to give is above zero; each answer after `delay` seconds.
     """
 
     port: int = 0
     status: int = 200
+    delay: float = 0.0
     failing: dict[str, int] = field(default_factory=dict)
     requests: list[Received] = field(default_factory=list)
     attempts: list[Received] = field(default_factory=list)
@@ -146,6 +148,7 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def answer(self, received: Received) -> int:
+        time.sleep(self.delay)
         with self.arrived:
             self.attempts.append(received)
             status = self.status

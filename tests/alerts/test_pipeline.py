@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, update
 
+from alerts import outbox as outbox_module
 from alerts.deliveries import escalation_route
 from alerts.outbox import Outbox, Retry
 from alerts.policy import DEFAULT_ROUTE, IgnoreRule, Match, Policy, Route, Sink
@@ -115,6 +116,24 @@ async def settle(outbox: Outbox, clock: Clock) -> None:
         clock.now += 10_000_000
         await outbox.work()
     assert outbox.depth() == 0
+
+
+async def test_a_sink_slower_than_an_attempt_is_retried_never_sent_twice_at_once(
+    pipeline: Pipeline, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outbox_module, "ATTEMPT_SECONDS", 0.1)
+    receiver.delay = 0.4
+    pipeline.hit()
+    assert await pipeline.run() == 3
+    failed = hits(pipeline.engine, "alert_failed")
+    # The HTTP sinks gave no answer in time; apprise's own timeout is its plugin's.
+    assert any("no answer within" in entry.evidence["error"] for entry in failed)
+    receiver.delay = 0.0
+    await settle(pipeline.outbox, pipeline.clock)
+    sent = hits(pipeline.engine, "alert_sent")
+    deliveries = [entry.evidence["delivery"] for entry in sent]
+    assert sorted(deliveries) == sorted(set(deliveries))
+    assert len(deliveries) == 3
 
 
 def verify_signature(headers: dict[str, str], body: bytes) -> bool:
