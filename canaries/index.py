@@ -19,7 +19,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 # Lookups waiting on the store at once; only plausible tokens get a place.
 MAX_PENDING = 4096
+MAX_PENDING_PER_SOURCE = 256
 # Long enough that a collision someone found reaches the store a few times a
 # minute at most; short enough that a token the store had not yet committed
 # (another node's mint, mid-transaction) is asked about again soon. The
@@ -94,6 +95,8 @@ class TokenIndex:
         self._last_pk = 0
         # Tokens being looked up, each with the answer its askers wait for.
         self._inflight: dict[str, asyncio.Future[Canary | None]] = {}
+        # Places in the queue each source holds.
+        self._asking: Counter[str] = Counter()
         self._next: set[str] = set()
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-lookup")
@@ -124,9 +127,11 @@ class TokenIndex:
             self._last_pk = max(self._last_pk, row["pk"])
         return len(rows)
 
-    async def lookup(self, token: str) -> Canary | None:
+    async def lookup(self, token: str, source: str = "") -> Canary | None:
         """The canary for a lowercase token, asking the store if it is plausible but unknown.
 
+        `source` is who asked (an address): one source may hold at most
+        MAX_PENDING_PER_SOURCE of the places, so it cannot take them all.
         Raises Unknowable when the store cannot be asked now.
         """
         known = self._by_token.get(token)
@@ -137,15 +142,23 @@ class TokenIndex:
             return None
         answer = self._inflight.get(token)
         if answer is None:
-            if len(self._inflight) >= MAX_PENDING:
+            full = len(self._inflight) >= MAX_PENDING
+            if full or self._asking[source] >= MAX_PENDING_PER_SOURCE:
                 self.overflow += 1
                 self._overflowed += 1
                 raise Unknowable("the token lookup queue is full")
             answer = self._inflight[token] = asyncio.get_running_loop().create_future()
+            self._asking[source] += 1
+            answer.add_done_callback(lambda _: self._done_asking(source))
             self._next.add(token)
             if self._worker is None:
                 self._worker = asyncio.create_task(self._rounds())
         return await asyncio.shield(answer)
+
+    def _done_asking(self, source: str) -> None:
+        self._asking[source] -= 1
+        if not self._asking[source]:
+            del self._asking[source]
 
     async def _rounds(self) -> None:
         loop = asyncio.get_running_loop()

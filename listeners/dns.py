@@ -232,7 +232,7 @@ class DnsListener:
         send: Send,
     ) -> None:
         try:
-            canary = await self._context.index.lookup(candidate)
+            canary = await self._context.index.lookup(candidate, peer[0])
         except Unknowable:
             # Perhaps a canary: answer nothing a resolver would take as final, so it asks again.
             self._context.counters.record_failures += 1

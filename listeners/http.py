@@ -348,7 +348,10 @@ class HttpListener:
         }
         try:
             # The head's hits first: a client that stalls its body has already left them.
-            head_hits = await self._canaries(in_request(host, target, headers, "", self._zone))
+            source = str(peer[0])
+            head_hits = await self._canaries(
+                in_request(host, target, headers, "", self._zone), source
+            )
             entries = await self._record(
                 [
                     self._context.hit(canary, "http", peer, {**head, "found_in": where})
@@ -359,7 +362,7 @@ class HttpListener:
             found = in_request("", "", [], body.head.decode("utf-8", "replace"), self._zone)
             known = {canary.token for canary, _ in head_hits}
             body_hits = await self._canaries(
-                {token: where for token, where in found.items() if token not in known}
+                {token: where for token, where in found.items() if token not in known}, source
             )
             recorded = [
                 (canary, entry) for (canary, _), entry in zip(head_hits, entries, strict=True)
@@ -385,7 +388,9 @@ class HttpListener:
         else:
             await self._answer(send, *_ANSWERS[self._options.response], close)
 
-    async def _canaries(self, found: dict[str, list[str]]) -> list[tuple[Canary, list[str]]]:
+    async def _canaries(
+        self, found: dict[str, list[str]], source: str
+    ) -> list[tuple[Canary, list[str]]]:
         """The canaries among `found`; Unknowable when too many might be one to ask about.
 
         Words that are neither known nor pass the deployment's keyed check are dropped
@@ -402,7 +407,7 @@ class HttpListener:
             raise Unknowable(f"{len(worth)} plausible tokens in one request")
         hits = []
         for candidate, where in worth:
-            canary = await index.lookup(candidate)
+            canary = await index.lookup(candidate, source)
             if canary is not None:
                 hits.append((canary, where))
         return hits

@@ -85,7 +85,7 @@ class CanaryHandler:
             match = in_address(address, zone)
             if match is not None:
                 try:
-                    canary = await self._context.index.lookup(match.candidate)
+                    canary = await self._context.index.lookup(match.candidate, _peer(session)[0])
                 except Unknowable:
                     counters.record_failures += 1
                     return "451 4.3.0 Try again later"
@@ -127,7 +127,7 @@ class CanaryHandler:
         leaked = []
         for token in sorted(found):
             try:
-                canary = await index.lookup(token)
+                canary = await index.lookup(token, _peer(session)[0])
             except Unknowable:
                 self._context.counters.record_failures += 1
                 return "451 4.3.0 Try again later"

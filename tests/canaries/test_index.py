@@ -128,6 +128,26 @@ async def test_a_full_queue_is_a_temporary_failure_never_junk(
     assert index.store_lookups == 1
 
 
+async def test_one_source_cannot_take_every_place_in_the_queue(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(index_module, "MAX_PENDING_PER_SOURCE", 2)
+    index = TokenIndex(sqlite_engine)
+    index.refresh()
+    flood = [new_token(index.key) for _ in range(5)]
+    found = await asyncio.gather(
+        *(index.lookup(token, "192.0.2.66") for token in flood),
+        index.lookup(new_token(index.key), "198.51.100.7"),
+        return_exceptions=True,
+    )
+    assert found[:2] == [None, None]
+    assert all(isinstance(answer, Unknowable) for answer in found[2:5])
+    # Another source still gets its place.
+    assert found[5] is None
+    # And the flooding source has its places back once its round is answered.
+    assert await index.lookup(new_token(index.key), "192.0.2.66") is None
+
+
 async def test_tokens_asked_for_together_share_one_round(sqlite_engine: Engine) -> None:
     index = TokenIndex(sqlite_engine)
     index.refresh()
