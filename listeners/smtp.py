@@ -230,6 +230,7 @@ class GuardedSMTP(SMTP):
         super().__init__(*args, **kwargs)
         self._counters = context.counters
         self._guard = guard
+        self._step = float(kwargs.get("timeout", 30.0))
         self._slot: Slot | None = None
         self._errors = 0
         self._rejected = 0
@@ -258,6 +259,16 @@ class GuardedSMTP(SMTP):
             return  # refused in connection_made: aiosmtpd never started a session
         self._slot.release()
         super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        """aiosmtpd's idle timeout (it closes the transport), counted and bounded."""
+        transport = self.transport
+        if not isinstance(transport, asyncio.Transport):
+            return
+        self._guard.timeouts["idle"] += 1
+        transport.close()
+        # close() waits for unsent replies; a client that stopped reading gets a step more.
+        asyncio.get_running_loop().call_later(self._step, transport.abort)
 
     def _create_envelope(self) -> Envelope:
         return CanaryEnvelope()

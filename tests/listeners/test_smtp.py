@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 from canaries.tokens import is_plausible
 from listeners.mailparse import inspect_message
 from store import ledger
-from support import ZONE, hits, plant_canary, run_smtp
+from support import ZONE, hits, plant_canary, run_smtp, settle
 
 T = TypeVar("T")
 
@@ -277,6 +277,23 @@ async def test_floods_are_cut_off_and_do_not_stall_a_real_hit(sqlite_engine: Eng
         assert node.context.counters.malformed >= 4 * 10
         assert node.context.counters.dropped == 4
     assert len(hits(sqlite_engine)) == 1
+
+
+async def test_a_silent_session_is_closed_and_counted(sqlite_engine: Engine) -> None:
+    async with run_smtp(sqlite_engine, timeout=0.3) as node:
+
+        def idle() -> bytes:
+            with socket.create_connection(("127.0.0.1", node.port)) as sock:
+                sock.settimeout(5)
+                banner = sock.recv(100)
+                assert banner.startswith(b"220")
+                return sock.recv(100)
+
+        assert await blocking(idle) == b""
+        guard = node.context.connections
+        assert guard is not None
+        await settle(lambda: guard.open == 0)
+        assert guard.timeouts["idle"] == 1
 
 
 async def test_a_message_stuffed_with_token_shaped_words_costs_no_lookups(
