@@ -457,13 +457,19 @@ answer_ipv4 = ["127.0.0.1"]           # A answers for every name in the zone: th
 answer_ipv6 = []                      # AAAA answers
 ttl = 0                               # keep 0 so every lookup reaches this server, not a cache
 # nameservers = ["ns1.canary.example.test"]   # NS/SOA names; default ns1.<zone>
+# Every listener that takes connections (dns over TCP, smtp, http, api) has the same bounds:
+# max_connections = 256               # in all (smtp 64, http 512, api 128)
+# max_connections_per_source = 32     # per IPv4 address or IPv6 /64 (smtp 10, api 16)
+# timeout = 10.0                      # seconds for a frame, head or body to arrive, a reply to be read
+# eviction_grace = 1.0                # a connection silent this long may be closed for a newcomer (smtp 10)
 
 [smtp]
 # Mail for <token>@<zone> and anything@<token>.<zone> is a hit; everything else gets 550.
 listen = "127.0.0.1"                  # 0.0.0.0 or :: in production
 port = 2525                           # 25 in production (point the zone's MX here)
 domains = []                          # default: the DNS zone and every name under it
-max_message_bytes = 10485760
+max_message_bytes = 10485760          # x max_connections bounds the memory mail can take
+max_connections = 64
 max_connections_per_source = 10
 timeout = 30.0                        # seconds of silence before a session is dropped
 # tls_cert = "/etc/oobwatch/mail.pem"  # STARTTLS when both are set
