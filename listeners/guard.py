@@ -97,7 +97,6 @@ class ConnectionGuard:
         # source holding more than the newcomer's ("fair"), the oldest of all ("oldest").
         self.evicted: Counter[str] = Counter()
         self.timeouts: Counter[str] = Counter()
-        self.admitted = 0
         # Ordered by last activity: the first slot of each is the one idle longest.
         self._sources: dict[str, dict[Slot, None]] = {}
         self._all: dict[Slot, None] = {}
@@ -127,7 +126,6 @@ class ConnectionGuard:
         slot = Slot(self, source, close)
         self._sources.setdefault(source, {})[slot] = None
         self._all[slot] = None
-        self.admitted += 1
         return slot
 
     def release(self, slot: Slot) -> None:
