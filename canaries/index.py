@@ -114,6 +114,11 @@ class TokenIndex:
         """The canary for a lowercase token, from memory only."""
         return self._by_token.get(token)
 
+    def worth_asking(self, token: str) -> bool:
+        """Whether a lowercase token is a canary or might be one (it passes the keyed check):
+        only those are worth a `lookup`; any other word is junk, told without the store."""
+        return token in self._by_token or is_plausible(token, self.key)
+
     def add(self, canary: Canary) -> None:
         self._by_token[canary.token] = canary
         self._absent.discard(canary.token)

@@ -27,7 +27,6 @@ from uvicorn.server import ServerState
 from canaries.find import in_request, split_name
 from canaries.index import Unknowable
 from canaries.model import Canary
-from canaries.tokens import is_plausible
 from listeners.base import Context, NotDurable, Peer, Port
 from listeners.guard import ConnectionGuard, Slot, StreamOptions
 from store.ledger import Entry, Event
@@ -352,8 +351,8 @@ class HttpListener:
             head_hits = await self._canaries(
                 in_request(host, target, headers, "", self._zone), source
             )
-            entries = await self._record(
-                [
+            entries = await self._context.record(
+                *[
                     self._context.hit(canary, "http", peer, {**head, "found_in": where})
                     for canary, where in head_hits
                 ]
@@ -367,7 +366,7 @@ class HttpListener:
             recorded = [
                 (canary, entry) for (canary, _), entry in zip(head_hits, entries, strict=True)
             ]
-            await self._record(self._body_events(head, body, peer, recorded, body_hits))
+            await self._context.record(*self._body_events(head, body, peer, recorded, body_hits))
         except (NotDurable, Unknowable):
             # Not recorded, or not known whether it is a canary: never answered as if it were fine.
             await self._answer(send, 503, b"text/plain", b"", _CLOSE)
@@ -401,7 +400,7 @@ class HttpListener:
         worth = [
             (candidate, where)
             for candidate, where in found.items()
-            if index.get(candidate) is not None or is_plausible(candidate, index.key)
+            if index.worth_asking(candidate)
         ]
         if len(worth) > MAX_CANDIDATES:
             raise Unknowable(f"{len(worth)} plausible tokens in one request")
@@ -411,9 +410,6 @@ class HttpListener:
             if canary is not None:
                 hits.append((canary, where))
         return hits
-
-    async def _record(self, events: list[Event]) -> list[Entry]:
-        return await self._context.record(*events) if events else []
 
     def _body_events(
         self,

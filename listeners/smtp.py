@@ -20,7 +20,6 @@ from pydantic import Field, FilePath, model_validator
 from canaries.find import in_address, in_domains, scan, split_name
 from canaries.index import Unknowable
 from canaries.model import Canary
-from canaries.tokens import is_plausible
 from listeners.base import Context, DnsName, NotDurable, Peer, Port, format_peer
 from listeners.guard import ConnectionGuard, Seconds, Slot, StreamOptions
 from listeners.mailparse import MailDetails, inspect_message
@@ -115,9 +114,7 @@ class CanaryHandler:
         recipients = {canary.token for canary, _ in _hits(envelope)}
 
         def worth_asking(token: str) -> bool:
-            return token not in recipients and (
-                index.get(token) is not None or is_plausible(token, index.key)
-            )
+            return token not in recipients and index.worth_asking(token)
 
         # Parsing and scanning a large message is slow work: keep it off the listeners' loop,
         # on a thread of its own, so store work in the shared pool never queues behind it.

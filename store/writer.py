@@ -70,6 +70,8 @@ class LedgerWriter:
 
     async def append(self, *events: Event) -> list[Entry]:
         """Append `events` and return their entries once committed; raise NotDurable if not."""
+        if not events:
+            return []
         loop = asyncio.get_running_loop()
         results: list[Entry] = []
         finished = loop.create_future()

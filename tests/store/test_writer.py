@@ -69,3 +69,12 @@ async def test_one_bad_event_does_not_cost_the_others_or_stop_the_writer(engine:
         verdict = ledger.verify(connection)
     assert verdict.intact
     assert verdict.count == 4
+
+
+async def test_appending_nothing_returns_at_once(engine: Engine) -> None:
+    writer = LedgerWriter(engine)
+    writer.start()
+    try:
+        assert await asyncio.wait_for(writer.append(), 5) == []
+    finally:
+        await writer.stop()
