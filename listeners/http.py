@@ -34,6 +34,8 @@ from store.ledger import Entry, Event
 log = logging.getLogger(__name__)
 
 Response = Literal["empty", "404", "pixel"]
+# How reading a request body ended.
+BodyEnd = Literal["complete", "too_large", "timeout", "disconnected"]
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
@@ -106,7 +108,7 @@ class Body:
     head: bytes
     size: int
     sha256: str
-    ended: Literal["complete", "too_large", "timeout", "disconnected"]
+    ended: BodyEnd
 
     @property
     def complete(self) -> bool:
@@ -443,7 +445,7 @@ class HttpListener:
         digest = hashlib.sha256()
         head = bytearray()
         size = 0
-        ended: Literal["complete", "too_large", "timeout", "disconnected"] = "complete"
+        ended: BodyEnd = "complete"
         try:
             async with asyncio.timeout(self._options.timeout):
                 while True:

@@ -67,7 +67,7 @@ class NodeCollector(Collector):
             )
             yield CounterMetricFamily(
                 "oobwatch_token_lookup_overflow",
-                "Token lookups answered as junk because the lookup queue was full",
+                "Token lookups answered with a temporary failure: the lookup queue was full",
                 index.overflow,
             )
         yield CounterMetricFamily(
@@ -111,14 +111,14 @@ class NodeCollector(Collector):
         )
         refused = CounterMetricFamily(
             "oobwatch_connections_refused",
-            "Connections refused because the ones they would replace were all too young "
-            "(source: of their own source at its cap; total: of the full listener)",
+            "Connections refused because the ones they would replace were all active within "
+            "the eviction grace (source: of their own source at its cap; total: of the listener)",
             labels=["listener", "reason"],
         )
         evicted = CounterMetricFamily(
             "oobwatch_connections_evicted",
-            "Old connections closed for a newcomer (source: of its own source at its cap; "
-            "fair: of the busiest source; oldest: the oldest of all)",
+            "Idle connections closed for a newcomer (source: of its own source at its cap; "
+            "fair: of the busiest source; oldest: the idlest of all)",
             labels=["listener", "reason"],
         )
         timeouts = CounterMetricFamily(
