@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from store import bursts
 from store.clock import to_iso
 from store.ledger import Entry
 
@@ -107,7 +108,11 @@ def for_hit(entry: Entry, alert_id: str) -> Message:
     protocol = entry.protocol or "?"
     where = f", planted at {data['location']}" if data.get("location") else ""
     source_ip = entry.source_ip or "?"
-    if data.get("trigger") == "leaked":
+    if bursts.burst_of(data) is not None:
+        headline = (
+            f"Burst: {bursts.summary(entry.canary_id, data)} (sandbox {entry.sandbox}{where})"
+        )
+    elif data.get("trigger") == "leaked":
         headline = f"Token of canary {entry.canary_id} (sandbox {entry.sandbox}{where}) leaked in mail from {source_ip}"
     else:
         verb = _VERBS.get(protocol, f"{protocol.upper()} hit on")
@@ -123,6 +128,10 @@ def for_hit(entry: Entry, alert_id: str) -> Message:
         Line("node", entry.node),
     ]
     lines += [Line(key, truncate(data[key]), True) for key in _ATTACKER_KEYS if data.get(key)]
+    burst = bursts.burst_of(data)
+    if burst is not None and burst.get("data"):
+        carried = [sample.get("data") for sample in burst["data"] if isinstance(sample, dict)]
+        lines.append(Line("data", truncate(carried), True))
     lines.append(Line("ledger", f"seq {entry.seq} hash {entry.hash[:16]}"))
     return Message(
         f"oobwatch: {protocol.upper()} canary hit, sandbox {entry.sandbox}", headline, lines

@@ -25,7 +25,7 @@ from alerts.deliveries import delivery_payload, enqueue
 from alerts.policy import Facts, Policy, Route
 from alerts.render import Line, Message, for_hit, plural, truncate
 from canaries.model import HEARTBEAT_SANDBOX
-from store import ledger
+from store import bursts, ledger
 from store.clock import to_iso
 from store.ledger import Entry, Event
 from store.schema import alerts, deliveries, dispatch_cursor
@@ -131,11 +131,11 @@ class AlertState:
                 "window_ends_us": entry.time_us + self._timing.dedupe_window_us,
                 "last_hit_us": entry.time_us,
                 "first_hit_seq": entry.seq,
-                "hit_count": 1,
-                "digested_count": 1,
+                "hit_count": entry.hits,
+                "digested_count": entry.hits,
                 "next_digest_us": entry.time_us + self._timing.digest_every_us,
-                "sources": json.dumps([entry.source_ip]),
-                "protocols": json.dumps([entry.protocol]),
+                "sources": json.dumps(_Fold.sources_of(entry)[:MAX_SOURCES]),
+                "protocols": json.dumps(_Fold.protocols_of(entry)),
             },
         )
         events.append(
@@ -446,7 +446,24 @@ class _Fold:
     @classmethod
     def opened(cls, alert_id: str, window_ends_us: int, entry: Entry) -> "_Fold":
         """The alert `entry` just opened, as the first row wrote it."""
-        return cls(alert_id, window_ends_us, entry.time_us, [entry.source], [entry.protocol])
+        return cls(
+            alert_id,
+            window_ends_us,
+            entry.time_us,
+            cls.sources_of(entry)[:MAX_SOURCES],
+            cls.protocols_of(entry),
+        )
+
+    @staticmethod
+    def sources_of(entry: Entry) -> list[str | None]:
+        """The source hosts of a hit: its own, or those an aggregate lists."""
+        listed = bursts.sources_of(entry.evidence)
+        return list(dict.fromkeys([entry.source_ip, *listed]))
+
+    @staticmethod
+    def protocols_of(entry: Entry) -> list[str | None]:
+        listed: list[str | None] = [*bursts.protocols_of(entry.evidence)]
+        return listed or [entry.protocol]
 
     @classmethod
     def open_for(cls, connection: Connection, hits: Sequence[Entry]) -> dict[str, "_Fold"]:
@@ -471,11 +488,15 @@ class _Fold:
         return found
 
     def add(self, entry: Entry) -> None:
-        self.added += 1
+        self.added += entry.hits
         self.last_hit_us = max(self.last_hit_us, entry.time_us)
-        for values, value in ((self.sources, entry.source_ip), (self.protocols, entry.protocol)):
-            if value is not None and value not in values and len(values) < MAX_SOURCES:
-                values.append(value)
+        for values, found in (
+            (self.sources, self.sources_of(entry)),
+            (self.protocols, self.protocols_of(entry)),
+        ):
+            for value in found:
+                if value is not None and value not in values and len(values) < MAX_SOURCES:
+                    values.append(value)
 
     @staticmethod
     def write_all(connection: Connection, folds: Sequence["_Fold"]) -> None:

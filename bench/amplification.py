@@ -50,6 +50,7 @@ from canaries.index import TokenIndex
 from canaries.mint import mint
 from listeners import dnswire
 from listeners.base import Context
+from listeners.burst import BurstFolder
 from listeners.dns import DnsListener, DnsOptions
 from store.engine import migrate, open_engine
 from store.writer import LedgerWriter
@@ -164,7 +165,7 @@ async def measure(config: str, database: Path, wait: float) -> ConfigRun:
     index = TokenIndex(engine)
     index.refresh()
     try:
-        listener = DnsListener(Context(index, writer, "bench", options.zone), options)
+        listener = DnsListener(Context(index, BurstFolder(writer), "bench", options.zone), options)
     except ValueError as error:
         run.refused_at_start = str(error)
         await writer.stop()

@@ -4,9 +4,10 @@ A listener answers the step that carries a token only after the hit is
 committed. It records through its `Context`: `record()` for a coroutine that
 waits for the commit (raising `NotDurable` if there is none, so the caller
 answers with a temporary failure), or `record_then()` for a hot path that
-hands over what to send once committed. Either way the counters mean the
-same on every listener: `hits` counts committed hits, `record_failures` hits
-the store could not take.
+hands over what to send once committed. Either way the hit goes through the
+node's `BurstFolder`, so one canary's flood folds into aggregate rows
+(`listeners/burst.py`), and the counters mean the same on every listener:
+`hits` counts committed hits, `record_failures` hits the store could not take.
 """
 
 import re
@@ -21,9 +22,10 @@ from canaries.index import TokenIndex
 from canaries.model import Canary
 from store.clock import now_us
 from store.ledger import Entry, Event
-from store.writer import LedgerWriter, NotDurable
+from store.writer import NotDurable
 
 if TYPE_CHECKING:
+    from listeners.burst import BurstFolder
     from listeners.guard import ConnectionGuard
 
 __all__ = ["NotDurable"]
@@ -98,7 +100,8 @@ class Context:
     """What a listener needs from the rest of the process, and how it records."""
 
     index: TokenIndex
-    writer: LedgerWriter
+    # Shared by a node's listeners: a canary's burst folds across protocols.
+    folder: "BurstFolder"
     node: str
     zone: str
     counters: Counters = field(default_factory=Counters)
@@ -126,7 +129,7 @@ class Context:
     async def record(self, *events: Event) -> list[Entry]:
         """Commit `events`; their entries, or NotDurable (then answer with a temporary failure)."""
         try:
-            entries = await self.writer.append(*events)
+            entries = await self.folder.append(*events)
         except NotDurable:
             self.counters.record_failures += 1
             raise
@@ -148,7 +151,7 @@ class Context:
                 counters.hits += 1
             answer(entry is not None)
 
-        self.writer.submit(event, committed)
+        self.folder.submit(event, committed)
 
 
 def hit_event(

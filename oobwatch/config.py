@@ -39,6 +39,7 @@ from sqlalchemy.exc import ArgumentError
 
 from alerts.policy import DEFAULT_ROUTE, IgnoreRule, Match, Policy, Route, Sink
 from listeners.base import ListenerOptions, Port
+from listeners.burst import BurstOptions
 from listeners.dns import DnsOptions
 from listeners.guard import StreamOptions
 from listeners.http import HttpOptions
@@ -228,6 +229,7 @@ class Config(Section):
     dns: DnsOptions = DnsOptions()
     smtp: SmtpOptions = SmtpOptions()
     http: HttpOptions = HttpOptions()
+    bursts: BurstOptions = BurstOptions()
     alerts: AlertsConfig = AlertsConfig()
     ignore: list[IgnoreConfig] = []
     heartbeat: HeartbeatConfig = HeartbeatConfig()

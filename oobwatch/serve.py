@@ -21,6 +21,7 @@ from sqlalchemy import Engine
 from alerts.pager import Pager
 from canaries.index import TokenIndex
 from listeners.base import Context, Listener, ListenerOptions
+from listeners.burst import BurstFolder
 from listeners.dns import DnsListener
 from listeners.guard import ConnectionGuard, StreamOptions
 from listeners.http import AsgiServer, HttpListener
@@ -69,6 +70,7 @@ class Node:
     config: Config
     engine: Engine
     writer: LedgerWriter
+    folder: BurstFolder
     index: TokenIndex
     pager: Pager
     integrity: Integrity
@@ -83,6 +85,7 @@ class Node:
             await self.api.stop()
         for listener in self.listeners.values():
             await listener.stop()
+        self.folder.close()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         await self.pager.stop()
@@ -162,7 +165,8 @@ async def start(config: Config) -> Node:
     policy = config.policy()
     pager = alerting.pager(config, engine, policy)
     integrity = alerting.integrity(config, engine, policy)
-    node = Node(config, engine, writer, index, pager, integrity, AsyncIOScheduler())
+    folder = BurstFolder(writer, config.bursts)
+    node = Node(config, engine, writer, folder, index, pager, integrity, AsyncIOScheduler())
     if not any(route.sinks for route in policy.routes.values()):
         log.warning(
             "NO ALERT DESTINATION: hits are recorded but nobody is paged; "
@@ -191,7 +195,7 @@ async def start(config: Config) -> Node:
         options: ListenerOptions = getattr(config, name)
         if not options.enabled:
             continue
-        context = Context(index, writer, config.node.name, config.dns.zone)
+        context = Context(index, folder, config.node.name, config.dns.zone)
         listener = kind(context, options)
         await _bind(node, name, options, listener.start)
         node.listeners[name] = listener

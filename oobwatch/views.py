@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from canaries.kinds import CredentialFormat
 from canaries.model import HEARTBEAT_SANDBOX, Canary, Kind, Severity
+from store import bursts
 from store.clock import from_iso, to_iso
 from store.ledger import Entry, Verdict
 from store.timeline import Incident, TimelineQuery
@@ -362,6 +363,8 @@ def detail(event: EventView) -> str:
     """One line saying what an event is about, from its evidence."""
     data = event.evidence
     kind, protocol = event.type, event.protocol
+    if kind in ("hit", "evidence") and bursts.burst_of(data) is not None:
+        return bursts.summary(event.canary_id, data)
     if kind == "hit" and protocol == "dns":
         text = f"{data.get('qtype', '')} {data.get('qname', '')}"
         return text + (f" decoded={data['decoded']!r}" if data.get("decoded") else "")
@@ -397,7 +400,7 @@ def incident_view(incident: Incident, with_events: bool = False) -> IncidentView
         sandbox=incident.sandbox,
         first=to_iso(incident.first_us),
         last=to_iso(incident.last_us),
-        hits=len(incident.hits),
+        hits=incident.hit_count,
         channels=incident.channels,
         sources=incident.sources,
         canaries=incident.canaries,

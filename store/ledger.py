@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, select, update
 
+from store import bursts
 from store.clock import to_iso as _iso
 from store.schema import ledger, ledger_head
 
@@ -58,6 +59,11 @@ class Entry:
     def evidence(self) -> dict[str, Any]:
         loaded: dict[str, Any] = json.loads(self.data)
         return loaded
+
+    @property
+    def hits(self) -> int:
+        """How many hits this row accounts for: none, one, or an aggregate's count."""
+        return bursts.hits_in(self.evidence) if self.type == "hit" else 0
 
     @property
     def source_ip(self) -> str | None:

@@ -1,10 +1,12 @@
 """The canaries table: insert, look up, list (with their hit counts) and retire canary rows."""
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, RowMapping, func, select, update
 
+from store import bursts
 from store.schema import canaries, ledger
 
 
@@ -42,12 +44,21 @@ def hit_counts(connection: Connection, canary_ids: Sequence[str]) -> dict[str, t
     """Hits and the last hit's time of each canary in `canary_ids` that has any."""
     if not canary_ids:
         return {}
+    of_these = (ledger.c.type == "hit", ledger.c.canary_id.in_(list(canary_ids)))
     query = (
         select(ledger.c.canary_id, func.count(), func.max(ledger.c.time_us))
-        .where(ledger.c.type == "hit", ledger.c.canary_id.in_(list(canary_ids)))
+        .where(*of_these)
         .group_by(ledger.c.canary_id)
     )
-    return {row[0]: (int(row[1]), int(row[2])) for row in connection.execute(query)}
+    counts = {row[0]: [int(row[1]), int(row[2])] for row in connection.execute(query)}
+    # An aggregate row counts the hits it accounts for; there are few of them (a handful a
+    # second per canary in a burst), so they are read and added up here.
+    aggregates = select(ledger.c.canary_id, ledger.c.data).where(
+        *of_these, ledger.c.data.contains(bursts.MARKER, autoescape=True)
+    )
+    for canary_id, data in connection.execute(aggregates):
+        counts[canary_id][0] += bursts.hits_in(json.loads(data)) - 1
+    return {canary_id: (hits, last) for canary_id, (hits, last) in counts.items()}
 
 
 def retire(connection: Connection, canary_id: str, when_us: int) -> tuple[RowMapping, bool] | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, select
 
+from store import bursts
 from store.ledger import Entry
 from store.schema import ledger
 
@@ -85,6 +86,11 @@ class Incident:
         return [entry for entry in self.entries if entry.type == "hit"]
 
     @property
+    def hit_count(self) -> int:
+        """Hits, an aggregate counting as the hits it accounts for."""
+        return sum(entry.hits for entry in self.hits)
+
+    @property
     def first_us(self) -> int:
         return self.hits[0].time_us
 
@@ -99,7 +105,9 @@ class Incident:
     @property
     def sources(self) -> list[str]:
         """Distinct source hosts (a resolver's changing ports are one source)."""
-        return list(dict.fromkeys(e.source_ip for e in self.hits if e.source_ip is not None))
+        found = [e.source_ip for e in self.hits if e.source_ip is not None]
+        found += [source for e in self.hits for source in bursts.sources_of(e.evidence)]
+        return list(dict.fromkeys(found))
 
     @property
     def canaries(self) -> list[str]:

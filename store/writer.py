@@ -46,6 +46,10 @@ class LedgerWriter:
         self.batches = 0
         self.appended = 0
         self.failed = 0
+        # Rows committed in the current and in the last whole second, for /metrics.
+        self._second = 0
+        self._second_rows = 0
+        self._last_second_rows = 0
 
     def subscribe(self, subscriber: Subscriber) -> None:
         """Call `subscriber` on the loop with every committed batch."""
@@ -70,25 +74,15 @@ class LedgerWriter:
 
     async def append(self, *events: Event) -> list[Entry]:
         """Append `events` and return their entries once committed; raise NotDurable if not."""
-        if not events:
-            return []
-        loop = asyncio.get_running_loop()
-        results: list[Entry] = []
-        finished = loop.create_future()
+        return await append_through(self.submit, events)
 
-        def done(entry: Entry | None) -> None:
-            if entry is None:
-                if not finished.done():
-                    finished.set_exception(NotDurable("the ledger could not commit the event"))
-                return
-            results.append(entry)
-            if len(results) == len(events) and not finished.done():
-                finished.set_result(None)
-
-        for event in events:
-            self.submit(event, done)
-        await finished
-        return sorted(results, key=lambda entry: entry.seq)
+    @property
+    def rows_per_second(self) -> int:
+        """Rows committed in the last whole second."""
+        second = int(time.monotonic())
+        if second == self._second:
+            return self._last_second_rows
+        return self._second_rows if second == self._second + 1 else 0
 
     def _run(self) -> None:
         stopping = False
@@ -115,6 +109,12 @@ class LedgerWriter:
         if committed:
             self.batches += 1
             self.appended += len(committed)
+            second = int(time.monotonic())
+            if second != self._second:
+                rolled = second == self._second + 1
+                self._last_second_rows = self._second_rows if rolled else 0
+                self._second, self._second_rows = second, 0
+            self._second_rows += len(committed)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, batch, entries)
 
@@ -151,3 +151,35 @@ class LedgerWriter:
                 subscriber(committed)
             except Exception:
                 log.exception("ledger subscriber %r failed", subscriber)
+
+
+async def append_through(
+    submit: Callable[[Event, Done], None], events: Sequence[Event]
+) -> list[Entry]:
+    """Submit `events` through `submit`; the entry that accounts for each, in order, once
+    all are committed, or NotDurable."""
+    if not events:
+        return []
+    finished = asyncio.get_running_loop().create_future()
+    results: list[Entry | None] = [None] * len(events)
+    missing = len(events)
+
+    def done_for(place: int) -> Done:
+        def done(entry: Entry | None) -> None:
+            nonlocal missing
+            if finished.done():
+                return
+            if entry is None:
+                finished.set_exception(NotDurable("the ledger could not commit the event"))
+                return
+            results[place] = entry
+            missing -= 1
+            if not missing:
+                finished.set_result(None)
+
+        return done
+
+    for place, event in enumerate(events):
+        submit(event, done_for(place))
+    await finished
+    return [entry for entry in results if entry is not None]

@@ -31,6 +31,7 @@ from canaries.mint import mint
 from canaries.model import Canary
 from canaries.tokens import TokenKey, is_plausible
 from listeners.base import Context
+from listeners.burst import BurstFolder, BurstOptions
 from listeners.dns import DnsListener, DnsOptions
 from listeners.http import HttpListener, HttpOptions
 from listeners.smtp import SmtpListener, SmtpOptions
@@ -187,37 +188,47 @@ class Node:
 
 
 @contextlib.asynccontextmanager
-async def run_listener(engine: Engine, build: Callable[[Context], Any]) -> AsyncIterator[Node]:
+async def run_listener(
+    engine: Engine, build: Callable[[Context], Any], bursts: BurstOptions | None = None
+) -> AsyncIterator[Node]:
     writer = LedgerWriter(engine)
     writer.start()
     index = TokenIndex(engine)
     index.refresh()
-    context = Context(index, writer, "test-node", ZONE)
+    context = Context(index, BurstFolder(writer, bursts), "test-node", ZONE)
     listener = build(context)
     await listener.start()
     try:
         yield Node(engine, listener, writer, index, context)
     finally:
         await listener.stop()
+        context.folder.close()
         await writer.stop()
 
 
-def run_dns(engine: Engine, **options: Any) -> contextlib.AbstractAsyncContextManager[Node]:
+def run_dns(
+    engine: Engine, bursts: BurstOptions | None = None, **options: Any
+) -> contextlib.AbstractAsyncContextManager[Node]:
     return run_listener(
         engine,
         lambda context: DnsListener(context, DnsOptions(zone=ZONE, port=0, **options)),
+        bursts,
     )
 
 
-def run_smtp(engine: Engine, **options: Any) -> contextlib.AbstractAsyncContextManager[Node]:
+def run_smtp(
+    engine: Engine, bursts: BurstOptions | None = None, **options: Any
+) -> contextlib.AbstractAsyncContextManager[Node]:
     return run_listener(
-        engine, lambda context: SmtpListener(context, SmtpOptions(port=0, **options))
+        engine, lambda context: SmtpListener(context, SmtpOptions(port=0, **options)), bursts
     )
 
 
-def run_http(engine: Engine, **options: Any) -> contextlib.AbstractAsyncContextManager[Node]:
+def run_http(
+    engine: Engine, bursts: BurstOptions | None = None, **options: Any
+) -> contextlib.AbstractAsyncContextManager[Node]:
     return run_listener(
-        engine, lambda context: HttpListener(context, HttpOptions(port=0, **options))
+        engine, lambda context: HttpListener(context, HttpOptions(port=0, **options)), bursts
     )
 
 

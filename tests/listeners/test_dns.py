@@ -17,6 +17,7 @@ from sqlalchemy import Engine, func, select
 from canaries.index import TokenIndex
 from canaries.mint import retire
 from listeners.base import Context
+from listeners.burst import BurstFolder
 from listeners.dns import DnsListener, DnsOptions
 from store import ledger
 from store.schema import ledger as ledger_table
@@ -221,7 +222,7 @@ def test_any_packet_gets_a_well_formed_reply_or_none(sqlite_engine: Engine, pack
     """The whole respond path, not just the parser: it never raises and never sends garbage."""
     index = TokenIndex(sqlite_engine)
     listener = DnsListener(
-        Context(index, LedgerWriter(sqlite_engine), "n", ZONE), DnsOptions(zone=ZONE)
+        Context(index, BurstFolder(LedgerWriter(sqlite_engine)), "n", ZONE), DnsOptions(zone=ZONE)
     )
     sent: list[bytes | None] = []
     listener.respond(packet, ("192.0.2.1", 53), lambda reply, _peer: sent.append(reply), "udp")
