@@ -3,15 +3,20 @@
 A commit that holds hits wakes the dispatcher (hits -> alerts -> outbox
 rows); anything queued wakes the sender. Both also run on a timer, for hits
 committed by other processes and for deliveries waiting out their backoff.
-Store work runs in threads, never on the loop the listeners answer from.
+Store work runs in threads, never on the loop the listeners answer from;
+alert state changes, which take the write lock, run through `store_work`:
+on SQLite the ledger writer's own thread, one batch of hits at a time, so
+that appends and dispatch take turns rather than contend for the lock.
 """
 
 import asyncio
+import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from alerts.outbox import Outbox
-from alerts.state import AlertState
+from alerts.state import BATCH, AlertState
 from store.ledger import Entry
 
 log = logging.getLogger(__name__)
@@ -22,14 +27,27 @@ BUSY_DISPATCH = 50
 BUSY_PAUSE_SECONDS = 0.05
 RETRY_SECONDS = 1.0
 
+StoreWork = Callable[[Callable[[], Any]], Awaitable[Any]]
+
+
+async def in_a_thread(work: Callable[[], Any]) -> Any:
+    return await asyncio.to_thread(work)
+
 
 class Pager:
     """Dispatches committed hits into alerts and sends what the outbox holds."""
 
-    def __init__(self, state: AlertState, outbox: Outbox, clock: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        state: AlertState,
+        outbox: Outbox,
+        clock: Callable[[], int],
+        store_work: StoreWork = in_a_thread,
+    ) -> None:
         self.state = state
         self.outbox = outbox
         self._clock = clock
+        self._store_work = store_work
         self._dispatch_due = asyncio.Event()
         self._send_due = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -64,8 +82,8 @@ class Pager:
     async def timed_work(self) -> None:
         """Digests and escalations that have come due."""
         moment = self._clock()
-        queued = await asyncio.to_thread(self.state.digests, moment)
-        queued += await asyncio.to_thread(self.state.escalations, moment)
+        queued = await self._store_work(functools.partial(self.state.digests, moment))
+        queued += await self._store_work(functools.partial(self.state.escalations, moment))
         if queued:
             self.send_soon()
 
@@ -74,9 +92,13 @@ class Pager:
             await self._dispatch_due.wait()
             self._dispatch_due.clear()
             try:
-                if await asyncio.to_thread(self.state.dispatch, self._clock()):
+                dispatch = functools.partial(self.state.dispatch, self._clock(), batches=1)
+                if await self._store_work(dispatch):
                     self.send_soon()
-                if self.state.last_dispatched >= BUSY_DISPATCH:
+                if self.state.last_dispatched >= BATCH:
+                    # A full batch: more are waiting, and appends queued meanwhile go first.
+                    self._dispatch_due.set()
+                elif self.state.last_dispatched >= BUSY_DISPATCH:
                     await asyncio.sleep(BUSY_PAUSE_SECONDS)
             except Exception:
                 log.exception("alert dispatch failed; retrying")

@@ -66,11 +66,14 @@ class AlertState:
         self._node = node
         self.last_dispatched = 0
 
-    def dispatch(self, now_us: int) -> int:
-        """Process hits committed since the cursor; returns how many deliveries were queued."""
+    def dispatch(self, now_us: int, batches: int | None = None) -> int:
+        """Process hits committed since the cursor, all of them or `batches` of BATCH at most;
+        returns how many deliveries were queued (`last_dispatched` says how many hits)."""
         queued = 0
         self.last_dispatched = 0
-        while True:
+        taken = 0
+        while batches is None or taken < batches:
+            taken += 1
             if self.last_dispatched:
                 # The lock is not fair: without a pause this thread would take it straight back.
                 time.sleep(BATCH_PAUSE_SECONDS)
@@ -112,6 +115,7 @@ class AlertState:
                 _Fold.write_all(connection, [*finished, *folds.values()])
                 ledger.append(connection, events)
                 connection.execute(_MOVE_CURSOR, {"to": rows[-1].seq})
+        return queued
 
     def _open(
         self, connection: Connection, entry: Entry, now_us: int, events: list[Event]

@@ -169,7 +169,13 @@ def write_queries(path: Path, tokens: Sequence[str], count: int, seed: int) -> i
 
 
 def oobwatch_config(directory: Path, port: int, alert_urls: Sequence[str] = ()) -> Path:
-    """A node with only its DNS listener on 127.0.0.1:`port`, paging `alert_urls`."""
+    """A node with only its DNS listener on 127.0.0.1:`port`, paging `alert_urls`.
+
+    The benchmark's hits name a few canaries thousands of times each, which is a burst
+    that would fold into aggregate rows: the threshold is set out of reach, so what is
+    measured is the path every hit takes that is recorded on its own (bursts are
+    bench/hostile.py's leaked-token rows).
+    """
     path = directory / "oobwatch.toml"
     urls = ", ".join(f'"{url}"' for url in alert_urls)
     path.write_text(
@@ -199,6 +205,9 @@ urls = [{urls}]
 
 [heartbeat]
 enabled = false
+
+[bursts]
+threshold = 1000000
 """,
         encoding="utf-8",
     )
@@ -375,6 +384,12 @@ def dnsperf(
     return run
 
 
+def completed_queries(out: Path) -> int:
+    """Queries a dnsperf run got answers to, from its summary."""
+    found = _STAT["completed"].search(out.read_text(encoding="ascii", errors="replace"))
+    return int(found.group(1)) if found else 0
+
+
 def ledger_hits(db: Path) -> Counter[str]:
     """Hit rows in oobwatch's ledger, by query name."""
     with contextlib.closing(sqlite3.connect(db)) as connection:
@@ -432,6 +447,9 @@ def check_ledger(result: Result, db: Path) -> None:
 
 
 def log_problems(name: str, log: Path) -> str | None:
+    import shutil
+
+    shutil.copy(log, f"/tmp/{name.split()[0]}.log")
     lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
     problems = [
         line for line in lines if " WARNING " in line or " ERROR " in line or "Traceback" in line

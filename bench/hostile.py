@@ -18,11 +18,14 @@ no retry. Shapes:
 - 3,000 short-lived DNS-over-TCP connections: a frame shorter than a DNS
   header, then close; the real hits go over DNS/TCP;
 - unauthenticated large API bodies: 8 clients at a time POST bodies
-  declared as 200 MB with no token.
+  declared as 200 MB with no token;
+- a leaked token at 5k/s and at max rate: dnsperf, `<random12>.<token>.<zone>`
+  for one canary whose token the intruder has read (every query a genuine hit).
 
 Per row: real hits sent / answered / recorded (ledger rows) / paged, hit → page
 p50 and p99, the server's RSS before and after, and the most descriptors it
-held open. `--source DIR` runs the server from another checkout (run it on the
+held open; for the leaked-token rows also the flood's queries answered, the
+hits its ledger rows account for, and how many rows it added. `--source DIR` runs the server from another checkout (run it on the
 commit before a change for the "before" table); the config uses only keys both
 understand. Every loop is bounded by the row's seconds.
 
@@ -48,7 +51,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dnsbench import ZONE, free_port, junk_name, markdown_table, percentile, stop, tail
+from dnsbench import (
+    ZONE,
+    completed_queries,
+    free_port,
+    junk_name,
+    markdown_table,
+    percentile,
+    stop,
+    tail,
+)
 from latency import LOAD_CORE, SERVER_CORE, Receiver, pin, query
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,6 +104,11 @@ class Row:
     udp_drops: int = 0
     note: str = ""
     canaries: list[str] = field(default_factory=list)
+    # A leaked-token flood: its canary, queries answered, hits its rows count, rows added.
+    leaked: str | None = None
+    flood_answered: int = 0
+    flood_accounted: int = 0
+    flood_rows: int = 0
 
 
 # --- the server ----------------------------------------------------------------------------
@@ -237,9 +254,16 @@ def write_names(path: Path, make: Callable[[random.Random], str], count: int) ->
 
 
 @contextlib.contextmanager
-def dnsperf(port: int, names: Path, qps: int | None, seconds: float, out: Path) -> Iterator[None]:
+def dnsperf(
+    port: int,
+    names: Path,
+    qps: int | None,
+    seconds: float,
+    out: Path,
+    extra: Sequence[str] = ("-q", "500"),
+) -> Iterator[None]:
     argv = [*pin(LOAD_CORE), "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(names)]
-    argv += ["-l", f"{seconds:g}", "-c", "2", "-q", "500", "-t", "2"]
+    argv += ["-l", f"{seconds:g}", "-c", "2", "-t", "2", *extra]
     if qps is not None:
         argv += ["-Q", str(qps)]
     with out.open("wb") as sink:
@@ -377,12 +401,21 @@ def hit_http(port: int, _qid: int, name: str) -> bool:
 
 
 def shapes(
-    ports: Ports, work: Path, seconds: float
+    ports: Ports, work: Path, seconds: float, leaked: Sequence[tuple[str, str]]
 ) -> dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager[None]]]]:
     """Each row's name: the protocol its real hits use, and its flood."""
     junk = write_names(work / "junk.txt", junk_name, 200_000)
     forged = write_names(work / "forged.txt", lambda rng: f"{forged_token(rng)}.{ZONE}", 200_000)
+    paced, fast = (
+        write_names(
+            work / f"leaked-{n}.txt", lambda rng, name=name: leaked_name(rng, name), 200_000
+        )
+        for n, (_, name) in enumerate(leaked)
+    )
     flood_seconds = seconds + 2
+    # Folded hits are answered once their row commits (a tenth of a second): a client that
+    # waits for answers needs many queries in flight to offer the full rate.
+    in_flight = ("-q", "20000")
     return {
         "idle": ("dns/udp", contextlib.nullcontext),
         "junk at 20k/s": (
@@ -409,7 +442,28 @@ def shapes(
             "dns/udp",
             lambda: in_threads(big_api_bodies(ports.api), count=8),
         ),
+        LEAKED_PACED: (
+            "dns/udp",
+            lambda: dnsperf(
+                ports.dns, paced, 5_000, flood_seconds, work / LEAKED_OUT[LEAKED_PACED], in_flight
+            ),
+        ),
+        LEAKED_FAST: (
+            "dns/udp",
+            lambda: dnsperf(
+                ports.dns, fast, None, flood_seconds, work / LEAKED_OUT[LEAKED_FAST], in_flight
+            ),
+        ),
     }
+
+
+LEAKED_PACED = "leaked token at 5k/s"
+LEAKED_FAST = "leaked token at max rate"
+LEAKED_OUT = {LEAKED_PACED: "leaked-paced.out", LEAKED_FAST: "leaked-fast.out"}
+
+
+def leaked_name(rng: random.Random, name: str) -> str:
+    return f"{rng.randbytes(6).hex()}.{name}"
 
 
 SENDERS = {"dns/udp": hit_udp, "dns/tcp": hit_tcp, "http": hit_http}
@@ -455,12 +509,19 @@ def run_row(
 
 
 def count_recorded(db: Path, rows: Sequence[Row]) -> None:
+    """Real hits recorded; for a leaked-token row, its rows and the hits they account for."""
     with contextlib.closing(sqlite3.connect(db)) as connection:
-        found = {
-            cid for (cid,) in connection.execute("select canary_id from ledger where type = 'hit'")
-        }
+        found: dict[str, list[int]] = {}
+        for cid, data in connection.execute(
+            "select canary_id, data from ledger where type = 'hit'"
+        ):
+            burst = json.loads(data).get("burst")
+            found.setdefault(cid, []).append(burst["count"] if burst else 1)
     for row in rows:
         row.recorded = sum(1 for cid in row.canaries if cid in found)
+        if row.leaked is not None:
+            counts = found.get(row.leaked, [])
+            row.flood_rows, row.flood_accounted = len(counts), sum(counts)
 
 
 def cells(row: Row) -> list[str]:
@@ -473,6 +534,11 @@ def cells(row: Row) -> list[str]:
         f"{row.rss_before / mb:.0f} → {row.rss_after / mb:.0f}",
         f"{row.descriptors:,}",
         f"{row.udp_drops:,}",
+        (
+            f"{row.flood_answered:,} / {row.flood_accounted:,} / {row.flood_rows:,}"
+            if row.leaked
+            else ""
+        ),
     ]
 
 
@@ -492,11 +558,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(scratch)
         ports = Ports(free_port(), free_port(), free_port())
         rows: list[Row] = []
-        plan = shapes(ports, work, args.seconds)
-        names = [name for name in plan if args.only is None or name in args.only]
         expected: set[str] = set()
         with Receiver(expected) as receiver:
             config = write_config(work, ports, receiver.port)
+            leaked = dict(
+                zip((LEAKED_PACED, LEAKED_FAST), mint_canaries(source, config, 2), strict=True)
+            )
+            plan = shapes(ports, work, args.seconds, list(leaked.values()))
+            names = [name for name in plan if args.only is None or name in args.only]
             targets = mint_canaries(source, config, hits_per_row * len(names) + 1)
             expected.update(cid for cid, _ in targets)
             with serving(source, config, work / "serve.log") as process:
@@ -506,6 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for number, name in enumerate(names):
                     protocol, flood = plan[name]
                     row = Row(name, protocol)
+                    if name in leaked:
+                        row.leaked = leaked[name][0]
                     first = 1 + number * hits_per_row
                     port = ports.http if protocol == "http" else ports.dns
                     run_row(
@@ -516,6 +587,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         process.pid,
                         receiver,
                     )
+                    if row.leaked is not None:
+                        row.flood_answered = completed_queries(work / LEAKED_OUT[name])
                     rows.append(row)
                     print(f"  {name}: {row.sent} sent, {row.paged} paged", file=sys.stderr)
             count_recorded(work / "hostile.db", rows)
@@ -531,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "RSS MB",
             "max fds",
             "UDP drops",
+            "leaked flood: answered / accounted / rows",
         ],
         [cells(row) for row in rows],
     )

@@ -4,12 +4,13 @@ the ledger integrity job. The CLI builds only the part an operation uses."""
 from sqlalchemy import Engine
 
 from alerts.outbox import Outbox, Retry
-from alerts.pager import Pager
+from alerts.pager import Pager, in_a_thread
 from alerts.policy import Policy
 from alerts.state import AlertState, Timing
 from oobwatch.config import Config
 from oobwatch.integrity import Integrity
 from store.clock import now_us
+from store.writer import LedgerWriter
 
 
 def alert_state(config: Config, engine: Engine, policy: Policy | None = None) -> AlertState:
@@ -24,8 +25,17 @@ def outbox(config: Config, engine: Engine, policy: Policy) -> Outbox:
     return Outbox(engine, policy, retry, config.node.name, now_us, config.heartbeat.route)
 
 
-def pager(config: Config, engine: Engine, policy: Policy) -> Pager:
-    return Pager(alert_state(config, engine, policy), outbox(config, engine, policy), now_us)
+def pager(config: Config, engine: Engine, policy: Policy, writer: LedgerWriter) -> Pager:
+    # SQLite has one write lock for everything: alert work takes turns with appends on the
+    # writer's thread. PostgreSQL locks rows, and the dispatch lock is not the ledger's:
+    # there alert work must not hold up appends while it waits for another node's turn.
+    sqlite = engine.dialect.name == "sqlite"
+    return Pager(
+        alert_state(config, engine, policy),
+        outbox(config, engine, policy),
+        now_us,
+        writer.call if sqlite else in_a_thread,
+    )
 
 
 def integrity(config: Config, engine: Engine, policy: Policy | None = None) -> Integrity:

@@ -9,9 +9,11 @@ from sqlalchemy import Engine
 from alerts.outbox import Outbox
 from canaries.index import TokenIndex
 from listeners.base import Context
+from listeners.burst import BurstFolder
 from listeners.guard import ConnectionGuard
 from oobwatch.heartbeat import Heartbeat
 from store import ledger
+from store.writer import LedgerWriter
 
 _COUNTERS = {
     "received": "Queries, recipients or requests received",
@@ -35,6 +37,8 @@ class NodeCollector(Collector):
         heartbeat: Heartbeat | None,
         guards: Mapping[str, ConnectionGuard] | None = None,
         index: TokenIndex | None = None,
+        folder: BurstFolder | None = None,
+        writer: LedgerWriter | None = None,
     ) -> None:
         self._contexts = contexts
         self._outbox = outbox
@@ -43,6 +47,8 @@ class NodeCollector(Collector):
         # Connection bounds of servers that are not listeners (the admin API).
         self._guards = guards or {}
         self._index = index
+        self._folder = folder
+        self._writer = writer
 
     def collect(self) -> Iterator[Metric]:
         for name, help_text in _COUNTERS.items():
@@ -89,6 +95,7 @@ class NodeCollector(Collector):
         with self._engine.connect() as connection:
             seq, _ = ledger.head(connection)
         yield GaugeMetricFamily("oobwatch_ledger_entries", "Entries in the ledger", seq)
+        yield from self._growth()
         heartbeat = GaugeMetricFamily(
             "oobwatch_heartbeat_last_ok_seconds",
             "Unix time of each listener's last self-test hit that landed",
@@ -99,6 +106,41 @@ class NodeCollector(Collector):
                 if health.last_ok_us is not None:
                     heartbeat.add_metric([listener], health.last_ok_us / 1_000_000)
         yield heartbeat
+
+    def _growth(self) -> Iterator[Metric]:
+        """How fast this node grows the ledger, and how much of that bursts folded."""
+        if self._writer is not None:
+            yield CounterMetricFamily(
+                "oobwatch_ledger_rows_appended",
+                "Ledger rows this node committed",
+                self._writer.appended,
+            )
+            yield GaugeMetricFamily(
+                "oobwatch_ledger_rows_per_second",
+                "Ledger rows this node committed in the last whole second",
+                self._writer.rows_per_second,
+            )
+        if self._folder is not None:
+            folder = self._folder
+            yield CounterMetricFamily(
+                "oobwatch_burst_aggregates",
+                "Aggregate rows written for canaries in a burst",
+                folder.aggregates,
+            )
+            yield CounterMetricFamily(
+                "oobwatch_burst_folded_hits",
+                "Hits counted in aggregate rows instead of a row each",
+                folder.folded,
+            )
+            yield CounterMetricFamily(
+                "oobwatch_burst_unanswered",
+                "Folded hits counted but not answered: their aggregate held as many answers "
+                "as it may",
+                folder.unanswered,
+            )
+            yield GaugeMetricFamily(
+                "oobwatch_burst_canaries", "Canaries whose hits fold now", folder.active
+            )
 
     def _connections(self) -> Iterator[Metric]:
         guards = {

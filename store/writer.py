@@ -5,6 +5,12 @@ per hit would cap them at the database's commit rate. Events submitted while
 a transaction runs wait in a queue and all go into the next one, so the
 commit rate bounds batches, not hits. Completion callbacks and subscribers
 run on the asyncio loop, never on the writer thread.
+
+Other store work that takes the write lock can run on the same thread, in
+turn between batches (`call`): on SQLite, where the whole database has one
+write lock, two threads of one process taking it in turn would otherwise
+meet in SQLite's busy handler, which sleeps 1, 2, 5, 10 ms... between tries,
+and every hit waiting behind would wait that long.
 """
 
 import asyncio
@@ -13,6 +19,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
@@ -24,9 +32,18 @@ log = logging.getLogger(__name__)
 
 Done = Callable[[Entry | None], None]
 Subscriber = Callable[[Sequence[Entry]], None]
+T = TypeVar("T")
 
 _STOP = object()
 _ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """Store work to run on the writer's thread, and where its outcome goes."""
+
+    work: Callable[[], Any]
+    outcome: "asyncio.Future[Any]"
 
 
 class NotDurable(Exception):
@@ -39,7 +56,9 @@ class LedgerWriter:
     def __init__(self, engine: Engine, max_batch: int = 1000) -> None:
         self._engine = engine
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[Event, Done | None] | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Event, Done | None] | _Job | object] = (
+            queue.SimpleQueue()
+        )
         self._subscribers: list[Subscriber] = []
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -76,6 +95,13 @@ class LedgerWriter:
         """Append `events` and return their entries once committed; raise NotDurable if not."""
         return await append_through(self.submit, events)
 
+    async def call(self, work: Callable[[], T]) -> T:
+        """Run `work` on the writer's thread between two batches; its result or its error."""
+        assert self._thread is not None, "the writer is not running"
+        outcome: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Job(work, outcome))
+        return await outcome
+
     @property
     def rows_per_second(self) -> int:
         """Rows committed in the last whole second."""
@@ -90,7 +116,11 @@ class LedgerWriter:
             first = self._queue.get()
             if first is _STOP:
                 break
+            if isinstance(first, _Job):
+                self._do(first)
+                continue
             batch = [first]
+            job = None
             while len(batch) < self._max_batch:
                 try:
                     item = self._queue.get_nowait()
@@ -99,8 +129,38 @@ class LedgerWriter:
                 if item is _STOP:
                     stopping = True
                     break
+                if isinstance(item, _Job):
+                    job = item
+                    break
                 batch.append(item)
             self._commit(batch)  # type: ignore[arg-type]
+            if job is not None:
+                self._do(job)
+        self._refuse_the_rest()
+
+    def _refuse_the_rest(self) -> None:
+        """What came after the stop is not committed: say so, so nobody waits for ever."""
+        assert self._loop is not None
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Job):
+                error = NotDurable("the ledger writer has stopped")
+                self._loop.call_soon_threadsafe(_settle, item.outcome, None, error)
+            elif isinstance(item, tuple):
+                lost: list[Entry | None] = [None]
+                self._loop.call_soon_threadsafe(self._deliver, [item], lost)
+
+    def _do(self, job: _Job) -> None:
+        assert self._loop is not None
+        try:
+            result = job.work()
+        except Exception as error:
+            self._loop.call_soon_threadsafe(_settle, job.outcome, None, error)
+        else:
+            self._loop.call_soon_threadsafe(_settle, job.outcome, result, None)
 
     def _commit(self, batch: list[tuple[Event, Done | None]]) -> None:
         entries = self._append([event for event, _ in batch])
@@ -151,6 +211,15 @@ class LedgerWriter:
                 subscriber(committed)
             except Exception:
                 log.exception("ledger subscriber %r failed", subscriber)
+
+
+def _settle(outcome: "asyncio.Future[Any]", result: Any, error: Exception | None) -> None:
+    if outcome.done():
+        return
+    if error is None:
+        outcome.set_result(result)
+    else:
+        outcome.set_exception(error)
 
 
 async def append_through(

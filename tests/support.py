@@ -30,7 +30,7 @@ from canaries.index import TokenIndex
 from canaries.mint import mint
 from canaries.model import Canary
 from canaries.tokens import TokenKey, is_plausible
-from listeners.base import Context
+from listeners.base import Context, hit_event
 from listeners.burst import BurstFolder, BurstOptions
 from listeners.dns import DnsListener, DnsOptions
 from listeners.http import HttpListener, HttpOptions
@@ -241,6 +241,32 @@ def plant_canary(engine: Engine, kind: str = "dns", sandbox: str = "sbx-1", **ex
     return mint(
         engine, kind=kind, zone=ZONE, sandbox=sandbox, node="test", location="/etc/hosts", **extra
     )
+
+
+async def record_burst(engine: Engine, canary: Canary, count: int, sources: int = 3) -> None:
+    """`count` DNS hits of `canary` as a listener records a burst: the first on its own,
+    the rest folded into one aggregate row."""
+    writer = LedgerWriter(engine)
+    writer.start()
+    folder = BurstFolder(writer, BurstOptions(threshold=1, interval=10, max_waiting=1 << 20))
+    committed = asyncio.get_running_loop().create_future()
+    left = [count]
+
+    def done(entry: ledger.Entry | None) -> None:
+        assert entry is not None
+        left[0] -= 1
+        if not left[0]:
+            committed.set_result(None)
+
+    for number in range(count):
+        evidence = {"qname": "x", "qtype": "A", "left_labels": [f"d{number}"]}
+        peer = (f"198.51.100.{number % sources + 1}", 53)
+        folder.submit(
+            hit_event(canary, protocol="dns", peer=peer, node="n", evidence=evidence), done
+        )
+    folder.close()
+    await committed
+    await writer.stop()
 
 
 def legacy_token() -> str:

@@ -15,13 +15,15 @@ from alerts import outbox as outbox_module
 from alerts.deliveries import escalation_route
 from alerts.outbox import Outbox, Retry
 from alerts.policy import DEFAULT_ROUTE, IgnoreRule, Match, Policy, Route, Sink
+from alerts.render import for_hit
 from alerts.state import AlertState, Timing, list_alerts
 from canaries.model import Canary
 from listeners.base import hit_event
 from store import ledger
+from store.clock import now_us
 from store.ledger import Entry
 from store.schema import deliveries
-from support import Receiver, hits, plant_canary
+from support import Receiver, hits, plant_canary, record_burst
 
 MINUTE = 60_000_000
 START = 1_800_000_000_000_000
@@ -459,3 +461,39 @@ async def test_a_restarted_node_takes_back_the_leases_it_died_holding(
     assert pipeline.outbox.release_own_leases() == 1
     assert await pipeline.outbox.work() == 1
     assert len(receiver.requests) == 1
+
+
+async def test_a_burst_pages_once_and_its_digest_counts_every_hit(
+    pipeline: Pipeline, receiver: Receiver
+) -> None:
+    canary = plant_canary(pipeline.engine, "dns", sandbox="prod-eu1")
+    await record_burst(pipeline.engine, canary, 5_000)
+    pipeline.clock.now = now_us()
+    await pipeline.run()
+    assert [r.json()["purpose"] for r in receiver.wait_for(1, path="/wh")] == ["page"]
+    pipeline.clock.now += 5 * MINUTE
+    pipeline.state.digests(pipeline.clock.now)
+    await pipeline.run()
+    pages = [r.json() for r in receiver.requests if r.path == "/wh"]
+    assert [page["purpose"] for page in pages] == ["page", "digest"]
+    assert pages[1]["new_hits"] == 4_999
+    assert pages[1]["total_hits"] == 5_000
+    [alert] = list_alerts(pipeline.engine)
+    assert alert["hit_count"] == 5_000
+    assert json.loads(alert["sources"]) == ["198.51.100.1", "198.51.100.2", "198.51.100.3"]
+
+
+async def test_an_alert_a_burst_opens_says_it_is_a_burst(engine: Engine) -> None:
+    canary = plant_canary(engine, "dns", sandbox="prod-eu1")
+    await record_burst(engine, canary, 1_200, sources=2)
+    aggregate = hits(engine)[-1]
+    message = for_hit(aggregate, "al-1")
+    assert message.headline.startswith(
+        f"Burst: 1,200 lookups of canary {canary.id} from 2 sources in "
+    )
+    assert message.headline.endswith(
+        "; 4.8 KB of data, first 4.8 KB kept (sandbox prod-eu1, planted at /etc/hosts)"
+    )
+    [data] = [line for line in message.lines if line.label == "data"]
+    assert data.untrusted
+    assert data.value.startswith('["d1", "d2", ')

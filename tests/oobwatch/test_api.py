@@ -351,3 +351,40 @@ async def test_a_stalled_body_is_cut_off(tmp_path: Path, receiver: Receiver) -> 
     assert ("dns", "fair") in evicted
     assert "oobwatch_connections_refused" in families
     assert "oobwatch_token_store_lookups" in families
+
+
+async def test_metrics_show_how_bursts_fold_and_the_ledger_grows(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    extra = "[heartbeat]\nenabled = false\n[bursts]\nthreshold = 5\ninterval = 0.01"
+    running = await start(load(node_config(tmp_path, receiver.url(), extra=extra)))
+    try:
+        async with await api(running) as client:
+            mint_with = bearer(running, "mint")
+            canary = (
+                await client.post(
+                    "/canaries", json={"kind": "dns", "sandbox": "b"}, headers=mint_with
+                )
+            ).json()
+            port = running.listeners["dns"].addresses[0][1]
+            for number in range(30):
+                query = dns.message.make_query(f"{number}.{canary['value']}", "A")
+                await dns.asyncquery.udp(query, "127.0.0.1", port=port, timeout=5)
+            text = (await client.get("/metrics", headers=bearer(running, "read"))).text
+    finally:
+        await running.stop()
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("listener") in (None, "dns")
+    }
+    assert samples["oobwatch_burst_folded_hits_total"] == 25
+    assert 1 <= samples["oobwatch_burst_aggregates_total"] <= 25
+    assert samples["oobwatch_burst_canaries"] == 1
+    assert samples["oobwatch_listener_hits_total"] == 30
+    assert (
+        samples["oobwatch_ledger_rows_appended_total"]
+        >= 5 + samples["oobwatch_burst_aggregates_total"]
+    )
+    assert "oobwatch_ledger_rows_per_second" in samples

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from canaries.mint import mint
 from oobwatch.cli import main
 from store import ledger
 from store.engine import open_engine
 from store.ledger import Event
 from store.timeline import incidents
-from support import store_with
+from support import ZONE, record_burst, store_with
 
 MINUTE = 60_000_000
 T0 = 1_800_000_000_000_000
@@ -206,3 +207,17 @@ def test_grouping_is_pure_and_ignores_events_before_any_hit() -> None:
     grouped = incidents(entries, 30 * MINUTE)
     assert all(i.entries[0].type == "hit" for i in grouped)
     assert sum(len(i.hits) for i in grouped) == 5
+
+
+async def test_a_burst_is_shown_as_what_it_is(tmp_path: Path) -> None:
+    config, engine = store_with(tmp_path, [])
+    canary = mint(engine, kind="dns", zone=ZONE, sandbox="sbx-9", node="n", location="/x")
+    await record_burst(engine, canary, 2_500)
+    engine.dispose()
+    [incident] = json.loads(cli(config, "timeline", "--incidents", "--format", "json"))
+    assert incident["hits"] == 2_500
+    assert incident["sources"] == ["198.51.100.1", "198.51.100.2", "198.51.100.3"]
+    text = cli(config, "incident", "show", incident["id"])
+    assert f"2,500 lookups of canary {canary.id} from 3 sources in " in text
+    [listed] = json.loads(cli(config, "list", "--json"))
+    assert listed["hits"] == 2_500
