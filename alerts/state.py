@@ -176,6 +176,7 @@ class AlertState:
             events = []
             for alert in due:
                 new = alert["hit_count"] - alert["digested_count"]
+                burst = _latest_burst(connection, alert["canary_id"], alert["opened_us"])
                 message = Message(
                     f"oobwatch: {plural(new, 'more hit')}, sandbox {alert['sandbox']}",
                     f"{plural(new, 'more hit')} of canary {alert['canary_id']} (sandbox {alert['sandbox']}) "
@@ -188,6 +189,7 @@ class AlertState:
                         Line("last", to_iso(alert["last_hit_us"])),
                         Line("sources", truncate(json.loads(alert["sources"]), 500)),
                         Line("protocols", ", ".join(json.loads(alert["protocols"]))),
+                        *([Line("burst", burst)] if burst else []),
                     ],
                 )
                 payload = self._payload(
@@ -528,6 +530,22 @@ class _Fold:
                 ),
                 changed,
             )
+
+
+def _latest_burst(connection: Connection, canary_id: str, since_us: int) -> str | None:
+    """The running totals of the canary's latest burst since `since_us`, in one line."""
+    data = connection.execute(
+        select(ledger_table.c.data)
+        .where(
+            ledger_table.c.canary_id == canary_id,
+            ledger_table.c.type == "hit",
+            ledger_table.c.time_us >= since_us,
+            ledger_table.c.data.contains(bursts.MARKER, autoescape=True),
+        )
+        .order_by(ledger_table.c.seq.desc())
+        .limit(1)
+    ).scalar()
+    return None if data is None else bursts.summary(canary_id, json.loads(data))
 
 
 def _alert(connection: Connection, alert_id: str) -> RowMapping | None:

@@ -484,6 +484,16 @@ port = 8080                           # 80 in production
 response = "empty"                    # what everyone gets back: "empty" 200, "404", or "pixel"
 max_body_bytes = 1048576
 
+[bursts]
+# A leaked token makes every query a hit. Past the threshold, a canary's hits fold into one
+# aggregate row an interval (count, sources, the data they carried): nothing is dropped, the
+# ledger grows by a bounded number of rows a second, and other canaries' hits are not delayed.
+threshold = 100                       # hits recorded one by one per canary per window
+window = 60.0                         # seconds
+interval = 0.1                        # seconds between aggregate rows; folded hits wait for theirs
+keep_bytes = 65536                    # carried data kept per canary per window; the rest is hashed
+max_waiting = 4096                    # answers one aggregate holds; past it, counted, not answered
+
 [alerts]
 # The default route: apprise URLs (https://github.com/caronc/apprise/wiki) paged
 # for every hit that matches no route below.

@@ -478,6 +478,8 @@ async def test_a_burst_pages_once_and_its_digest_counts_every_hit(
     assert [page["purpose"] for page in pages] == ["page", "digest"]
     assert pages[1]["new_hits"] == 4_999
     assert pages[1]["total_hits"] == 5_000
+    [burst] = [value for label, value, _ in pages[1]["message"]["lines"] if label == "burst"]
+    assert burst.startswith(f"5,000 lookups of canary {canary.id} from 3 sources in ")
     [alert] = list_alerts(pipeline.engine)
     assert alert["hit_count"] == 5_000
     assert json.loads(alert["sources"]) == ["198.51.100.1", "198.51.100.2", "198.51.100.3"]

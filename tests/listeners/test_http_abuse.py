@@ -5,12 +5,17 @@ the same loopback), through real sockets; every wait is bounded.
 """
 
 import asyncio
+import io
+import json
+import logging
 import socket
 
 import httpx
+import pytest
 from sqlalchemy import Engine
 
 from canaries.tokens import is_plausible
+from oobwatch import logs
 from support import (
     ZONE,
     Node,
@@ -194,3 +199,27 @@ async def test_token_shaped_words_cannot_push_a_canary_out_of_the_request(
         assert node.index.store_lookups == 0
     [hit] = hits(sqlite_engine)
     assert hit.evidence["found_in"] == ["header:authorization"]
+
+
+async def test_uvicorns_own_warnings_are_rate_limited(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    stream = io.StringIO()
+    logs.configure("json", "info", stream)
+    canary = plant_canary(sqlite_engine, "url")
+    async with run_http(sqlite_engine) as node:
+        for _ in range(200):
+            reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+            writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+            await reader.read()
+            writer.close()
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(f"http://127.0.0.1:{node.port}/{canary.token}")
+        assert response.status_code == 200
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    invalid = [line for line in lines if line["message"] == "Invalid HTTP request received."]
+    assert len(invalid) == 20
+    assert [hit.canary_id for hit in hits(sqlite_engine)] == [canary.id]

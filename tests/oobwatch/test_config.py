@@ -47,6 +47,11 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ("[dns]\nzoen = 'x.test'\n", "dns.zoen: unknown key"),
         ("[surprise]\nx = 1\n", "surprise: unknown key"),
         (
+            "[bursts]\nthreshold = 0\n",
+            "bursts.threshold: Input should be greater than or equal to 1",
+        ),
+        ("[bursts]\ninterval = 60\n", "bursts.interval: Input should be less than or equal to 10"),
+        (
             "[alerts]\nurls = ['nosuch://x']\n",
             "alerts.urls.0: nosuch://... : apprise does not recognise",
         ),
