@@ -16,13 +16,13 @@ import json
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Connection, Engine, RowMapping, bindparam, func, insert, select, update
 
 from alerts.deliveries import delivery_payload, enqueue
-from alerts.policy import Facts, Policy, Route
+from alerts.policy import Facts, IgnoreRule, Policy, Route
 from alerts.render import Line, Message, for_hit, plural, truncate
 from canaries.model import HEARTBEAT_SANDBOX
 from store import bursts, ledger
@@ -97,7 +97,7 @@ class AlertState:
                     if entry.sandbox == HEARTBEAT_SANDBOX or entry.canary_id is None:
                         continue
                     if self._policy.ignore:
-                        rule = self._policy.suppressed_by(Facts.of(entry), now_us)
+                        rule = self._suppressing(entry, now_us)
                         if rule is not None:
                             data = {"hit_seq": entry.seq, **rule.describe()}
                             events.append(self._event("suppressed", entry, data))
@@ -116,6 +116,22 @@ class AlertState:
                 ledger.append(connection, events)
                 connection.execute(_MOVE_CURSOR, {"to": rows[-1].seq})
         return queued
+
+    def _suppressing(self, entry: Entry, now_us: int) -> IgnoreRule | None:
+        """The ignore rule that silences a hit; an aggregate only when one silences each
+        (source, protocol, user agent) it counts, never when it counted more than it lists."""
+        facts = Facts.of(entry)
+        listed = bursts.facts_of(entry.evidence)
+        if listed is None:
+            return self._policy.suppressed_by(facts, now_us)
+        rules = [
+            self._policy.suppressed_by(
+                replace(facts, source_ip=source, protocol=protocol, user_agent=agent or None),
+                now_us,
+            )
+            for source, protocol, agent in listed
+        ]
+        return rules[0] if rules and all(rules) else None
 
     def _open(
         self, connection: Connection, entry: Entry, now_us: int, events: list[Event]

@@ -335,7 +335,7 @@ class HttpListener:
             target += "?" + scope["query_string"].decode("latin-1")
         peer = scope.get("client") or ("?", 0)
         head = {
-            "method": scope["method"],
+            "method": scope["method"][:MAX_VALUE_KEPT],
             "target": target[:MAX_TARGET_KEPT],
             "http_version": scope.get("http_version", ""),
             "host": host[:MAX_VALUE_KEPT],

@@ -492,7 +492,7 @@ threshold = 100                       # hits recorded one by one per canary per 
 window = 60.0                         # seconds
 interval = 0.1                        # seconds between aggregate rows; folded hits wait for theirs
 keep_bytes = 65536                    # carried data kept per canary per window; the rest is hashed
-max_waiting = 4096                    # answers one aggregate holds; past it, counted, not answered
+max_waiting = 4096                    # answers held for rows not yet committed; past it, counted only
 
 [alerts]
 # The default route: apprise URLs (https://github.com/caronc/apprise/wiki) paged

@@ -44,6 +44,18 @@ def protocols_of(data: Mapping[str, Any]) -> list[str]:
     return [str(protocol) for protocol in burst.get("protocols") or {}]
 
 
+def facts_of(data: Mapping[str, Any]) -> list[tuple[str, str, str]] | None:
+    """Every (source, protocol, user agent) an aggregate counts; [] when it counted more
+    than it could list; None for a single hit."""
+    burst = burst_of(data)
+    if burst is None:
+        return None
+    if burst.get("other_facts"):
+        return []
+    listed = burst.get("facts") or []
+    return [(str(fact[0]), str(fact[1]), str(fact[2])) for fact in listed if len(fact) == 4]
+
+
 def summary(canary_id: str | None, data: Mapping[str, Any]) -> str:
     """One line for a burst so far, from the running totals of its latest row."""
     burst = burst_of(data) or {}

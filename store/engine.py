@@ -20,7 +20,9 @@ def open_engine(url: str, own_checkpoints: bool = False) -> Engine:
     """An engine for `url`; SQLite gets WAL, NORMAL sync and a busy timeout.
 
     With `own_checkpoints`, no commit of this engine copies the WAL back into
-    the database: whoever asked calls `checkpoint` from a thread of its own.
+    the database: whoever asked calls `checkpoint` when it suits it (a node:
+    once a second from a thread, then once more on its ledger writer's thread
+    between two batches, to catch up).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
@@ -54,8 +56,8 @@ def open_store(url: str, own_checkpoints: bool = False) -> Engine:
 
 
 def checkpoint(engine: Engine) -> None:
-    """Copy SQLite's WAL back into the database as far as readers allow, beside the writers:
-    a passive checkpoint takes no lock they need. Nothing to do on other databases."""
+    """Copy SQLite's WAL back into the database as far as readers allow (a passive
+    checkpoint waits for nobody). Nothing to do on other databases."""
     if engine.dialect.name != "sqlite":
         return
     with engine.connect() as connection:

@@ -5,6 +5,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,10 +20,12 @@ from alerts.render import for_hit
 from alerts.state import AlertState, Timing, list_alerts
 from canaries.model import Canary
 from listeners.base import hit_event
+from listeners.burst import BurstFolder, BurstOptions
 from store import ledger
 from store.clock import now_us
-from store.ledger import Entry
+from store.ledger import Entry, Event
 from store.schema import deliveries
+from store.writer import LedgerWriter
 from support import Receiver, hits, plant_canary, record_burst
 
 MINUTE = 60_000_000
@@ -499,3 +502,35 @@ async def test_an_alert_a_burst_opens_says_it_is_a_burst(engine: Engine) -> None
     [data] = [line for line in message.lines if line.label == "data"]
     assert data.untrusted
     assert data.value.startswith('["d1", "d2", ')
+
+
+async def test_an_ignored_client_cannot_carry_a_burst_from_elsewhere_into_silence(
+    engine: Engine,
+) -> None:
+    """The first folded hit is an ignored monitor's; the rest of the burst is not."""
+    rule = IgnoreRule("uptime monitor", user_agent=re.compile("UptimeBot"))
+    policy = Policy({DEFAULT_ROUTE: Route(DEFAULT_ROUTE, ())}, [rule])
+    state = AlertState(engine, policy, Timing(10 * MINUTE, 5 * MINUTE), "n")
+    canary = plant_canary(engine, "url", sandbox="prod-eu1")
+    writer = LedgerWriter(engine)
+    writer.start()
+    folder = BurstFolder(writer, BurstOptions(threshold=1, interval=5))
+
+    def hit(source: str, agent: str) -> Event:
+        evidence = {"method": "GET", "target": "/", "user_agent": agent}
+        return hit_event(canary, protocol="http", peer=(source, 1), node="n", evidence=evidence)
+
+    monitor_only = [hit("127.0.0.1", "UptimeBot/1.0") for _ in range(5)]
+    mixed = [hit("127.0.0.1", "UptimeBot/1.0"), *(hit("127.0.0.3", "exfil/1") for _ in range(20))]
+    for events in ([hit("127.0.0.1", "UptimeBot/1.0")], monitor_only, mixed):
+        await asyncio.gather(*(folder.append(event) for event in events), asyncio.sleep(0))
+        folder.close()
+    await writer.stop()
+    state.dispatch(now_us())
+    suppressed = {entry.evidence["hit_seq"] for entry in hits(engine, "suppressed")}
+    rows = hits(engine)
+    assert [row.hits for row in rows] == [1, 5, 21]
+    # The single monitor hit and the aggregate of monitor hits only are silenced; the mixed one pages.
+    assert suppressed == {rows[0].seq, rows[1].seq}
+    [alert] = list_alerts(engine)
+    assert alert["hit_count"] == 21

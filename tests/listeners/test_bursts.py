@@ -25,6 +25,7 @@ from listeners.base import hit_event
 from listeners.burst import BurstFolder, BurstOptions
 from store import ledger
 from store.bursts import burst_of, summary
+from store.clock import now_us
 from store.ledger import Entry, Event
 from store.writer import LedgerWriter
 from support import ZONE, hits, plant_canary, run_dns, run_http, run_smtp
@@ -342,3 +343,84 @@ def test_burst_options_are_validated() -> None:
         BurstOptions(threshold=0)
     with pytest.raises(ValueError, match="interval"):
         BurstOptions(interval=0)
+
+
+def http_hit(canary: Canary, source: str, agent: str, method: str = "GET") -> Event:
+    evidence = {"method": method, "target": "/x", "user_agent": agent}
+    return hit_event(canary, protocol="http", peer=(source, 4000), node="n", evidence=evidence)
+
+
+async def test_a_mail_after_a_dns_flood_keeps_its_subject_and_the_canary_its_fields(
+    sqlite_engine: Engine, writer: LedgerWriter
+) -> None:
+    canary = plant_canary(sqlite_engine, severity="critical")
+    bursts = BurstFolder(writer, BurstOptions(threshold=1, interval=5, keep_bytes=2000))
+    done = Outcomes()
+    bursts.submit(hit_of(canary, 0), done)
+    for number in range(1, 800):
+        bursts.submit(hit_of(canary, number), done)
+    evidence = {"subject": "CUSTOMER TABLE DUMP", "rcpt_tos": ["dump@x"], "size": 10}
+    peer = ("198.51.100.9", 25)
+    bursts.submit(
+        hit_event(canary, protocol="smtp", peer=peer, node="n", evidence={"rcpt": "dump@x"}), done
+    )
+    bursts.submit(
+        Event("evidence", now_us(), "n", canary.id, canary.sandbox, "smtp", peer[0], evidence), done
+    )
+    bursts.close()
+    await done.wait_for(802)
+    aggregate = rows_of(sqlite_engine, canary)[-1]
+    burst = burst_of(aggregate.evidence)
+    assert burst is not None
+    samples = [sample.get("data") or sample.get("evidence") for sample in burst["data"]]
+    assert "dump@x" in samples
+    assert any("subject=CUSTOMER TABLE DUMP" in str(sample) for sample in samples)
+    assert aggregate.evidence["severity"] == "critical"
+    assert aggregate.evidence["kind"] == "dns"
+
+
+async def test_an_aggregate_started_by_evidence_still_names_its_canary(
+    sqlite_engine: Engine, writer: LedgerWriter
+) -> None:
+    canary = plant_canary(sqlite_engine, "url", severity="critical")
+    bursts = BurstFolder(writer, BurstOptions(threshold=1, interval=5))
+    done = Outcomes()
+    bursts.submit(http_hit(canary, "127.0.0.1", "curl/8"), done)
+    body = {"body_size": 3, "body_sha256": "ab"}
+    bursts.submit(
+        Event("evidence", now_us(), "n", canary.id, canary.sandbox, "http", "127.0.0.1", body),
+        done,
+    )
+    for _ in range(10):
+        bursts.submit(http_hit(canary, "127.0.0.4", "x", method="P" * 5_000), done)
+    bursts.close()
+    await done.wait_for(12)
+    aggregate = rows_of(sqlite_engine, canary)[-1]
+    assert aggregate.evidence["kind"] == "url"
+    assert aggregate.evidence["severity"] == "critical"
+    burst = burst_of(aggregate.evidence)
+    assert burst is not None
+    assert burst["count"] == 10
+    assert burst["evidence"] == 1
+    # Attacker-chosen kinds are cut short: a long method cannot grow the row.
+    assert all(len(kind) <= 64 for kind in burst["kinds"])
+    assert len(aggregate.data) < 4_000
+
+
+async def test_answers_held_are_bounded_across_canaries(
+    sqlite_engine: Engine, writer: LedgerWriter
+) -> None:
+    first, second = plant_canary(sqlite_engine), plant_canary(sqlite_engine)
+    bursts = BurstFolder(writer, BurstOptions(threshold=1, interval=5, max_waiting=5))
+    done = Outcomes()
+    for canary in (first, second):
+        for number in range(5):
+            bursts.submit(hit_of(canary, number), done)
+    # Two singles are committed on their own; of the eight folded, five wait, three are refused.
+    assert bursts.held == 5
+    assert done.count(None) == 3
+    bursts.close()
+    await done.wait_for(10)
+    assert bursts.held == 0
+    counted = sum(row.hits for canary in (first, second) for row in rows_of(sqlite_engine, canary))
+    assert counted == 10
