@@ -50,6 +50,8 @@ _MAX_DATAGRAM = 4096
 _RECEIVE_BUFFER = 4 * 1024 * 1024
 # Queries one TCP session may have waiting for their commit before it reads the next.
 _TCP_IN_FLIGHT = 8
+# Kernel send buffer of a TCP session: room for a few answers of the largest size.
+_TCP_SEND_BUFFER = 64 * 1024
 # Frames shorter than a DNS header a session may send before it is closed.
 _HEADER_BYTES = 12
 _TCP_MAX_RUNTS = 10
@@ -273,6 +275,11 @@ class DnsListener:
             self._context.counters.dropped += 1
             transport.abort()
             return
+        # The kernel would otherwise buffer megabytes of answers for a client that never
+        # reads (it grows a send buffer up to tcp_wmem): bounded, the write timeout comes soon.
+        writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, _TCP_SEND_BUFFER
+        )
         timeout = self._options.timeout
         unanswered: set[asyncio.Future[None]] = set()
         try:
