@@ -7,7 +7,6 @@ started before it and is reported as one line naming it, its address and why.
 """
 
 import asyncio
-import functools
 import gc
 import logging
 import resource
@@ -265,12 +264,7 @@ def _schedule(node: Node) -> None:
     scheduler.add_job(stats, "interval", seconds=STATS_SECONDS)
 
     async def checkpoint() -> None:
-        # The copying beside the appends; then what they added meanwhile, a few pages, on
-        # the writer's thread between two batches. Only a checkpoint that catches up with
-        # the WAL lets it start over, and none does while appends go on beside it.
-        work = functools.partial(engine_checkpoint, node.engine)
-        await asyncio.to_thread(work)
-        await node.writer.call(work)
+        await asyncio.to_thread(engine_checkpoint, node.engine)
 
     scheduler.add_job(checkpoint, "interval", seconds=CHECKPOINT_SECONDS, **every)
     scheduler.add_job(
