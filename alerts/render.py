@@ -32,8 +32,16 @@ _ATTACKER_KEYS = (
     "target",
     "host",
     "user_agent",
+    "sni",
+    "alpn",
+    "ja4",
 )
-_VERBS = {"dns": "DNS lookup of", "smtp": "Mail to", "http": "HTTP request for"}
+_VERBS = {
+    "dns": "DNS lookup of",
+    "smtp": "Mail to",
+    "http": "HTTP request for",
+    "tls": "TLS connection to",
+}
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|>~<])")
 
 

@@ -11,6 +11,7 @@ node's `BurstFolder`, so one canary's flood folds into aggregate rows
 """
 
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import ip_address
@@ -107,6 +108,8 @@ class Context:
     counters: Counters = field(default_factory=Counters)
     # The connection bounds of a listener that takes connections, for /metrics.
     connections: "ConnectionGuard | None" = None
+    # The node's certificate, for listeners that speak TLS.
+    tls: "ssl.SSLContext | None" = None
 
     def hit(self, canary: Canary, protocol: str, peer: Peer, evidence: Mapping[str, Any]) -> Event:
         return hit_event(canary, protocol=protocol, peer=peer, node=self.node, evidence=evidence)

@@ -27,6 +27,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    FilePath,
     HttpUrl,
     IPvAnyNetwork,
     PrivateAttr,
@@ -44,12 +45,19 @@ from listeners.dns import DnsOptions
 from listeners.guard import StreamOptions
 from listeners.http import HttpOptions
 from listeners.smtp import SmtpOptions
+from listeners.tls import TlsOptions
 
 ENV_PREFIX = "OOBWATCH_"
 DEFAULT_FILE = Path("oobwatch.toml")
 _WILDCARDS = {"0.0.0.0", "::"}  # noqa: S104 - compared with, never bound here
 # Keys whose values are paths, resolved against the config file's folder.
-_PATH_KEYS = (("ledger", "anchor_file"), ("smtp", "tls_cert"), ("smtp", "tls_key"))
+_PATH_KEYS = (
+    ("ledger", "anchor_file"),
+    ("smtp", "tls_cert"),
+    ("smtp", "tls_key"),
+    ("tls", "cert"),
+    ("tls", "key"),
+)
 
 
 class ConfigError(ValueError):
@@ -208,6 +216,19 @@ class ApiConfig(StreamOptions):
     max_body_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
 
 
+class TlsConfig(Section):
+    """`[tls]`: the certificate TLS listeners serve; without one, a self-signed one for the zone."""
+
+    cert: FilePath | None = None
+    key: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> "TlsConfig":
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together: set both or neither")
+        return self
+
+
 class LogConfig(Section):
     format: Literal["console", "json"] = "console"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -229,6 +250,8 @@ class Config(Section):
     dns: DnsOptions = DnsOptions()
     smtp: SmtpOptions = SmtpOptions()
     http: HttpOptions = HttpOptions()
+    https: TlsOptions = TlsOptions()
+    tls: TlsConfig = TlsConfig()
     bursts: BurstOptions = BurstOptions()
     alerts: AlertsConfig = AlertsConfig()
     ignore: list[IgnoreConfig] = []
@@ -248,7 +271,7 @@ class Config(Section):
     def _distinct_ports(self) -> "Config":
         # DNS takes its port on TCP as well as UDP, so every service here competes for TCP ports.
         bound: list[tuple[str, str, int]] = []
-        for name in ("dns", "smtp", "http", "api"):
+        for name in ("dns", "smtp", "http", "https", "api"):
             options: ListenerOptions = getattr(self, name)
             if not options.enabled or options.port == 0:
                 continue
@@ -483,6 +506,17 @@ listen = "127.0.0.1"
 port = 8080                           # 80 in production
 response = "empty"                    # what everyone gets back: "empty" 200, "404", or "pixel"
 max_body_bytes = 1048576
+
+[https]
+# A TLS ClientHello whose SNI names a canary is a hit, before any certificate is seen.
+enabled = false
+listen = "127.0.0.1"
+port = 8443                           # 443 in production
+
+[tls]
+# The certificate [https] serves; without it, a self-signed one for the zone kept in the store.
+# cert = "/etc/oobwatch/tls.pem"      # PEM, chain allowed
+# key = "/etc/oobwatch/tls.key"
 
 [bursts]
 # A leaked token makes every query a hit. Past the threshold, a canary's hits fold into one

@@ -11,6 +11,7 @@ import gc
 import logging
 import resource
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,10 +24,12 @@ from alerts.pager import Pager
 from canaries.index import TokenIndex
 from listeners.base import Context, Listener, ListenerOptions
 from listeners.burst import BurstFolder
+from listeners.certificates import self_signed, server_context
 from listeners.dns import DnsListener
 from listeners.guard import ConnectionGuard, StreamOptions
 from listeners.http import AsgiServer, HttpListener
 from listeners.smtp import SmtpListener
+from listeners.tls import TlsListener
 from oobwatch import alerting, logs
 from oobwatch.api import build_api
 from oobwatch.config import Config
@@ -35,6 +38,7 @@ from oobwatch.integrity import Integrity
 from oobwatch.metrics import NodeCollector
 from oobwatch.operations import LocalOperations
 from store.clock import now_us
+from store.deployment import secret
 from store.engine import checkpoint as engine_checkpoint
 from store.engine import open_store
 from store.writer import LedgerWriter
@@ -54,6 +58,7 @@ LISTENERS: dict[str, Callable[[Context, Any], Listener]] = {
     "dns": DnsListener,
     "smtp": SmtpListener,
     "http": HttpListener,
+    "https": TlsListener,
 }
 
 
@@ -195,11 +200,14 @@ async def start(config: Config) -> Node:
             now_us,
         )
     await asyncio.to_thread(index.refresh)
+    certificate = (
+        await asyncio.to_thread(_certificate, config, engine) if config.https.enabled else None
+    )
     for name, kind in LISTENERS.items():
         options: ListenerOptions = getattr(config, name)
         if not options.enabled:
             continue
-        context = Context(index, folder, config.node.name, config.dns.zone)
+        context = Context(index, folder, config.node.name, config.dns.zone, tls=certificate)
         listener = kind(context, options)
         await _bind(node, name, options, listener.start)
         node.listeners[name] = listener
@@ -232,6 +240,15 @@ async def start(config: Config) -> Node:
     gc.collect()
     gc.freeze()
     return node
+
+
+def _certificate(config: Config, engine: Engine) -> ssl.SSLContext:
+    """The node's TLS certificate: `[tls]` files, else the store's self-signed one for the zone."""
+    tls = config.tls
+    if tls.cert is not None and tls.key is not None:
+        return server_context(tls.key.read_bytes() + b"\n" + tls.cert.read_bytes())
+    pem = secret(engine, "tls-self-signed", make=lambda: self_signed(config.dns.zone))
+    return server_context(pem)
 
 
 def _schedule(node: Node) -> None:

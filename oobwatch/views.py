@@ -372,6 +372,10 @@ def detail(event: EventView) -> str:
         if data.get("trigger") == "leaked":
             return f"token leaked in mail {data.get('subject', '')!r}"
         return f"RCPT {data.get('rcpt', '')} from {data.get('mail_from', '')}"
+    if kind == "hit" and protocol == "tls":
+        return f"SNI {data.get('sni', '')} ALPN {','.join(data.get('alpn', []))} JA4 {data.get('ja4', '')}"
+    if kind == "evidence" and protocol == "tls":
+        return f"TLS handshake {data.get('handshake', '')}"
     if kind == "hit" and protocol == "http":
         found_in = ", ".join(data.get("found_in", []))
         return f"{data.get('method', '')} {data.get('target', '')} (in {found_in})"

@@ -7,6 +7,7 @@ insert fails on the name, and both read back the row that won.
 
 import contextlib
 import secrets
+from collections.abc import Callable
 
 from sqlalchemy import Engine, Select, insert, select
 from sqlalchemy.exc import IntegrityError
@@ -14,8 +15,11 @@ from sqlalchemy.exc import IntegrityError
 from store.schema import deployment_secrets
 
 
-def secret(engine: Engine, name: str, size: int = 32) -> bytes:
-    """The secret called `name`, made now from `size` random bytes if the store has none yet."""
+def secret(
+    engine: Engine, name: str, size: int = 32, make: Callable[[], bytes] | None = None
+) -> bytes:
+    """The secret called `name`, made now if the store has none yet: by `make`, else from
+    `size` random bytes."""
     with engine.connect() as connection:
         found = connection.execute(_value(name)).scalar()
     if found is not None:
@@ -23,7 +27,9 @@ def secret(engine: Engine, name: str, size: int = 32) -> bytes:
     # Another node may insert it between the read above and this insert: its value stands.
     with contextlib.suppress(IntegrityError), engine.begin() as connection:
         connection.execute(
-            insert(deployment_secrets).values(name=name, value=secrets.token_bytes(size))
+            insert(deployment_secrets).values(
+                name=name, value=make() if make else secrets.token_bytes(size)
+            )
         )
     with engine.connect() as connection:
         return connection.execute(_value(name)).scalar_one()

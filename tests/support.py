@@ -32,9 +32,11 @@ from canaries.model import Canary
 from canaries.tokens import TokenKey, is_plausible
 from listeners.base import Context, hit_event
 from listeners.burst import BurstFolder, BurstOptions
+from listeners.certificates import self_signed, server_context
 from listeners.dns import DnsListener, DnsOptions
 from listeners.http import HttpListener, HttpOptions
 from listeners.smtp import SmtpListener, SmtpOptions
+from listeners.tls import TlsListener, TlsOptions
 from store import ledger
 from store.clock import now_us
 from store.engine import migrate, open_engine
@@ -230,6 +232,16 @@ def run_http(
     return run_listener(
         engine, lambda context: HttpListener(context, HttpOptions(port=0, **options)), bursts
     )
+
+
+def run_tls(engine: Engine, **options: Any) -> contextlib.AbstractAsyncContextManager[Node]:
+    certificate = server_context(self_signed(ZONE))
+
+    def build(context: Context) -> TlsListener:
+        context.tls = certificate
+        return TlsListener(context, TlsOptions(enabled=True, port=0, **options))
+
+    return run_listener(engine, build)
 
 
 def hits(engine: Engine, type_: str = "hit") -> list[ledger.Entry]:

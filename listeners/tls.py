@@ -1,0 +1,251 @@
+"""The TLS listener: a ClientHello naming a canary is a hit, recorded before the handshake.
+
+Clients leave over HTTPS; before any certificate is seen they name the host
+they want (SNI) in the clear. Each connection's first bytes are peeked, not
+read, until they hold a whole ClientHello (`listeners/tlswire.py`); an SNI
+of `<token>.<zone>` (or any name under it) of a known canary is committed
+as a `tls` hit with the offered ALPN, versions and JA4, and only then does
+the handshake go on, with the node's certificate. How it ended follows as
+an `evidence` event: `completed`; `rejected` (the client's alert said it
+refused the certificate); `reset` (the client cut the connection mid-way,
+which is how most clients that refuse a certificate leave); `failed`
+(another TLS error); `gone` (it closed); `timeout`. Junk SNI is counted,
+not stored.
+
+Bounds: the guard's connection caps; a ClientHello must arrive within
+`timeout` and fit MAX_HELLO_BYTES, the handshake takes `timeout` more; bytes
+that are not a ClientHello close the connection at once.
+"""
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+
+from canaries.find import locate, split_name
+from canaries.index import Unknowable
+from canaries.model import Canary
+from listeners.base import Context, NotDurable, Peer
+from listeners.guard import ConnectionGuard, StreamOptions
+from listeners.tlswire import MAX_HELLO_BYTES, ClientHello, Malformed, client_hello
+from store.ledger import Event
+
+log = logging.getLogger(__name__)
+
+_BACKLOG = 256
+# Peeks of a ClientHello not yet whole: the socket stays readable, so wait between them.
+_FIRST_WAIT, _LONGEST_WAIT = 0.005, 0.2
+# What OpenSSL reports when the client sent an alert about our certificate.
+_REJECTIONS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE")
+
+
+class TlsOptions(StreamOptions):
+    """`[https]`: where the TLS listener binds (443 in production)."""
+
+    enabled: bool = False
+    port: int = 8443
+
+
+class TlsListener:
+    """Catches the ClientHello of every TLS connection, then completes the handshake."""
+
+    name = "https"
+
+    def __init__(self, context: Context, options: TlsOptions) -> None:
+        if context.tls is None:
+            raise ValueError("the TLS listener needs the node's certificate (context.tls)")
+        self._context = context
+        self._options = options
+        self._zone = split_name(context.zone)
+        self._guard = ConnectionGuard.of(options)
+        context.connections = self._guard
+        self._socket: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._sessions: set[asyncio.Task[None]] = set()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        if self._socket is None:
+            return []
+        host, port = self._socket.getsockname()[:2]
+        return [(host, port)]
+
+    async def start(self) -> None:
+        options = self._options
+        family = socket.AF_INET6 if ":" in options.listen else socket.AF_INET
+        listening = socket.socket(family, socket.SOCK_STREAM)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((options.listen, options.port))
+        listening.listen(_BACKLOG)
+        listening.setblocking(False)
+        self._socket = listening
+        self._accepting = asyncio.create_task(self._accept(listening))
+
+    async def stop(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+        for session in list(self._sessions):
+            session.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    async def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                connection, peer = await loop.sock_accept(listening)
+            except OSError as error:
+                # Out of descriptors, for one: wait, do not spin or die.
+                log.warning("tls accept failed: %r", error)
+                await asyncio.sleep(0.1)
+                continue
+            session = asyncio.create_task(self._session(connection, peer))
+            self._sessions.add(session)
+            session.add_done_callback(self._sessions.discard)
+
+    async def _session(self, connection: socket.socket, peer: Peer) -> None:
+        counters = self._context.counters
+        slot = self._guard.admit(str(peer[0]), lambda: _abort(connection))
+        if slot is None:
+            counters.dropped += 1
+            connection.close()
+            return
+        try:
+            hello = await self._hello(connection)
+            if hello is None:
+                return
+            counters.received += 1
+            slot.touch()
+            canary = await self._canary(hello, str(peer[0]))
+            if canary is not None:
+                await self._context.record(self._hit(canary, hello, peer))
+            elif hello.sni is not None:
+                counters.junk += 1
+            ended = await self._handshake(connection)
+            if canary is not None:
+                await self._context.record(
+                    self._context.observation(
+                        "evidence", canary, "tls", peer, {"sni": hello.sni, "handshake": ended}
+                    )
+                )
+        except (NotDurable, Unknowable):
+            # Not recorded, or not known whether it is a canary: no handshake as if it were fine.
+            counters.record_failures += 1
+        except OSError:
+            pass
+        finally:
+            slot.release()
+            connection.close()
+
+    async def _hello(self, connection: socket.socket) -> ClientHello | None:
+        """The ClientHello in the connection's first bytes, left unread for the handshake."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._options.timeout
+        wait = _FIRST_WAIT
+        while True:
+            if not await _readable(connection, deadline):
+                self._guard.timeouts["hello"] += 1
+                return None
+            try:
+                data = connection.recv(MAX_HELLO_BYTES + 1024, socket.MSG_PEEK)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                return None
+            if data:
+                try:
+                    hello = client_hello(data)
+                except Malformed:
+                    self._context.counters.malformed += 1
+                    return None
+                if hello is not None:
+                    return hello
+            if loop.time() + wait > deadline:
+                self._guard.timeouts["hello"] += 1
+                return None
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, _LONGEST_WAIT)
+
+    async def _canary(self, hello: ClientHello, source: str) -> Canary | None:
+        if not hello.sni:
+            return None
+        match = locate(split_name(hello.sni), self._zone)
+        if match is None or not match.candidate:
+            return None
+        index = self._context.index
+        if not index.worth_asking(match.candidate):
+            return None
+        return await index.lookup(match.candidate, source)
+
+    def _hit(self, canary: Canary, hello: ClientHello, peer: Peer) -> Event:
+        match = locate(split_name(hello.sni or ""), self._zone)
+        evidence = {
+            "sni": hello.sni,
+            "alpn": list(hello.alpn),
+            "versions": hello.version_names,
+            "ja4": hello.ja4,
+            "left_labels": list(match.left) if match else [],
+            "handshake": "started",
+        }
+        return self._context.hit(canary, "tls", peer, evidence)
+
+    async def _handshake(self, connection: socket.socket) -> str:
+        """Complete the handshake with the node's certificate; how it ended."""
+        loop = asyncio.get_running_loop()
+        assert self._context.tls is not None
+        started = time.monotonic()
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                asyncio.Protocol,
+                connection,
+                ssl=self._context.tls,
+                ssl_handshake_timeout=self._options.timeout,
+            )
+        except ssl.SSLError as error:
+            reason = str(getattr(error, "reason", "") or error)
+            return "rejected" if any(name in reason for name in _REJECTIONS) else "failed"
+        except TimeoutError:
+            self._guard.timeouts["handshake"] += 1
+            return "timeout"
+        except ConnectionResetError:
+            return "reset"
+        except (ConnectionError, OSError):
+            return "gone"
+        if time.monotonic() - started > self._options.timeout:
+            self._guard.timeouts["handshake"] += 1
+        transport.abort()
+        return "completed"
+
+
+async def _readable(connection: socket.socket, deadline: float) -> bool:
+    """Whether `connection` has bytes (or its end) to read before the loop's `deadline`."""
+    loop = asyncio.get_running_loop()
+    if deadline <= loop.time():
+        return False
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def woken() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    fd = connection.fileno()
+    loop.add_reader(fd, woken)
+    try:
+        async with asyncio.timeout_at(deadline):
+            await ready
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+    return True
+
+
+def _abort(connection: socket.socket) -> None:
+    """Close a connection now (evicted for a newcomer); its session sees the error and ends."""
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,131 @@
+"""The TLS listener over real sockets: the ClientHello is a hit before any certificate is trusted."""
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import subprocess
+
+import pytest
+from sqlalchemy import Engine
+
+from support import ZONE, hits, plant_canary, run_tls, settle
+
+OTHER_SOURCE = "127.0.0.2"
+
+
+async def verifying_client(port: int, name: str, source: str = "127.0.0.1") -> str:
+    """Connect as a careful client does: it checks the certificate, and refuses ours."""
+    context = ssl.create_default_context()
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    try:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=context, server_hostname=name, local_addr=(source, 0)
+        )
+    except ssl.SSLCertVerificationError:
+        return "refused"
+    writer.close()
+    return "trusted"
+
+
+async def test_a_client_that_refuses_our_certificate_has_left_its_hit(
+    sqlite_engine: Engine,
+) -> None:
+    canary = plant_canary(sqlite_engine)
+    async with run_tls(sqlite_engine) as node:
+        assert await verifying_client(node.port, f"api.{canary.value}") == "refused"
+        await settle(lambda: len(hits(sqlite_engine, "evidence")) == 1)
+    [hit] = hits(sqlite_engine)
+    assert hit.canary_id == canary.id
+    assert hit.protocol == "tls"
+    assert hit.evidence["sni"] == f"api.{canary.value}"
+    assert hit.evidence["alpn"] == ["h2", "http/1.1"]
+    assert hit.evidence["left_labels"] == ["api"]
+    assert hit.evidence["ja4"].startswith("t13d")
+    assert "13" in hit.evidence["versions"]
+    [ended] = hits(sqlite_engine, "evidence")
+    assert ended.evidence["handshake"] in ("rejected", "reset")
+
+
+@pytest.mark.parametrize(
+    "client",
+    [
+        lambda port, name: [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-servername",
+            name,
+        ],
+        lambda port, name: [
+            "curl",
+            "-sk",
+            "--max-time",
+            "5",
+            "--resolve",
+            f"{name}:{port}:127.0.0.1",
+            f"https://{name}:{port}/",
+        ],
+    ],
+    ids=["openssl", "curl"],
+)
+async def test_real_clients_complete_the_handshake_and_are_recorded(
+    sqlite_engine: Engine, client: object
+) -> None:
+    canary = plant_canary(sqlite_engine)
+    async with run_tls(sqlite_engine) as node:
+        argv = client(node.port, canary.value)  # type: ignore[operator]
+        await asyncio.to_thread(
+            subprocess.run, argv, input=b"", capture_output=True, timeout=20, check=False
+        )
+        await settle(lambda: len(hits(sqlite_engine, "evidence")) == 1)
+    [hit] = hits(sqlite_engine)
+    assert hit.evidence["sni"] == canary.value
+    [ended] = hits(sqlite_engine, "evidence")
+    assert ended.evidence["handshake"] == "completed"
+
+
+async def test_junk_and_missing_sni_are_counted_not_stored(sqlite_engine: Engine) -> None:
+    plant_canary(sqlite_engine)
+    async with run_tls(sqlite_engine) as node:
+        for name in (f"www.{ZONE}", "example.org", f"{'a' * 26}.{ZONE}"):
+            assert await verifying_client(node.port, name) == "refused"
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        _, writer = await asyncio.open_connection("127.0.0.1", node.port, ssl=context)
+        writer.close()
+        await settle(lambda: node.context.counters.received == 4)
+        assert node.context.counters.junk == 3
+    assert hits(sqlite_engine) == []
+
+
+async def test_bytes_that_are_not_a_hello_and_stalled_hellos_are_dropped(
+    sqlite_engine: Engine,
+) -> None:
+    canary = plant_canary(sqlite_engine)
+    async with run_tls(sqlite_engine, timeout=0.5, max_connections_per_source=8) as node:
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        # Closed with the request unread: a reset is a close too.
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        # Half a record header, then silence: cut off after the timeout, and many of them
+        # from one source cannot keep another source's real hit out.
+        stalled = []
+        for _ in range(40):
+            raw = socket.create_connection(("127.0.0.1", node.port))
+            raw.sendall(b"\x16\x03")
+            stalled.append(raw)
+        assert await verifying_client(node.port, canary.value, OTHER_SOURCE) == "refused"
+        guard = node.context.connections
+        assert guard is not None
+        await settle(lambda: guard.open == 0)
+        assert guard.timeouts["hello"] >= 1
+        assert node.context.counters.malformed == 1
+        for raw in stalled:
+            raw.close()
+    [hit] = hits(sqlite_engine)
+    assert hit.source == OTHER_SOURCE
