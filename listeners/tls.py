@@ -22,13 +22,13 @@ import contextlib
 import logging
 import socket
 import ssl
-import time
+from collections.abc import Callable
 
 from canaries.find import locate, split_name
 from canaries.index import Unknowable
 from canaries.model import Canary
 from listeners.base import Context, NotDurable, Peer
-from listeners.guard import ConnectionGuard, StreamOptions
+from listeners.guard import ConnectionGuard, Slot, StreamOptions
 from listeners.tlswire import MAX_HELLO_BYTES, ClientHello, Malformed, client_hello
 from store.ledger import Event
 
@@ -107,20 +107,23 @@ class TlsListener:
             session = asyncio.create_task(self._session(connection, peer))
             self._sessions.add(session)
             session.add_done_callback(self._sessions.discard)
+            # Also when the session is cancelled before it ever ran (the node stopping).
+            session.add_done_callback(_closing(connection))
 
     async def _session(self, connection: socket.socket, peer: Peer) -> None:
         counters = self._context.counters
-        slot = self._guard.admit(str(peer[0]), lambda: _abort(connection))
+        session = asyncio.current_task()
+        assert session is not None
+        slot = self._guard.admit(str(peer[0]), lambda: _end(connection, session))
         if slot is None:
             counters.dropped += 1
             connection.close()
             return
         try:
-            hello = await self._hello(connection)
+            hello = await self._hello(connection, slot)
             if hello is None:
                 return
             counters.received += 1
-            slot.touch()
             canary = await self._canary(hello, str(peer[0]))
             if canary is not None:
                 await self._context.record(self._hit(canary, hello, peer))
@@ -133,8 +136,10 @@ class TlsListener:
                         "evidence", canary, "tls", peer, {"sni": hello.sni, "handshake": ended}
                     )
                 )
-        except (NotDurable, Unknowable):
-            # Not recorded, or not known whether it is a canary: no handshake as if it were fine.
+        except NotDurable:
+            pass  # counted by the context; no handshake as if the hit were recorded
+        except Unknowable:
+            # Not known whether it is a canary: no handshake as if it were fine.
             counters.record_failures += 1
         except OSError:
             pass
@@ -142,11 +147,12 @@ class TlsListener:
             slot.release()
             connection.close()
 
-    async def _hello(self, connection: socket.socket) -> ClientHello | None:
+    async def _hello(self, connection: socket.socket, slot: Slot) -> ClientHello | None:
         """The ClientHello in the connection's first bytes, left unread for the handshake."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._options.timeout
         wait = _FIRST_WAIT
+        seen = 0
         while True:
             if not await _readable(connection, deadline):
                 self._guard.timeouts["hello"] += 1
@@ -157,7 +163,10 @@ class TlsListener:
                 data = None
             if data == b"":
                 return None
-            if data:
+            if data and len(data) > seen:
+                # Only new bytes are worth parsing again; a client sending them is active.
+                seen = len(data)
+                slot.touch()
                 try:
                     hello = client_hello(data)
                 except Malformed:
@@ -198,7 +207,6 @@ class TlsListener:
         """Complete the handshake with the node's certificate; how it ended."""
         loop = asyncio.get_running_loop()
         assert self._context.tls is not None
-        started = time.monotonic()
         try:
             transport, _ = await loop.connect_accepted_socket(
                 asyncio.Protocol,
@@ -209,15 +217,14 @@ class TlsListener:
         except ssl.SSLError as error:
             reason = str(getattr(error, "reason", "") or error)
             return "rejected" if any(name in reason for name in _REJECTIONS) else "failed"
-        except TimeoutError:
+        except (TimeoutError, ConnectionAbortedError):
+            # asyncio ends a handshake that takes too long with ConnectionAbortedError.
             self._guard.timeouts["handshake"] += 1
             return "timeout"
         except ConnectionResetError:
             return "reset"
         except (ConnectionError, OSError):
             return "gone"
-        if time.monotonic() - started > self._options.timeout:
-            self._guard.timeouts["handshake"] += 1
         transport.abort()
         return "completed"
 
@@ -245,7 +252,15 @@ async def _readable(connection: socket.socket, deadline: float) -> bool:
     return True
 
 
-def _abort(connection: socket.socket) -> None:
-    """Close a connection now (evicted for a newcomer); its session sees the error and ends."""
+def _closing(connection: socket.socket) -> "Callable[[asyncio.Task[None]], None]":
+    def close(_: "asyncio.Task[None]") -> None:
+        connection.close()
+
+    return close
+
+
+def _end(connection: socket.socket, session: "asyncio.Task[None]") -> None:
+    """End a session now (evicted for a newcomer): its peeks would still see what was sent."""
     with contextlib.suppress(OSError):
         connection.shutdown(socket.SHUT_RDWR)
+    session.cancel()

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 # A ClientHello with post-quantum key shares is about 2 KB; anything past this is not a client.
 MAX_HELLO_BYTES = 16 * 1024
+# Real clients send their hello in one record, two at most: more is a way to cost parsing.
+MAX_RECORDS = 16
 MAX_ALPN_KEPT = 16
 _HANDSHAKE = 0x16
 _CLIENT_HELLO = 0x01
@@ -92,6 +94,7 @@ def client_hello(data: bytes) -> ClientHello | None:
     """The ClientHello in the first bytes a client sent; None until all of it has arrived."""
     handshake = bytearray()
     offset = 0
+    records = 0
     while True:
         if len(data) - offset < _RECORD_HEADER:
             return None
@@ -100,6 +103,9 @@ def client_hello(data: bytes) -> ClientHello | None:
             raise Malformed("not a TLS handshake record")
         if length == 0 or length > 1 << 14:
             raise Malformed(f"record length {length}")
+        records += 1
+        if records > MAX_RECORDS:
+            raise Malformed(f"more than {MAX_RECORDS} records before the ClientHello ended")
         body = data[offset + _RECORD_HEADER : offset + _RECORD_HEADER + length]
         handshake += body
         if len(handshake) >= 4:
@@ -113,8 +119,6 @@ def client_hello(data: bytes) -> ClientHello | None:
         if len(body) < length:
             return None
         offset += _RECORD_HEADER + length
-        if offset > MAX_HELLO_BYTES + 64 * _RECORD_HEADER:
-            raise Malformed("too many records before the ClientHello ended")
 
 
 def _parse(hello: bytes) -> ClientHello:

@@ -129,3 +129,64 @@ async def test_bytes_that_are_not_a_hello_and_stalled_hellos_are_dropped(
             raw.close()
     [hit] = hits(sqlite_engine)
     assert hit.source == OTHER_SOURCE
+
+
+def real_hello(name: str) -> bytes:
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing, server_hostname=name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.do_handshake()
+    return outgoing.read()
+
+
+async def test_a_hello_then_silence_is_a_handshake_timeout(sqlite_engine: Engine) -> None:
+    canary = plant_canary(sqlite_engine)
+    async with run_tls(sqlite_engine, timeout=0.5) as node:
+        raw = socket.create_connection(("127.0.0.1", node.port))
+        raw.sendall(real_hello(canary.value))
+        await settle(lambda: len(hits(sqlite_engine, "evidence")) == 1)
+        raw.close()
+        guard = node.context.connections
+        assert guard is not None
+        assert guard.timeouts["handshake"] == 1
+    [hit] = hits(sqlite_engine)
+    assert hit.evidence["sni"] == canary.value
+    [ended] = hits(sqlite_engine, "evidence")
+    assert ended.evidence["handshake"] == "timeout"
+
+
+async def test_evicted_sessions_end_so_the_caps_bound_descriptors(sqlite_engine: Engine) -> None:
+    """Partial hellos from many sources: each eviction must end its session, not just its slot."""
+    canary = plant_canary(sqlite_engine)
+    options = {"max_connections": 16, "max_connections_per_source": 4, "eviction_grace": 0}
+    async with run_tls(sqlite_engine, timeout=5, **options) as node:
+        opened = []
+        most = 0
+        for number in range(200):
+            raw = socket.socket()
+            raw.bind((f"127.0.0.{10 + number % 8}", 0))
+            raw.connect(("127.0.0.1", node.port))
+            raw.sendall(real_hello(canary.value)[:20])
+            opened.append(raw)
+            if number % 20 == 19:
+                await asyncio.sleep(0.05)
+                most = max(most, len(node.listener._sessions))
+        assert most <= 16 + 20
+        assert await verifying_client(node.port, canary.value, OTHER_SOURCE) == "refused"
+        for raw in opened:
+            raw.close()
+    assert [hit.source for hit in hits(sqlite_engine)] == [OTHER_SOURCE]
+
+
+async def test_a_hello_in_many_tiny_records_is_refused(sqlite_engine: Engine) -> None:
+    plant_canary(sqlite_engine)
+    async with run_tls(sqlite_engine) as node:
+        handshake = real_hello("x.canary.example.test")[5:]
+        tiny = b"".join(b"\x16\x03\x01\x00\x01" + handshake[i : i + 1] for i in range(100))
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+        writer.write(tiny)
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        assert node.context.counters.malformed == 1

@@ -164,3 +164,10 @@ def test_mutated_real_hellos_never_crash(changes: list[tuple[int, int]]) -> None
     if isinstance(result, ClientHello):
         assert JA4.match(result.ja4)
         assert len(result.alpn) <= 16
+
+
+def test_more_records_than_a_client_sends_are_refused() -> None:
+    handshake = REAL[5:]
+    tiny = b"".join(record(handshake[i : i + 1]) for i in range(len(handshake)))
+    with pytest.raises(Malformed, match="records"):
+        client_hello(tiny)
