@@ -17,6 +17,7 @@ address or an IPv6 /64 (one host is usually given a whole /64).
 Every admission, refusal, eviction and timeout is counted for `/metrics`.
 """
 
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -45,6 +46,30 @@ class StreamOptions(ListenerOptions):
         if self.max_connections_per_source > self.max_connections:
             raise ValueError("max_connections_per_source cannot exceed max_connections")
         return self
+
+
+# asyncio accepts up to this many queued connections per wake-up, each a descriptor until
+# it is refused: a flood of connects costs at most this many beyond the caps.
+BACKLOG = 256
+
+
+def listening_socket(options: StreamOptions) -> socket.socket:
+    """A non-blocking TCP socket listening where `options` say."""
+    family = socket.AF_INET6 if ":" in options.listen else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listening.bind((options.listen, options.port))
+    listening.listen(BACKLOG)
+    listening.setblocking(False)
+    return listening
+
+
+def addresses_of(listening: socket.socket | None) -> list[tuple[str, int]]:
+    """Where a listening socket is bound; none before it is."""
+    if listening is None:
+        return []
+    host, port = listening.getsockname()[:2]
+    return [(host, port)]
 
 
 def source_of(address: str) -> str:

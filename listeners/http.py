@@ -28,7 +28,14 @@ from canaries.find import in_request, split_name
 from canaries.index import Unknowable
 from canaries.model import Canary
 from listeners.base import Context, NotDurable, Peer, Port
-from listeners.guard import ConnectionGuard, Slot, StreamOptions
+from listeners.guard import (
+    BACKLOG,
+    ConnectionGuard,
+    Slot,
+    StreamOptions,
+    addresses_of,
+    listening_socket,
+)
 from store.ledger import Entry, Event
 
 log = logging.getLogger(__name__)
@@ -60,9 +67,6 @@ _ANSWERS: dict[str, tuple[int, bytes, bytes]] = {
     "pixel": (200, b"image/gif", _PIXEL),
 }
 _CLOSE = ((b"connection", b"close"),)
-# asyncio accepts up to this many queued connections per wake-up, each a descriptor until
-# it is refused: a flood of connects costs at most this many beyond the caps.
-_BACKLOG = 256
 # Sent to a connection over the bounds before anything of it is read.
 _TOO_MANY = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
@@ -246,19 +250,11 @@ class AsgiServer:
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        if self._socket is None:
-            return []
-        host, port = self._socket.getsockname()[:2]
-        return [(host, port)]
+        return addresses_of(self._socket)
 
     async def start(self) -> None:
         options = self._options
-        family = socket.AF_INET6 if ":" in options.listen else socket.AF_INET
-        listening = socket.socket(family, socket.SOCK_STREAM)
-        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.bind((options.listen, options.port))
-        listening.listen(_BACKLOG)
-        listening.setblocking(False)
+        listening = listening_socket(options)
         self._socket = listening
         config = _BoundedConfig(
             self._app,
@@ -281,7 +277,7 @@ class AsgiServer:
             # The guard bounds connections; uvicorn's own limit would answer a real hit 503.
             limit_concurrency=None,
             timeout_keep_alive=5,
-            backlog=_BACKLOG,
+            backlog=BACKLOG,
         )
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[listening]))

@@ -28,13 +28,18 @@ from canaries.find import locate, split_name
 from canaries.index import Unknowable
 from canaries.model import Canary
 from listeners.base import Context, NotDurable, Peer
-from listeners.guard import ConnectionGuard, Slot, StreamOptions
+from listeners.guard import (
+    ConnectionGuard,
+    Slot,
+    StreamOptions,
+    addresses_of,
+    listening_socket,
+)
 from listeners.tlswire import MAX_HELLO_BYTES, ClientHello, Malformed, client_hello
 from store.ledger import Event
 
 log = logging.getLogger(__name__)
 
-_BACKLOG = 256
 # Peeks of a ClientHello not yet whole: the socket stays readable, so wait between them.
 _FIRST_WAIT, _LONGEST_WAIT = 0.005, 0.2
 # What OpenSSL reports when the client sent an alert about our certificate.
@@ -67,19 +72,11 @@ class TlsListener:
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        if self._socket is None:
-            return []
-        host, port = self._socket.getsockname()[:2]
-        return [(host, port)]
+        return addresses_of(self._socket)
 
     async def start(self) -> None:
         options = self._options
-        family = socket.AF_INET6 if ":" in options.listen else socket.AF_INET
-        listening = socket.socket(family, socket.SOCK_STREAM)
-        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.bind((options.listen, options.port))
-        listening.listen(_BACKLOG)
-        listening.setblocking(False)
+        listening = listening_socket(options)
         self._socket = listening
         self._accepting = asyncio.create_task(self._accept(listening))
 

@@ -2,7 +2,6 @@
 
 import asyncio
 import contextlib
-import datetime
 import hashlib
 import secrets
 import smtplib
@@ -15,15 +14,12 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
 
 from canaries.tokens import is_plausible
+from listeners import certificates
 from listeners.mailparse import inspect_message
 from store import ledger
 from support import ZONE, hits, plant_canary, run_smtp, settle
@@ -317,28 +313,12 @@ _TO_BASE32 = str.maketrans("0123456789", "abcdefghij")
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"mail.{ZONE}")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    """The node's own self-signed certificate for the zone, split into the two files SMTP reads."""
+    pem = certificates.self_signed(ZONE)
+    split = pem.index(b"-----BEGIN CERTIFICATE-----")
     cert_path, key_path = directory / "mail.pem", directory / "mail.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert_path.write_bytes(pem[split:])
+    key_path.write_bytes(pem[:split])
     return cert_path, key_path
 
 
