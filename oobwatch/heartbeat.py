@@ -12,6 +12,7 @@ import asyncio
 import logging
 import smtplib
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -86,6 +87,20 @@ async def probe_http(address: tuple[str, int], host: str, seconds: float) -> Non
         await client.get(f"http://{authority}:{address[1]}/heartbeat", headers={"Host": host})
 
 
+async def probe_tls(address: tuple[str, int], name: str, seconds: float) -> None:
+    """A TLS handshake naming `name`: the ClientHello is the hit; the certificate is not judged."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    async with asyncio.timeout(seconds):
+        _, writer = await asyncio.open_connection(*address, ssl=context, server_hostname=name)
+    writer.close()
+
+
+# The protocol each listener's hits are recorded with.
+_PROTOCOLS = {"dns": "dns", "smtp": "smtp", "http": "http", "https": "tls"}
+
+
 @dataclass
 class ListenerHealth:
     healthy: bool = True
@@ -109,7 +124,7 @@ class Heartbeat:
 
     async def check(self, addresses: dict[str, list[tuple[str, int]]]) -> dict[str, bool]:
         """Probe every listener in `addresses` (by name); returns which landed their hit."""
-        names = [name for name in ("dns", "smtp", "http") if name in addresses]
+        names = [name for name in _PROTOCOLS if name in addresses]
         results = await asyncio.gather(*(self._one(name, addresses[name]) for name in names))
         outcome: dict[str, bool] = dict(zip(names, results, strict=True))
         await asyncio.to_thread(self._record, outcome, self.clock())
@@ -126,13 +141,15 @@ class Heartbeat:
                 await probe_dns(address, f"hb.{self.canary.value}", timeout)
             elif name == "smtp":
                 await probe_smtp(address, f"{self.canary.token}@{self.zone}", timeout)
+            elif name == "https":
+                await probe_tls(address, f"hb.{self.canary.value}", timeout)
             else:
                 await probe_http(address, self.canary.value, timeout)
         except (OSError, TimeoutError, httpx.HTTPError, smtplib.SMTPException) as error:
             log.warning("heartbeat probe of %s at %s:%d failed: %r", name, *address, error)
             return False
         while self.clock() - started < self.deadline_us:
-            if await asyncio.to_thread(self._landed, name, started):
+            if await asyncio.to_thread(self._landed, _PROTOCOLS[name], started):
                 return True
             await asyncio.sleep(POLL_SECONDS)
         return False

@@ -78,3 +78,15 @@ def test_a_certificate_without_its_key_is_a_config_error(tmp_path: Path) -> None
     path = node_config(tmp_path, "json://127.0.0.1:1/", extra="[tls]\ncert = 'cert.pem'\n")
     with pytest.raises(ConfigError, match=r"tls: .*cert and key go together"):
         load(path)
+
+
+async def test_the_heartbeat_probes_the_tls_listener(tmp_path: Path, receiver: Receiver) -> None:
+    extra = "[https]\nenabled = true\nport = 0\n[heartbeat]\ninterval = '1h'\ndeadline = '5s'\n"
+    node = await start(load(node_config(tmp_path, receiver.url(), extra=extra)))
+    try:
+        assert node.heartbeat is not None
+        addresses = {name: listener.addresses for name, listener in node.listeners.items()}
+        outcome = await node.heartbeat.check(addresses)
+    finally:
+        await node.stop()
+    assert outcome == {"dns": True, "smtp": True, "http": True, "https": True}
