@@ -156,13 +156,12 @@ class BurstFolder:
         window.count_source(event.source or "")
         if event.type == "hit":
             window.canary = {key: event.data[key] for key in _CANARY_KEYS if key in event.data}
-        if event.type == "hit" and window.recorded < self._options.threshold:
-            window.recorded += 1
-            self._writer.submit(event, done)
-        elif window.recorded >= self._options.threshold:
+        if window.recorded >= self._options.threshold:
             self._fold(canary_id, window, event, done)
-        else:
-            self._writer.submit(event, done)
+            return
+        if event.type == "hit":
+            window.recorded += 1
+        self._writer.submit(event, done)
 
     async def append(self, *events: Event) -> list[Entry]:
         """Record `events`; the entries that account for them, or NotDurable."""
@@ -217,9 +216,7 @@ class BurstFolder:
         else:
             aggregate.evidence += 1
         source = event.source or ""
-        if source in aggregate.sources or len(aggregate.sources) < MAX_LISTED:
-            aggregate.sources[source] += 1
-        else:
+        if not _count_listed(aggregate.sources, source):
             aggregate.other_sources += 1
         protocol = event.protocol or ""
         aggregate.protocols[protocol] += 1
