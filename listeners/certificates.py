@@ -10,6 +10,7 @@ import datetime
 import os
 import ssl
 import tempfile
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -58,3 +59,15 @@ def server_context(pem: bytes) -> ssl.SSLContext:
             out.write(pem)
         context.load_cert_chain(path)
     return context
+
+
+def from_files(cert: Path, key: Path) -> ssl.SSLContext:
+    """A TLS server context for the PEM chain in `cert` and its key in `key`.
+
+    Raises ValueError naming what is wrong when they cannot be served together.
+    """
+    try:
+        return server_context(key.read_bytes() + b"\n" + cert.read_bytes())
+    except ssl.SSLError as error:
+        reason = error.reason or error.strerror or str(error)
+        raise ValueError(f"cannot serve this certificate with this key: {reason}") from None

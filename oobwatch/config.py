@@ -39,6 +39,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from alerts.policy import DEFAULT_ROUTE, IgnoreRule, Match, Policy, Route, Sink
+from listeners import certificates
 from listeners.base import ListenerOptions, Port
 from listeners.burst import BurstOptions
 from listeners.dns import DnsOptions
@@ -226,6 +227,8 @@ class TlsConfig(Section):
     def _key_with_cert(self) -> "TlsConfig":
         if (self.cert is None) != (self.key is None):
             raise ValueError("cert and key go together: set both or neither")
+        if self.cert is not None and self.key is not None:
+            certificates.from_files(self.cert, self.key)
         return self
 
 

@@ -24,7 +24,7 @@ from alerts.pager import Pager
 from canaries.index import TokenIndex
 from listeners.base import Context, Listener, ListenerOptions
 from listeners.burst import BurstFolder
-from listeners.certificates import self_signed, server_context
+from listeners.certificates import from_files, self_signed, server_context
 from listeners.dns import DnsListener
 from listeners.guard import ConnectionGuard, StreamOptions
 from listeners.http import AsgiServer, HttpListener
@@ -246,7 +246,7 @@ def _certificate(config: Config, engine: Engine) -> ssl.SSLContext:
     """The node's TLS certificate: `[tls]` files, else the store's self-signed one for the zone."""
     tls = config.tls
     if tls.cert is not None and tls.key is not None:
-        return server_context(tls.key.read_bytes() + b"\n" + tls.cert.read_bytes())
+        return from_files(tls.cert, tls.key)
     pem = secret(engine, "tls-self-signed", make=lambda: self_signed(config.dns.zone))
     return server_context(pem)
 
