@@ -11,7 +11,6 @@ node's `BurstFolder`, so one canary's flood folds into aggregate rows
 """
 
 import re
-import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import ip_address
@@ -27,6 +26,7 @@ from store.writer import NotDurable
 
 if TYPE_CHECKING:
     from listeners.burst import BurstFolder
+    from listeners.certificates import Challenges, NodeCertificate
     from listeners.guard import ConnectionGuard
 
 __all__ = ["NotDurable"]
@@ -109,7 +109,9 @@ class Context:
     # The connection bounds of a listener that takes connections, for /metrics.
     connections: "ConnectionGuard | None" = None
     # The node's certificate, for listeners that speak TLS.
-    tls: "ssl.SSLContext | None" = None
+    tls: "NodeCertificate | None" = None
+    # Shared by a node's listeners: what the DNS listener answers for an ACME order.
+    challenges: "Challenges | None" = None
 
     def hit(self, canary: Canary, protocol: str, peer: Peer, evidence: Mapping[str, Any]) -> Event:
         return hit_event(canary, protocol=protocol, peer=peer, node=self.node, evidence=evidence)

@@ -1,16 +1,25 @@
 """The node's TLS certificate, as listeners that speak TLS serve it.
 
+One `NodeCertificate` per node: every listener takes its TLS contexts from
+it, and a new certificate (files changed, an ACME renewal) replaces the one
+every context serves, for the connections that follow, without a restart.
+
 Without a certificate of its own, a node serves a self-signed one for the
 zone and everything under it, made once and kept in the store so every node
 on it serves the same: a ClientHello is caught from the first start, and a
 client that refuses the certificate has still named the host it wanted.
 """
 
+import contextlib
 import datetime
 import os
 import ssl
 import tempfile
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -18,6 +27,43 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 SELF_SIGNED_DAYS = 3650
+
+Source = Literal["acme", "file", "self-signed"]
+# Told the server name a client asked for, as ssl's sni_callback is.
+SniSeen = Callable[[ssl.SSLObject, str | None], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """A key and its chain as PEM, and where they came from."""
+
+    pem: bytes
+    source: Source
+
+    @property
+    def chain(self) -> list[x509.Certificate]:
+        return x509.load_pem_x509_certificates(self.pem)
+
+    @property
+    def not_after(self) -> datetime.datetime:
+        return self.chain[0].not_valid_after_utc
+
+    def describe(self) -> dict[str, Any]:
+        """What `tls status` shows: the leaf's subject, names, issuer and expiry, and the source."""
+        leaf = self.chain[0]
+        try:
+            names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            sans = names.get_values_for_type(x509.DNSName)
+        except x509.ExtensionNotFound:
+            sans = []
+        return {
+            "subject": leaf.subject.rfc4514_string(),
+            "sans": sans,
+            "issuer": leaf.issuer.rfc4514_string(),
+            "not_before": leaf.not_valid_before_utc.isoformat(),
+            "not_after": leaf.not_valid_after_utc.isoformat(),
+            "source": self.source,
+        }
 
 
 def self_signed(zone: str) -> bytes:
@@ -48,26 +94,81 @@ def self_signed(zone: str) -> bytes:
     return key_pem + certificate.public_bytes(serialization.Encoding.PEM)
 
 
-def server_context(pem: bytes) -> ssl.SSLContext:
-    """A TLS server context serving the key and chain in `pem`."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    # ssl loads a chain only from a file: one only this process can read, gone at once.
+@contextlib.contextmanager
+def _chain_file(pem: bytes) -> Iterator[str]:
+    """`pem` in a file only this process can read, gone on exit: ssl loads a chain only from one."""
     with tempfile.TemporaryDirectory(prefix="oobwatch-tls-") as folder:
         path = os.path.join(folder, "chain.pem")
         with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
             out.write(pem)
-        context.load_cert_chain(path)
-    return context
+        yield path
 
 
-def from_files(cert: Path, key: Path) -> ssl.SSLContext:
-    """A TLS server context for the PEM chain in `cert` and its key in `key`.
-
-    Raises ValueError naming what is wrong when they cannot be served together.
-    """
+def _load(context: ssl.SSLContext, pem: bytes) -> None:
+    """Serve the key and chain in `pem` from `context`; ValueError naming why it cannot."""
     try:
-        return server_context(key.read_bytes() + b"\n" + cert.read_bytes())
+        with _chain_file(pem) as path:
+            context.load_cert_chain(path)
     except ssl.SSLError as error:
         reason = error.reason or error.strerror or str(error)
         raise ValueError(f"cannot serve this certificate with this key: {reason}") from None
+
+
+def server_context(pem: bytes) -> ssl.SSLContext:
+    """A TLS server context serving the key and chain in `pem`; ValueError when it cannot."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load(context, pem)
+    return context
+
+
+def from_files(cert: Path, key: Path) -> Served:
+    """The PEM chain in `cert` with its key in `key`; ValueError when they cannot be served."""
+    served = Served(key.read_bytes() + b"\n" + cert.read_bytes(), "file")
+    server_context(served.pem)
+    return served
+
+
+# Where DNS-01 looks for its answer, under the zone apex.
+ACME_LABEL = "_acme-challenge"
+
+
+class Challenges:
+    """The DNS-01 answers (`_acme-challenge.<zone>` TXT) a node serves while an order is pending."""
+
+    def __init__(self) -> None:
+        self.values: tuple[str, ...] = ()
+
+
+class NodeCertificate:
+    """What every TLS listener of a node serves, replaced in place for the connections after."""
+
+    def __init__(self, served: Served) -> None:
+        server_context(served.pem)
+        self._served = served
+        self._contexts: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
+
+    @property
+    def served(self) -> Served:
+        return self._served
+
+    def context(self, sni: SniSeen | None = None) -> ssl.SSLContext:
+        """A server context that serves this certificate, and whatever replaces it."""
+        context = server_context(self._served.pem)
+        if sni is not None:
+
+            def seen(ssl_object: Any, name: str | None, _: ssl.SSLContext) -> None:
+                sni(ssl_object, name)
+
+            context.sni_callback = seen
+        self._contexts.add(context)
+        return context
+
+    def replace(self, served: Served) -> None:
+        """Serve `served` from now on; ValueError (and the old one kept) when it cannot be."""
+        if served.pem == self._served.pem:
+            return
+        server_context(served.pem)
+        for context in list(self._contexts):
+            _load(context, served.pem)
+        self._served = served

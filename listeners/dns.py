@@ -15,7 +15,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import Annotated
 
-from dnslib import QTYPE
+from dnslib import QTYPE, RR, TXT, DNSError, DNSRecord
 from pydantic import Field, field_validator, model_validator
 
 from canaries.find import APEX, locate, split_name
@@ -23,6 +23,7 @@ from canaries.index import Unknowable
 from canaries.model import Canary
 from canaries.tokens import TOKEN_LENGTH, decode_exfil, is_plausible
 from listeners.base import Context, DnsName, Port, format_peer
+from listeners.certificates import ACME_LABEL
 from listeners.dnswire import (
     CLASS_ANY,
     CLASS_IN,
@@ -202,6 +203,9 @@ class DnsListener:
             counters.refused += 1
             send(refuse(packet, question), peer)
             return
+        if match.candidate == ACME_LABEL and not match.left and self._challenged(question):
+            send(self._challenge(packet), peer)
+            return
         reply = self._answers.answer(packet, question, apex=match is APEX)
         if match is APEX:
             send(reply, peer)
@@ -221,6 +225,26 @@ class DnsListener:
         else:
             counters.junk += 1
             send(reply, peer)
+
+    def _challenged(self, question: Question) -> bool:
+        challenges = self._context.challenges
+        return (
+            challenges is not None
+            and bool(challenges.values)
+            and question.qtype in (QTYPE.TXT, QTYPE.ANY)
+        )
+
+    def _challenge(self, packet: bytes) -> bytes | None:
+        """The pending ACME order's DNS-01 values, as TXT records (rare: dnslib builds them)."""
+        assert self._context.challenges is not None
+        try:
+            query = DNSRecord.parse(packet)
+        except DNSError:
+            return None
+        reply = query.reply(aa=1)
+        for value in self._context.challenges.values:
+            reply.add_answer(RR(query.q.qname, QTYPE.TXT, rdata=TXT(value), ttl=0))
+        return bytes(reply.pack())
 
     async def _respond_late(
         self,

@@ -136,11 +136,39 @@ class _BoundedConfig(uvicorn.Config):
         self.step_timeout = timeout
 
 
+def bounded_config(app: Any, guard: ConnectionGuard, timeout: float) -> uvicorn.Config:
+    """How every h11 connection of the node is served: within `guard`, each step in `timeout`."""
+    return _BoundedConfig(
+        app,
+        guard,
+        timeout,
+        http=BoundedH11Protocol,
+        interface="asgi3",
+        lifespan="off",
+        # The client is the peer that connected, never a header it sent.
+        proxy_headers=False,
+        access_log=False,
+        server_header=False,
+        date_header=True,
+        log_level="warning",
+        # Through the node's handler (escaped, rate limited), not uvicorn's own.
+        log_config=None,
+        # No upgrades: a protocol switch would leave the bounds behind.
+        ws="none",
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        # The guard bounds connections; uvicorn's own limit would answer a real hit 503.
+        limit_concurrency=None,
+        timeout_keep_alive=5,
+        backlog=BACKLOG,
+    )
+
+
 class BoundedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol held to the guard's caps, with the head and write timeouts it lacks.
 
     uvicorn times out only an idle keep-alive connection: a head sent slowly,
     or a reply the client never reads, would hold a connection for ever.
+    A connection admitted before (a TLS one, at accept) comes with its `slot`.
     """
 
     def __init__(
@@ -149,12 +177,13 @@ class BoundedH11Protocol(H11Protocol):
         server_state: ServerState,
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
+        slot: Slot | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         assert isinstance(config, _BoundedConfig)
         self._guard = config.guard
         self._step = config.step_timeout
-        self._slot: Slot | None = None
+        self._slot = slot
         self._head_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -163,8 +192,11 @@ class BoundedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        peer = transport.get_extra_info("peername")
-        self._slot = self._guard.admit(str(peer[0]) if peer else "", transport.abort)
+        if self._slot is not None:
+            self._slot.close = transport.abort
+        else:
+            peer = transport.get_extra_info("peername")
+            self._slot = self._guard.admit(str(peer[0]) if peer else "", transport.abort)
         if self._slot is None:
             transport.write(_TOO_MANY)
             transport.close()
@@ -256,29 +288,7 @@ class AsgiServer:
         options = self._options
         listening = listening_socket(options)
         self._socket = listening
-        config = _BoundedConfig(
-            self._app,
-            self.guard,
-            options.timeout,
-            http=BoundedH11Protocol,
-            interface="asgi3",
-            lifespan="off",
-            # The client is the peer that connected, never a header it sent.
-            proxy_headers=False,
-            access_log=False,
-            server_header=False,
-            date_header=True,
-            log_level="warning",
-            # Through the node's handler (escaped, rate limited), not uvicorn's own.
-            log_config=None,
-            # No upgrades: a protocol switch would leave the bounds behind.
-            ws="none",
-            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
-            # The guard bounds connections; uvicorn's own limit would answer a real hit 503.
-            limit_concurrency=None,
-            timeout_keep_alive=5,
-            backlog=BACKLOG,
-        )
+        config = bounded_config(self._app, self.guard, options.timeout)
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[listening]))
         while not self._server.started:
@@ -301,11 +311,9 @@ class HttpListener:
     name = "http"
 
     def __init__(self, context: Context, options: HttpOptions) -> None:
-        self._context = context
-        self._options = options
-        self._zone = split_name(context.zone)
-        self._server = AsgiServer(self.app, options)
-        context.connections = self._server.guard
+        guard = ConnectionGuard.of(options)
+        self._server = AsgiServer(RequestCatcher(context, options, guard), options, guard)
+        context.connections = guard
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -317,12 +325,23 @@ class HttpListener:
     async def stop(self) -> None:
         await self._server.stop()
 
-    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The ASGI application every request goes through."""
+
+class RequestCatcher:
+    """The ASGI application every request goes through, plaintext (`http`) or inside TLS (`https`)."""
+
+    def __init__(self, context: Context, options: HttpOptions, guard: ConnectionGuard) -> None:
+        self._context = context
+        self._options = options
+        self._guard = guard
+        self._zone = split_name(context.zone)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         counters = self._context.counters
         counters.received += 1
+        # uvicorn says https when the request came through a TLS transport.
+        protocol = "https" if scope.get("scheme") == "https" else "http"
         raw_headers: Headers = scope["headers"]
         headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw_headers]
         host = next((value for name, value in headers if name.lower() == "host"), "")
@@ -351,7 +370,7 @@ class HttpListener:
             )
             entries = await self._context.record(
                 *[
-                    self._context.hit(canary, "http", peer, {**head, "found_in": where})
+                    self._context.hit(canary, protocol, peer, {**head, "found_in": where})
                     for canary, where in head_hits
                 ]
             )
@@ -364,7 +383,9 @@ class HttpListener:
             recorded = [
                 (canary, entry) for (canary, _), entry in zip(head_hits, entries, strict=True)
             ]
-            await self._context.record(*self._body_events(head, body, peer, recorded, body_hits))
+            await self._context.record(
+                *self._body_events(protocol, head, body, peer, recorded, body_hits)
+            )
         except (NotDurable, Unknowable):
             # Not recorded, or not known whether it is a canary: never answered as if it were fine.
             await self._answer(send, 503, b"text/plain", b"", _CLOSE)
@@ -378,7 +399,7 @@ class HttpListener:
         elif body.ended == "too_large":
             await self._answer(send, 413, b"text/plain", b"", close)
         elif body.ended == "timeout":
-            self._server.guard.timeouts["body"] += 1
+            self._guard.timeouts["body"] += 1
             await self._answer(send, 408, b"text/plain", b"", close)
         elif _challenge(hits, headers):
             await self._answer(send, 401, b"text/plain", b"", _CHALLENGE + close)
@@ -411,6 +432,7 @@ class HttpListener:
 
     def _body_events(
         self,
+        protocol: str,
         head: dict[str, Any],
         body: Body,
         peer: Peer,
@@ -425,13 +447,13 @@ class HttpListener:
             "body_ended": body.ended,
         }
         events = [
-            self._context.hit(canary, "http", peer, {**head, **read, "found_in": where})
+            self._context.hit(canary, protocol, peer, {**head, **read, "found_in": where})
             for canary, where in body_hits
         ]
         if body.size:
             events += [
                 self._context.observation(
-                    "evidence", canary, "http", peer, {"hit_seq": entry.seq, **read}
+                    "evidence", canary, protocol, peer, {"hit_seq": entry.seq, **read}
                 )
                 for canary, entry in recorded
             ]

@@ -10,12 +10,13 @@ inside it, are committed too.
 import asyncio
 import logging
 import ssl
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from pydantic import Field, FilePath, model_validator
+from pydantic import Field
 
 from canaries.find import in_address, in_domains, scan, split_name
 from canaries.index import Unknowable
@@ -23,6 +24,7 @@ from canaries.model import Canary
 from listeners.base import Context, DnsName, NotDurable, Peer, Port, format_peer
 from listeners.guard import ConnectionGuard, Seconds, Slot, StreamOptions
 from listeners.mailparse import MailDetails, inspect_message
+from listeners.tls import TlsFront
 from store.ledger import Entry, Event
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,8 @@ MAX_REJECTED_RECIPIENTS = 20
 MAX_SCANNED_CHARS = 4 * 1024 * 1024
 # Canary tokens looked up per message: a message stuffed with tokens gets no more store work.
 MAX_LEAKED = 1000
+# A server name is at most 253 characters; a client may send more.
+MAX_SNI_KEPT = 253
 # One message parsed at a time, beside (not in) the pool that store work uses.
 _PARSING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mail-parse")
 _ERROR_CODES = ("500", "501", "502", "503", "504")
@@ -53,22 +57,33 @@ class SmtpOptions(StreamOptions):
     timeout: Seconds = 30.0
     # A mail client pauses for DNS, TLS and its own queue between commands.
     eviction_grace: Annotated[float, Field(ge=0, le=60)] = 10.0
-    tls_cert: FilePath | None = None
-    tls_key: FilePath | None = None
-
-    @model_validator(mode="after")
-    def _key_with_cert(self) -> "SmtpOptions":
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together: set both or neither")
-        return self
+    # Implicit TLS (465 in production), with the node's certificate; STARTTLS is always offered.
+    tls_port: Port | None = None
 
 
 class CanaryHandler:
     """The aiosmtpd handler: RCPT and DATA turn the envelope into hits, nothing else."""
 
-    def __init__(self, context: Context, domains: tuple[tuple[str, ...], ...]) -> None:
+    def __init__(
+        self,
+        context: Context,
+        domains: tuple[tuple[str, ...], ...],
+        names: "weakref.WeakKeyDictionary[ssl.SSLObject, str]",
+    ) -> None:
         self._context = context
         self._domains = domains
+        self._names = names
+
+    def _tls(self, session: Session) -> dict[str, Any]:
+        """Whether the session is in TLS (STARTTLS or implicit), and the server name it asked."""
+        ssl_object = (session.ssl or {}).get("ssl_object")
+        if ssl_object is None:
+            return {"tls": False}
+        return {
+            "tls": True,
+            "sni": self._names.get(ssl_object),
+            "tls_version": ssl_object.version(),
+        }
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -98,7 +113,7 @@ class CanaryHandler:
             "rcpt": address,
             "mail_from": envelope.mail_from,
             "helo": session.host_name,
-            "tls": session.ssl is not None,
+            **self._tls(session),
         }
         try:
             [entry] = await self._context.record(self._hit(canary, session, evidence))
@@ -165,7 +180,7 @@ class CanaryHandler:
                         "mail_from": envelope.mail_from,
                         "rcpt_tos": list(envelope.rcpt_tos),
                         "helo": session.host_name,
-                        "tls": session.ssl is not None,
+                        **self._tls(session),
                         "subject": details.subject,
                         "headers": details.headers,
                         "size": details.size,
@@ -222,13 +237,15 @@ class GuardedSMTP(SMTP):
         *args: Any,
         guard: ConnectionGuard,
         context: Context,
+        slot: Slot | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._counters = context.counters
         self._guard = guard
         self._step = float(kwargs.get("timeout", 30.0))
-        self._slot: Slot | None = None
+        # Admitted before, when the connection came in through TLS.
+        self._slot = slot
         self._errors = 0
         self._rejected = 0
         self._closing = False
@@ -236,15 +253,22 @@ class GuardedSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # a new connection, not the STARTTLS upgrade of one
             assert isinstance(transport, asyncio.Transport)
-            self._slot = self._guard.admit(
-                str(transport.get_extra_info("peername")[0]), transport.abort
-            )
+            if self._slot is not None:
+                self._slot.close = transport.abort
+            else:
+                self._slot = self._guard.admit(
+                    str(transport.get_extra_info("peername")[0]), transport.abort
+                )
             if self._slot is None:
                 self._counters.dropped += 1
                 transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
                 transport.close()
                 return
         super().connection_made(transport)
+        assert self.session is not None
+        if self.session.ssl is None and transport.get_extra_info("ssl_object") is not None:
+            # Implicit TLS: as secure as a STARTTLS session, which aiosmtpd alone marks.
+            self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
 
     def data_received(self, data: bytes) -> None:
         if self._slot is not None:
@@ -290,7 +314,12 @@ class GuardedSMTP(SMTP):
 
 
 class SmtpListener:
-    """Receives mail for the zone and its names; never relays."""
+    """Receives mail for the zone and its names; never relays.
+
+    STARTTLS is offered with the node's certificate, and `tls_port` takes implicit
+    TLS through the same ClientHello catcher as `[https]`; the name a client asked
+    for in TLS (SNI) is part of every hit's evidence.
+    """
 
     name = "smtp"
 
@@ -298,26 +327,38 @@ class SmtpListener:
         self._context = context
         self._options = options
         domains = options.domains or [context.zone]
-        self._handler = CanaryHandler(context, tuple(split_name(domain) for domain in domains))
+        self._names: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
+        self._handler = CanaryHandler(
+            context, tuple(split_name(domain) for domain in domains), self._names
+        )
         context.connections = self._guard = ConnectionGuard.of(options)
-        self._tls: ssl.SSLContext | None = None
-        if options.tls_cert is not None:
-            self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self._tls.load_cert_chain(options.tls_cert, options.tls_key)
+        self._tls = None if context.tls is None else context.tls.context(sni=self._sni)
+        self._front: TlsFront | None = None
+        if options.tls_port is not None and self._tls is not None:
+            implicit = options.model_copy(update={"port": options.tls_port})
+            self._front = TlsFront(
+                context, implicit, self._guard, self._tls, lambda slot: self._session(slot)
+            )
         self._server: asyncio.Server | None = None
+
+    def _sni(self, ssl_object: ssl.SSLObject, name: str | None) -> None:
+        if name:
+            self._names[ssl_object] = name[:MAX_SNI_KEPT]
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
+        """The plaintext port first (the heartbeat's), then the implicit-TLS one."""
         if self._server is None:
             return []
         host, port = self._server.sockets[0].getsockname()[:2]
-        return [(host, port)]
+        return [(host, port), *(self._front.addresses if self._front else [])]
 
-    def _session(self) -> GuardedSMTP:
+    def _session(self, slot: Slot | None = None) -> GuardedSMTP:
         return GuardedSMTP(
             self._handler,
             guard=self._guard,
             context=self._context,
+            slot=slot,
             hostname=f"mail.{self._context.zone}",
             ident="ESMTP",
             data_size_limit=self._options.max_message_bytes,
@@ -326,7 +367,8 @@ class SmtpListener:
             timeout=self._options.timeout,
             # NOOP, RSET, VRFY and friends cost a reply each and carry nothing.
             command_call_limit={"NOOP": 10, "RSET": 20, "VRFY": 5, "EXPN": 5, "HELP": 5, "*": 200},
-            tls_context=self._tls,
+            # No STARTTLS inside implicit TLS.
+            tls_context=self._tls if slot is None else None,
             require_starttls=False,
         )
 
@@ -335,8 +377,12 @@ class SmtpListener:
         self._server = await loop.create_server(
             self._session, self._options.listen, self._options.port, reuse_address=True
         )
+        if self._front is not None:
+            await self._front.start()
 
     async def stop(self) -> None:
+        if self._front is not None:
+            await self._front.stop()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

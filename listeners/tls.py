@@ -10,7 +10,10 @@ an `evidence` event: `completed`; `rejected` (the client's alert said it
 refused the certificate); `reset` (the client cut the connection mid-way,
 which is how most clients that refuse a certificate leave); `failed`
 (another TLS error); `gone` (it closed); `timeout`. Junk SNI is counted,
-not stored.
+not stored. A completed handshake is handed on, with its admission, to the
+protocol the port serves: on `[https]`, uvicorn's h11 with the same request
+catcher as plaintext HTTP, so a token in the decrypted request is an `https`
+hit; on SMTP's implicit-TLS port, the SMTP session.
 
 Bounds: the guard's connection caps; a ClientHello must arrive within
 `timeout` and fit MAX_HELLO_BYTES, the handshake takes `timeout` more; bytes
@@ -24,6 +27,8 @@ import socket
 import ssl
 from collections.abc import Callable
 
+from uvicorn.server import ServerState
+
 from canaries.find import locate, split_name
 from canaries.index import Unknowable
 from canaries.model import Canary
@@ -35,6 +40,7 @@ from listeners.guard import (
     addresses_of,
     listening_socket,
 )
+from listeners.http import BoundedH11Protocol, HttpOptions, RequestCatcher, bounded_config
 from listeners.tlswire import MAX_HELLO_BYTES, ClientHello, Malformed, client_hello
 from store.ledger import Event
 
@@ -54,18 +60,61 @@ class TlsOptions(StreamOptions):
 
 
 class TlsListener:
-    """Catches the ClientHello of every TLS connection, then completes the handshake."""
+    """`[https]`: catches every ClientHello; the requests of a completed handshake are caught
+    as plaintext HTTP's are, as `https` hits."""
 
     name = "https"
 
-    def __init__(self, context: Context, options: TlsOptions) -> None:
+    def __init__(self, context: Context, options: TlsOptions, http: HttpOptions) -> None:
         if context.tls is None:
             raise ValueError("the TLS listener needs the node's certificate (context.tls)")
+        guard = ConnectionGuard.of(options)
+        context.connections = guard
+        self._config = bounded_config(RequestCatcher(context, http, guard), guard, options.timeout)
+        self._config.load()
+        self._step = options.timeout
+        self._state = ServerState()
+        self._front = TlsFront(context, options, guard, context.tls.context(), self._serve)
+
+    def _serve(self, slot: Slot) -> asyncio.Protocol:
+        return BoundedH11Protocol(self._config, self._state, {}, slot=slot)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return self._front.addresses
+
+    async def start(self) -> None:
+        await self._front.start()
+
+    async def stop(self) -> None:
+        await self._front.stop()
+        for connection in list(self._state.connections):
+            connection.shutdown()
+        # A request in flight gets a step to finish its answer, as uvicorn's own shutdown gives.
+        if self._state.tasks:
+            await asyncio.wait(list(self._state.tasks), timeout=self._step)
+        for connection in list(self._state.connections):
+            connection.transport.abort()
+
+
+class TlsFront:
+    """Accepts TLS connections within `guard`: catches each ClientHello, completes the
+    handshake with `tls`, and hands the connection, with its slot, to `serve`'s protocol."""
+
+    def __init__(
+        self,
+        context: Context,
+        options: StreamOptions,
+        guard: ConnectionGuard,
+        tls: ssl.SSLContext,
+        serve: Callable[[Slot], asyncio.Protocol],
+    ) -> None:
         self._context = context
         self._options = options
+        self._guard = guard
+        self._tls = tls
+        self._serve = serve
         self._zone = split_name(context.zone)
-        self._guard = ConnectionGuard.of(options)
-        context.connections = self._guard
         self._socket: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._sessions: set[asyncio.Task[None]] = set()
@@ -75,8 +124,7 @@ class TlsListener:
         return addresses_of(self._socket)
 
     async def start(self) -> None:
-        options = self._options
-        listening = listening_socket(options)
+        listening = listening_socket(self._options)
         self._socket = listening
         self._accepting = asyncio.create_task(self._accept(listening))
 
@@ -104,7 +152,8 @@ class TlsListener:
             session = asyncio.create_task(self._session(connection, peer))
             self._sessions.add(session)
             session.add_done_callback(self._sessions.discard)
-            # Also when the session is cancelled before it ever ran (the node stopping).
+            # Also when the session is cancelled before it ever ran (the node stopping);
+            # a connection handed on was detached from this socket object first.
             session.add_done_callback(_closing(connection))
 
     async def _session(self, connection: socket.socket, peer: Peer) -> None:
@@ -116,6 +165,7 @@ class TlsListener:
             counters.dropped += 1
             connection.close()
             return
+        handed = False
         try:
             hello = await self._hello(connection, slot)
             if hello is None:
@@ -126,7 +176,8 @@ class TlsListener:
                 await self._context.record(self._hit(canary, hello, peer))
             elif hello.sni is not None:
                 counters.junk += 1
-            ended = await self._handshake(connection)
+            ended = await self._handshake(connection, slot)
+            handed = ended == "completed"
             if canary is not None:
                 await self._context.record(
                     self._context.observation(
@@ -141,8 +192,9 @@ class TlsListener:
         except OSError:
             pass
         finally:
-            slot.release()
-            connection.close()
+            if not handed:
+                slot.release()
+                connection.close()
 
     async def _hello(self, connection: socket.socket, slot: Slot) -> ClientHello | None:
         """The ClientHello in the connection's first bytes, left unread for the handshake."""
@@ -200,15 +252,16 @@ class TlsListener:
         }
         return self._context.hit(canary, "tls", peer, evidence)
 
-    async def _handshake(self, connection: socket.socket) -> str:
-        """Complete the handshake with the node's certificate; how it ended."""
+    async def _handshake(self, connection: socket.socket, slot: Slot) -> str:
+        """Complete the handshake; how it ended. A completed one is handed to `serve`."""
         loop = asyncio.get_running_loop()
-        assert self._context.tls is not None
+        # The transport owns the descriptor from here: this socket object lets it go.
+        handing = socket.socket(fileno=connection.detach())
         try:
-            transport, _ = await loop.connect_accepted_socket(
-                asyncio.Protocol,
-                connection,
-                ssl=self._context.tls,
+            await loop.connect_accepted_socket(
+                lambda: self._serve(slot),
+                handing,
+                ssl=self._tls,
                 ssl_handshake_timeout=self._options.timeout,
             )
         except ssl.SSLError as error:
@@ -222,7 +275,6 @@ class TlsListener:
             return "reset"
         except (ConnectionError, OSError):
             return "gone"
-        transport.abort()
         return "completed"
 
 

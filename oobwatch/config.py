@@ -40,7 +40,7 @@ from sqlalchemy.exc import ArgumentError
 
 from alerts.policy import DEFAULT_ROUTE, IgnoreRule, Match, Policy, Route, Sink
 from listeners import certificates
-from listeners.base import ListenerOptions, Port
+from listeners.base import Port
 from listeners.burst import BurstOptions
 from listeners.dns import DnsOptions
 from listeners.guard import StreamOptions
@@ -54,8 +54,6 @@ _WILDCARDS = {"0.0.0.0", "::"}  # noqa: S104 - compared with, never bound here
 # Keys whose values are paths, resolved against the config file's folder.
 _PATH_KEYS = (
     ("ledger", "anchor_file"),
-    ("smtp", "tls_cert"),
-    ("smtp", "tls_key"),
     ("tls", "cert"),
     ("tls", "key"),
 )
@@ -274,15 +272,21 @@ class Config(Section):
     def _distinct_ports(self) -> "Config":
         # DNS takes its port on TCP as well as UDP, so every service here competes for TCP ports.
         bound: list[tuple[str, str, int]] = []
-        for name in ("dns", "smtp", "http", "https", "api"):
-            options: ListenerOptions = getattr(self, name)
-            if not options.enabled or options.port == 0:
+        wanted = [
+            (f"{name}.port", options.listen, options.port)
+            for name in ("dns", "smtp", "http", "https", "api")
+            if (options := getattr(self, name)).enabled
+        ]
+        if self.smtp.enabled and self.smtp.tls_port is not None:
+            wanted.append(("smtp.tls_port", self.smtp.listen, self.smtp.tls_port))
+        for key, listen_at, at in wanted:
+            if at == 0:
                 continue
             for other, listen, port in bound:
-                overlap = listen == options.listen or bool({listen, options.listen} & _WILDCARDS)
-                if port == options.port and overlap:
-                    raise ValueError(f"{name}.port {port} on {options.listen} is also {other}.port")
-            bound.append((name, options.listen, options.port))
+                overlap = listen == listen_at or bool({listen, listen_at} & _WILDCARDS)
+                if port == at and overlap:
+                    raise ValueError(f"{key} {at} on {listen_at} is also {other}")
+            bound.append((key, listen_at, at))
         return self
 
     @model_validator(mode="after")
@@ -500,8 +504,7 @@ max_message_bytes = 10485760          # x max_connections bounds the memory mail
 max_connections = 64
 max_connections_per_source = 10
 timeout = 30.0                        # seconds of silence before a session is dropped
-# tls_cert = "/etc/oobwatch/mail.pem"  # STARTTLS when both are set
-# tls_key = "/etc/oobwatch/mail.key"
+# tls_port = 4650                     # implicit TLS, 465 in production; STARTTLS is always offered
 
 [http]
 # Any request carrying a token (Host, path, query, headers, cookies, body) is a hit.
@@ -517,7 +520,8 @@ listen = "127.0.0.1"
 port = 8443                           # 443 in production
 
 [tls]
-# The certificate [https] serves; without it, a self-signed one for the zone kept in the store.
+# The certificate [https] and SMTP's TLS serve; without one, a self-signed one for the zone,
+# kept in the store. Files are read again when they change.
 # cert = "/etc/oobwatch/tls.pem"      # PEM, chain allowed
 # key = "/etc/oobwatch/tls.key"
 

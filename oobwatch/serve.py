@@ -11,11 +11,9 @@ import gc
 import logging
 import resource
 import signal
-import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Engine
@@ -24,7 +22,7 @@ from alerts.pager import Pager
 from canaries.index import TokenIndex
 from listeners.base import Context, Listener, ListenerOptions
 from listeners.burst import BurstFolder
-from listeners.certificates import from_files, self_signed, server_context
+from listeners.certificates import NodeCertificate, Served, from_files, self_signed
 from listeners.dns import DnsListener
 from listeners.guard import ConnectionGuard, StreamOptions
 from listeners.http import AsgiServer, HttpListener
@@ -54,11 +52,11 @@ STATS_SECONDS = 60.0
 CHECKPOINT_SECONDS = 1.0
 
 # Every listener kind, by the name of its config section.
-LISTENERS: dict[str, Callable[[Context, Any], Listener]] = {
-    "dns": DnsListener,
-    "smtp": SmtpListener,
-    "http": HttpListener,
-    "https": TlsListener,
+LISTENERS: dict[str, Callable[[Context, Config], Listener]] = {
+    "dns": lambda context, config: DnsListener(context, config.dns),
+    "smtp": lambda context, config: SmtpListener(context, config.smtp),
+    "http": lambda context, config: HttpListener(context, config.http),
+    "https": lambda context, config: TlsListener(context, config.https, config.http),
 }
 
 
@@ -86,6 +84,8 @@ class Node:
     scheduler: AsyncIOScheduler
     heartbeat: Heartbeat | None = None
     api: AsgiServer | None = None
+    # What TLS listeners serve; None when none of them runs.
+    certificate: NodeCertificate | None = None
     listeners: dict[str, Listener] = field(default_factory=dict)
     contexts: dict[str, Context] = field(default_factory=dict)
 
@@ -201,14 +201,17 @@ async def start(config: Config) -> Node:
         )
     await asyncio.to_thread(index.refresh)
     certificate = (
-        await asyncio.to_thread(_certificate, config, engine) if config.https.enabled else None
+        NodeCertificate(await asyncio.to_thread(served_certificate, config, engine))
+        if config.https.enabled or config.smtp.enabled
+        else None
     )
+    node.certificate = certificate
     for name, kind in LISTENERS.items():
         options: ListenerOptions = getattr(config, name)
         if not options.enabled:
             continue
         context = Context(index, folder, config.node.name, config.dns.zone, tls=certificate)
-        listener = kind(context, options)
+        listener = kind(context, config)
         await _bind(node, name, options, listener.start)
         node.listeners[name] = listener
         node.contexts[name] = context
@@ -242,13 +245,13 @@ async def start(config: Config) -> Node:
     return node
 
 
-def _certificate(config: Config, engine: Engine) -> ssl.SSLContext:
-    """The node's TLS certificate: `[tls]` files, else the store's self-signed one for the zone."""
+def served_certificate(config: Config, engine: Engine) -> Served:
+    """The certificate TLS listeners serve: `[tls]` files, else the store's self-signed one."""
     tls = config.tls
     if tls.cert is not None and tls.key is not None:
         return from_files(tls.cert, tls.key)
     pem = secret(engine, "tls-self-signed", make=lambda: self_signed(config.dns.zone))
-    return server_context(pem)
+    return Served(pem, "self-signed")
 
 
 def _schedule(node: Node) -> None:

@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import contextlib
+import functools
 import glob
 import hashlib
 import itertools
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from canaries.model import Canary
 from canaries.tokens import TokenKey, is_plausible
 from listeners.base import Context, hit_event
 from listeners.burst import BurstFolder, BurstOptions
-from listeners.certificates import self_signed, server_context
+from listeners.certificates import NodeCertificate, Served, self_signed
 from listeners.dns import DnsListener, DnsOptions
 from listeners.http import HttpListener, HttpOptions
 from listeners.smtp import SmtpListener, SmtpOptions
@@ -221,9 +222,11 @@ def run_dns(
 def run_smtp(
     engine: Engine, bursts: BurstOptions | None = None, **options: Any
 ) -> contextlib.AbstractAsyncContextManager[Node]:
-    return run_listener(
-        engine, lambda context: SmtpListener(context, SmtpOptions(port=0, **options)), bursts
-    )
+    def build(context: Context) -> SmtpListener:
+        context.tls = node_certificate()
+        return SmtpListener(context, SmtpOptions(port=0, **options))
+
+    return run_listener(engine, build, bursts)
 
 
 def run_http(
@@ -234,14 +237,26 @@ def run_http(
     )
 
 
-def run_tls(engine: Engine, **options: Any) -> contextlib.AbstractAsyncContextManager[Node]:
-    certificate = server_context(self_signed(ZONE))
-
+def run_tls(
+    engine: Engine, http: HttpOptions | None = None, **options: Any
+) -> contextlib.AbstractAsyncContextManager[Node]:
     def build(context: Context) -> TlsListener:
-        context.tls = certificate
-        return TlsListener(context, TlsOptions(enabled=True, port=0, **options))
+        context.tls = node_certificate()
+        return TlsListener(
+            context, TlsOptions(enabled=True, port=0, **options), http or HttpOptions(port=0)
+        )
 
     return run_listener(engine, build)
+
+
+@functools.cache
+def served_pem() -> bytes:
+    """One self-signed key and certificate for the test zone, for every test that serves TLS."""
+    return self_signed(ZONE)
+
+
+def node_certificate() -> NodeCertificate:
+    return NodeCertificate(Served(served_pem(), "self-signed"))
 
 
 def hits(engine: Engine, type_: str = "hit") -> list[ledger.Entry]:
@@ -422,6 +437,25 @@ def store_with(tmp_path: Path, events: list[Event], extra: str = "") -> tuple[Pa
     with engine.begin() as connection:
         ledger.append(connection, events)
     return config, engine
+
+
+@contextlib.contextmanager
+def resolving(suffix: str) -> Iterator[None]:
+    """In this process only, names ending in `suffix` resolve to 127.0.0.1, as planted hosts would."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        # httpx (through anyio) asks with the name IDNA-encoded, as bytes.
+        name = host.decode() if isinstance(host, bytes) else host
+        if isinstance(name, str) and name.endswith(suffix):
+            host = "127.0.0.1"
+        return real(host, *args, **kwargs)
+
+    socket.getaddrinfo = getaddrinfo
+    try:
+        yield
+    finally:
+        socket.getaddrinfo = real
 
 
 async def settle(predicate: Callable[[], bool], seconds: float = 10.0) -> None:

@@ -12,7 +12,13 @@ from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from listeners.certificates import from_files, self_signed, server_context
+from listeners.certificates import (
+    NodeCertificate,
+    Served,
+    from_files,
+    self_signed,
+    server_context,
+)
 from oobwatch.config import ConfigError, load
 from support import ZONE, node_config
 
@@ -71,7 +77,9 @@ def test_files_that_do_not_go_together_are_refused_clearly(tmp_path: Path) -> No
     (tmp_path / "key.pem").write_bytes(key)
     (tmp_path / "other.key").write_bytes(other_key)
     (tmp_path / "junk.pem").write_bytes(b"not a certificate\n")
-    assert isinstance(from_files(tmp_path / "cert.pem", tmp_path / "key.pem"), ssl.SSLContext)
+    served = from_files(tmp_path / "cert.pem", tmp_path / "key.pem")
+    assert served.source == "file"
+    assert served.describe()["sans"] == [ZONE, f"*.{ZONE}"]
     for cert, key_file in (
         ("cert.pem", "other.key"),
         ("junk.pem", "key.pem"),
@@ -99,3 +107,53 @@ def test_arbitrary_bytes_as_a_chain_fail_cleanly(junk: bytes) -> None:
         key_file.write_bytes(KEY)
         with pytest.raises(ValueError, match="cannot serve this certificate with this key"):
             from_files(cert, key_file)
+
+
+async def served_by(context: ssl.SSLContext) -> x509.Certificate:
+    """The certificate a real handshake with a server using `context` is given."""
+    server = await asyncio.start_server(
+        lambda _reader, writer: writer.close(), "127.0.0.1", 0, ssl=context
+    )
+    port = server.sockets[0].getsockname()[1]
+    client = ssl.create_default_context()
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    return x509.load_der_x509_certificate(der)
+
+
+async def test_a_replaced_certificate_is_served_by_contexts_made_before() -> None:
+    first, second = self_signed(ZONE), self_signed(ZONE)
+    node = NodeCertificate(Served(first, "self-signed"))
+    context = node.context()
+    assert await served_by(context) == Served(first, "self-signed").chain[0]
+    node.replace(Served(second, "file"))
+    assert await served_by(context) == Served(second, "file").chain[0]
+    assert node.served.source == "file"
+
+
+async def test_a_replacement_that_cannot_be_served_is_refused_and_the_old_one_kept() -> None:
+    first = self_signed(ZONE)
+    node = NodeCertificate(Served(first, "self-signed"))
+    context = node.context()
+    key, _ = split(self_signed(ZONE))
+    _, chain = split(first)
+    with pytest.raises(ValueError, match="cannot serve this certificate with this key"):
+        node.replace(Served(key + chain, "file"))
+    assert node.served.pem == first
+    assert await served_by(context) == Served(first, "self-signed").chain[0]
+
+
+def test_describe_says_what_tls_status_shows() -> None:
+    described = Served(self_signed(ZONE), "self-signed").describe()
+    assert described["subject"] == f"CN={ZONE}"
+    assert described["issuer"] == f"CN={ZONE}"
+    assert described["sans"] == [ZONE, f"*.{ZONE}"]
+    assert described["source"] == "self-signed"
+    assert described["not_after"] > described["not_before"]

@@ -11,8 +11,7 @@ import contextlib
 import json
 import netrc
 import shutil
-import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,7 +26,7 @@ from sqlalchemy import Engine
 
 from canaries.kinds import CREDENTIAL_FORMATS
 from canaries.model import Canary
-from support import ZONE, Node, hits, plant_canary, run_dns, run_http
+from support import ZONE, Node, hits, plant_canary, resolving, run_dns, run_http
 
 
 @contextlib.asynccontextmanager
@@ -116,23 +115,6 @@ async def test_using_each_format_trips_its_canary(
         assert len(recorded[1].evidence["found_in"]) >= 2 or fmt == "aws"
 
 
-@contextlib.contextmanager
-def resolve_to_loopback(suffix: str) -> Iterator[None]:
-    """In this process only, names under `suffix` resolve to 127.0.0.1, as the planted host would."""
-    real = socket.getaddrinfo
-
-    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(host, str) and host.endswith(suffix):
-            host = "127.0.0.1"
-        return real(host, *args, **kwargs)
-
-    socket.getaddrinfo = getaddrinfo
-    try:
-        yield
-    finally:
-        socket.getaddrinfo = real
-
-
 async def run(*command: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
@@ -217,7 +199,7 @@ async def test_boto3_with_the_planted_aws_files(
             with contextlib.suppress(Exception):  # the canary answers nothing S3 understands
                 client.list_buckets()
 
-        with resolve_to_loopback(f".{ZONE}"):
+        with resolving(f".{ZONE}"):
             await asyncio.to_thread(list_buckets)
     recorded = hits(sqlite_engine)
     assert recorded

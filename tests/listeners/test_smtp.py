@@ -10,7 +10,6 @@ import ssl
 from collections.abc import Callable
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
-from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -19,10 +18,9 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine
 
 from canaries.tokens import is_plausible
-from listeners import certificates
 from listeners.mailparse import inspect_message
 from store import ledger
-from support import ZONE, hits, plant_canary, run_smtp, settle
+from support import ZONE, hits, plant_canary, run_smtp, served_pem, settle
 
 T = TypeVar("T")
 
@@ -312,37 +310,84 @@ async def test_a_message_stuffed_with_token_shaped_words_costs_no_lookups(
 _TO_BASE32 = str.maketrans("0123456789", "abcdefghij")
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """The node's own self-signed certificate for the zone, split into the two files SMTP reads."""
-    pem = certificates.self_signed(ZONE)
-    split = pem.index(b"-----BEGIN CERTIFICATE-----")
-    cert_path, key_path = directory / "mail.pem", directory / "mail.key"
-    cert_path.write_bytes(pem[split:])
-    key_path.write_bytes(pem[:split])
-    return cert_path, key_path
+def trusting() -> ssl.SSLContext:
+    """A client context that trusts the node's self-signed certificate (and checks the name)."""
+    pem = served_pem()
+    return ssl.create_default_context(cadata=pem[pem.index(b"-----BEGIN CERTIFICATE") :].decode())
 
 
-async def test_starttls_when_a_certificate_is_configured(
-    sqlite_engine: Engine, tmp_path: Path
+class ByName(smtplib.SMTP):
+    """smtplib naming `host` in TLS (as it does the host it connects to), connected to loopback."""
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", port), timeout)
+
+
+class ImplicitByName(smtplib.SMTP_SSL):
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        raw = socket.create_connection(("127.0.0.1", port), timeout)
+        return self.context.wrap_socket(raw, server_hostname=host)
+
+
+async def test_starttls_with_the_node_certificate_records_the_name_the_client_asked_for(
+    sqlite_engine: Engine,
 ) -> None:
-    cert, key = self_signed(tmp_path)
     canary = plant_canary(sqlite_engine, "email")
-    async with run_smtp(sqlite_engine, tls_cert=cert, tls_key=key) as node:
+    async with run_smtp(sqlite_engine) as node:
 
         def over_tls() -> None:
-            context = ssl.create_default_context(cafile=str(cert))
-            context.check_hostname = False
-            with smtplib.SMTP("127.0.0.1", node.port, timeout=10) as client:
+            with ByName(f"mail.{ZONE}", node.port, timeout=10) as client:
                 client.ehlo("x")
                 assert client.has_extn("starttls")
-                client.starttls(context=context)
+                client.starttls(context=trusting())
                 client.ehlo("x")
                 client.send_message(message(canary.value), "a@b.c", [canary.value])
 
         await blocking(over_tls)
     [hit] = hits(sqlite_engine)
     assert hit.evidence["tls"] is True
-    assert hits(sqlite_engine, "evidence")[0].evidence["tls"] is True
+    assert hit.evidence["sni"] == f"mail.{ZONE}"
+    assert hit.evidence["tls_version"] in ("TLSv1.2", "TLSv1.3")
+    [evidence] = hits(sqlite_engine, "evidence")
+    assert evidence.evidence["tls"] is True
+    assert evidence.evidence["sni"] == f"mail.{ZONE}"
+
+
+async def test_a_session_without_tls_says_so(sqlite_engine: Engine) -> None:
+    canary = plant_canary(sqlite_engine, "email")
+    async with run_smtp(sqlite_engine) as node:
+        assert await blocking(lambda: send(node.port, canary.value, message(canary.value))) == {}
+    [hit] = hits(sqlite_engine)
+    assert hit.evidence["tls"] is False
+    assert "sni" not in hit.evidence
+
+
+async def test_implicit_tls_takes_mail_and_catches_a_canary_in_the_client_hello(
+    sqlite_engine: Engine,
+) -> None:
+    recipient = plant_canary(sqlite_engine, "email")
+    named = plant_canary(sqlite_engine, "dns")
+    async with run_smtp(sqlite_engine, tls_port=0) as node:
+        plain, implicit = node.listener.addresses
+        assert plain[1] != implicit[1]
+
+        def send_named(server_name: str) -> None:
+            with ImplicitByName(server_name, implicit[1], timeout=10, context=trusting()) as client:
+                client.ehlo("x")
+                # Already in TLS: no STARTTLS offered inside it.
+                assert not client.has_extn("starttls")
+                client.send_message(message(recipient.value), "a@b.c", [recipient.value])
+
+        await blocking(lambda: send_named(f"mail.{ZONE}"))
+        await blocking(lambda: send_named(named.value))
+    mail_hits = [hit for hit in hits(sqlite_engine) if hit.protocol == "smtp"]
+    assert [hit.canary_id for hit in mail_hits] == [recipient.id, recipient.id]
+    assert [hit.evidence["sni"] for hit in mail_hits] == [f"mail.{ZONE}", named.value]
+    assert all(hit.evidence["tls"] is True for hit in mail_hits)
+    # The ClientHello naming a canary is a hit of its own, before any certificate is seen.
+    [tls_hit] = [hit for hit in hits(sqlite_engine) if hit.protocol == "tls"]
+    assert tls_hit.canary_id == named.id
+    assert tls_hit.evidence["sni"] == named.value
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])

@@ -6,10 +6,11 @@ import socket
 import ssl
 import subprocess
 
+import httpx
 import pytest
 from sqlalchemy import Engine
 
-from support import ZONE, hits, plant_canary, run_tls, settle
+from support import ZONE, hits, plant_canary, resolving, run_tls, served_pem, settle
 
 OTHER_SOURCE = "127.0.0.2"
 
@@ -75,15 +76,21 @@ async def test_real_clients_complete_the_handshake_and_are_recorded(
 ) -> None:
     canary = plant_canary(sqlite_engine)
     async with run_tls(sqlite_engine) as node:
-        argv = client(node.port, canary.value)  # type: ignore[operator]
+        port = node.port
+        argv = client(port, canary.value)  # type: ignore[operator]
         await asyncio.to_thread(
             subprocess.run, argv, input=b"", capture_output=True, timeout=20, check=False
         )
         await settle(lambda: len(hits(sqlite_engine, "evidence")) == 1)
-    [hit] = hits(sqlite_engine)
+    [hit, *requests] = hits(sqlite_engine)
+    assert hit.protocol == "tls"
     assert hit.evidence["sni"] == canary.value
     [ended] = hits(sqlite_engine, "evidence")
     assert ended.evidence["handshake"] == "completed"
+    # curl goes on to ask for the page: its request, decrypted, is a hit of its own.
+    assert [(r.protocol, r.evidence["host"]) for r in requests] == (
+        [("https", f"{canary.value}:{port}")] if "curl" in argv else []
+    )
 
 
 async def test_junk_and_missing_sni_are_counted_not_stored(sqlite_engine: Engine) -> None:
@@ -171,7 +178,7 @@ async def test_evicted_sessions_end_so_the_caps_bound_descriptors(sqlite_engine:
             opened.append(raw)
             if number % 20 == 19:
                 await asyncio.sleep(0.05)
-                most = max(most, len(node.listener._sessions))
+                most = max(most, len(node.listener._front._sessions))
         assert most <= 16 + 20
         assert await verifying_client(node.port, canary.value, OTHER_SOURCE) == "refused"
         for raw in opened:
@@ -190,3 +197,66 @@ async def test_a_hello_in_many_tiny_records_is_refused(sqlite_engine: Engine) ->
             assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
         assert node.context.counters.malformed == 1
+
+
+def trusting() -> ssl.SSLContext:
+    pem = served_pem()
+    return ssl.create_default_context(cadata=pem[pem.index(b"-----BEGIN CERTIFICATE") :].decode())
+
+
+async def test_a_request_inside_tls_is_matched_as_plaintext_http_is(sqlite_engine: Engine) -> None:
+    named = plant_canary(sqlite_engine)
+    secret = plant_canary(sqlite_engine, "credential", fmt="netrc")
+    in_body = plant_canary(sqlite_engine)
+    async with run_tls(sqlite_engine) as node:
+        host = named.value
+        async with httpx.AsyncClient(verify=trusting()) as client:
+            with resolving(host):
+                reply = await client.post(
+                    f"https://{host}:{node.port}/v1/chat?x=1",
+                    headers={"Authorization": f"Bearer {secret.token}", "User-Agent": "sdk/1"},
+                    content=f"prompt {in_body.token} end".encode(),
+                )
+        assert reply.status_code == 200
+        assert reply.http_version == "HTTP/1.1"
+        await settle(lambda: len(hits(sqlite_engine)) == 4)
+    tls, *https = hits(sqlite_engine)
+    assert (tls.protocol, tls.canary_id) == ("tls", named.id)
+    assert all(hit.protocol == "https" for hit in https)
+    by_canary = {hit.canary_id: hit for hit in https}
+    assert set(by_canary) == {named.id, secret.id, in_body.id}
+    assert by_canary[named.id].evidence["found_in"] == ["host"]
+    assert by_canary[secret.id].evidence["found_in"] == ["header:authorization"]
+    assert by_canary[in_body.id].evidence["found_in"] == ["body"]
+    assert by_canary[named.id].evidence["target"] == "/v1/chat?x=1"
+    assert by_canary[named.id].evidence["user_agent"] == "sdk/1"
+
+
+async def test_a_silent_client_after_the_handshake_is_cut_off_and_can_be_evicted(
+    sqlite_engine: Engine,
+) -> None:
+    canary = plant_canary(sqlite_engine)
+    options = {"max_connections": 4, "max_connections_per_source": 2, "eviction_grace": 0}
+    async with run_tls(sqlite_engine, timeout=1.0, **options) as node:
+        guard = node.context.connections
+        assert guard is not None
+        # Handshakes completed, then nothing: the connections are held to the h11 bounds.
+        silent = []
+        for _ in range(2):
+            _, writer = await asyncio.open_connection(
+                "127.0.0.1", node.port, ssl=trusting(), server_hostname=f"www.{ZONE}"
+            )
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            silent.append(writer)
+        await settle(lambda: guard.open == 2)
+        # A third from the same source takes the place of the idlest, which is ended.
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", node.port, ssl=trusting(), server_hostname=canary.value
+        )
+        silent.append(writer)
+        await settle(lambda: guard.evicted["source"] == 1)
+        await settle(lambda: guard.open == 0, 5)
+        assert guard.timeouts["head"] >= 1
+        for writer in silent:
+            writer.close()
+    assert [hit.protocol for hit in hits(sqlite_engine)] == ["tls"]
