@@ -40,8 +40,36 @@ class Planting:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def http_base(host: str, port: int) -> str:
-    return f"http://{host}" if port == 80 else f"http://{host}:{port}"
+@dataclass(frozen=True, slots=True)
+class Web:
+    """Where planted URLs point: the HTTP port, and the HTTPS port when the HTTPS listener runs.
+
+    Over HTTPS a planted host is `<token>.<zone>` itself: the one name under the zone that a
+    wildcard certificate for `*.<zone>` (ACME's, or the self-signed one) covers, so a client
+    that checks the certificate accepts it and goes on to send the secret.
+    """
+
+    http_port: int = 80
+    https_port: int | None = None
+    # The serving certificate, for clients a planted file can tell to trust it (self-signed).
+    ca_pem: str | None = None
+
+    def http(self, host: str) -> str:
+        port = self.http_port
+        return f"http://{host}" if port == 80 else f"http://{host}:{port}"
+
+    def https(self, token: str, zone: str) -> str:
+        assert self.https_port is not None
+        return f"https://{self.authority(token, zone)}"
+
+    def authority(self, token: str, zone: str) -> str:
+        """`<token>.<zone>`, with the HTTPS port unless it is 443."""
+        port = self.https_port
+        return f"{token}.{zone}" if port in (None, 443) else f"{token}.{zone}:{port}"
+
+    def base(self, host: str, token: str, zone: str) -> str:
+        """An HTTPS URL when the HTTPS listener runs, else plain HTTP to `host`."""
+        return self.https(token, zone) if self.https_port is not None else self.http(host)
 
 
 def dns(token: str, zone: str) -> Planting:
@@ -52,53 +80,58 @@ def email(token: str, zone: str) -> Planting:
     return Planting(f"{token}@{zone}")
 
 
-def url(token: str, zone: str, http_port: int) -> Planting:
+def url(token: str, zone: str, web: Web, scheme: str = "http") -> Planting:
     path = random.Random(token).choice(_URL_PATHS)  # noqa: S311 - decoration, not secrecy
-    return Planting(http_base(f"{token}.{zone}", http_port) + path)
+    if scheme == "https":
+        if web.https_port is None:
+            raise ValueError("an https URL needs the HTTPS listener: set [https] enabled = true")
+        return Planting(web.https(token, zone) + path)
+    return Planting(web.http(f"{token}.{zone}") + path)
 
 
-def credential(fmt: str, token: str, zone: str, http_port: int) -> Planting:
+def credential(fmt: str, token: str, zone: str, web: Web) -> Planting:
     """Render credential format `fmt`; the first file is the primary one."""
     if fmt not in CREDENTIAL_FORMATS:
         raise ValueError(
             f"unknown credential format {fmt!r}; one of {', '.join(CREDENTIAL_FORMATS)}"
         )
-    files = _RENDERERS[fmt](token, zone, http_port)
+    files = _RENDERERS[fmt](token, zone, web)
     path_hint, value = next(iter(files.items()))
     return Planting(value, path_hint, fmt, files)
 
 
-def _netrc(token: str, zone: str, _port: int) -> dict[str, str]:
+def _netrc(token: str, zone: str, _web: Web) -> dict[str, str]:
     return {
         ".netrc": f"machine artifacts.{token}.{zone}\n  login deploy-bot\n  password {token}\n",
     }
 
 
-def _git_credentials(token: str, zone: str, _port: int) -> dict[str, str]:
-    return {".git-credentials": f"https://ci-bot:{token}@git.{token}.{zone}\n"}
+def _git_credentials(token: str, zone: str, web: Web) -> dict[str, str]:
+    host = web.authority(token, zone) if web.https_port is not None else f"git.{token}.{zone}"
+    return {".git-credentials": f"https://ci-bot:{token}@{host}\n"}
 
 
-def _pgpass(token: str, zone: str, _port: int) -> dict[str, str]:
+def _pgpass(token: str, zone: str, _web: Web) -> dict[str, str]:
     return {".pgpass": f"db.{token}.{zone}:5432:app_production:app_rw:{token}\n"}
 
 
-def _postgres_url(token: str, zone: str, _port: int) -> dict[str, str]:
+def _postgres_url(token: str, zone: str, _web: Web) -> dict[str, str]:
     url = f"postgresql://app_rw:{token}@db.{token}.{zone}:5432/app_production?sslmode=prefer"
     return {"project/.env.production": f"DATABASE_URL={url}\n"}
 
 
-def _env(token: str, zone: str, port: int) -> dict[str, str]:
+def _env(token: str, zone: str, web: Web) -> dict[str, str]:
     return {
         "project/.env": (
             "# local overrides, do not commit\n"
             f"OPENAI_API_KEY=sk-proj-{token}\n"
-            f"OPENAI_BASE_URL={http_base(f'api.{token}.{zone}', port)}/v1\n"
+            f"OPENAI_BASE_URL={web.base(f'api.{token}.{zone}', token, zone)}/v1\n"
             "LOG_LEVEL=info\n"
         )
     }
 
 
-def _aws(token: str, zone: str, port: int) -> dict[str, str]:
+def _aws(token: str, zone: str, web: Web) -> dict[str, str]:
     draw = random.Random(token)  # noqa: S311 - decoration, not secrecy
     key_id = "AKIA" + "".join(draw.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") for _ in range(16))
     tail = "".join(draw.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ0189+") for _ in range(13))
@@ -108,17 +141,25 @@ def _aws(token: str, zone: str, port: int) -> dict[str, str]:
         ),
         ".aws/config": (
             "[default]\nregion = us-east-1\noutput = json\n"
-            f"endpoint_url = {http_base(f's3.{token}.{zone}', port)}\n"
+            f"endpoint_url = {web.base(f's3.{token}.{zone}', token, zone)}\n"
         ),
     }
 
 
-def _kubeconfig(token: str, zone: str, _port: int) -> dict[str, str]:
-    server = f"https://k8s.{token}.{zone}:6443"
+def _kubeconfig(token: str, zone: str, web: Web) -> dict[str, str]:
+    if web.https_port is None:
+        server, trust = f"https://k8s.{token}.{zone}:6443", "    insecure-skip-tls-verify: true\n"
+    else:
+        # kubectl sends its token only to a server it trusts: a self-signed one is named
+        # here; an ACME one is trusted already.
+        server, trust = web.https(token, zone), ""
+        if web.ca_pem:
+            ca = base64.b64encode(web.ca_pem.encode()).decode()
+            trust = f"    certificate-authority-data: {ca}\n"
     return {
         ".kube/config": (
             "apiVersion: v1\nkind: Config\n"
-            "clusters:\n- cluster:\n    insecure-skip-tls-verify: true\n"
+            f"clusters:\n- cluster:\n{trust}"
             f"    server: {server}\n  name: prod-eu1\n"
             "contexts:\n- context:\n    cluster: prod-eu1\n    namespace: default\n"
             "    user: deploy\n  name: prod-eu1\n"
@@ -129,7 +170,7 @@ def _kubeconfig(token: str, zone: str, _port: int) -> dict[str, str]:
     }
 
 
-def _ssh_config(token: str, zone: str, _port: int) -> dict[str, str]:
+def _ssh_config(token: str, zone: str, _web: Web) -> dict[str, str]:
     return {
         ".ssh/config": (
             "Host bastion-prod\n"
@@ -140,16 +181,19 @@ def _ssh_config(token: str, zone: str, _port: int) -> dict[str, str]:
     }
 
 
-def _docker_config(token: str, zone: str, _port: int) -> dict[str, str]:
+def _docker_config(token: str, zone: str, web: Web) -> dict[str, str]:
     auth = base64.b64encode(f"ci-bot:{token}".encode()).decode()
-    config = {"auths": {f"registry.{token}.{zone}": {"auth": auth}}}
+    registry = (
+        web.authority(token, zone) if web.https_port is not None else f"registry.{token}.{zone}"
+    )
+    config = {"auths": {registry: {"auth": auth}}}
     return {".docker/config.json": json.dumps(config, indent=2) + "\n"}
 
 
-def _mcp(token: str, zone: str, port: int) -> dict[str, str]:
+def _mcp(token: str, zone: str, web: Web) -> dict[str, str]:
     server = {
         "type": "http",
-        "url": http_base(f"mcp.{token}.{zone}", port) + "/mcp",
+        "url": web.base(f"mcp.{token}.{zone}", token, zone) + "/mcp",
         "headers": {"Authorization": f"Bearer {token}"},
     }
     return {

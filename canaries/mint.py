@@ -24,20 +24,24 @@ def token_key(engine: Engine) -> TokenKey:
     return TokenKey(deployment.secret(engine, KEY_NAME))
 
 
-def plan(kind: str, token: str, zone: str, *, http_port: int, fmt: str | None) -> kinds.Planting:
+def plan(
+    kind: str, token: str, zone: str, *, web: kinds.Web, fmt: str | None, scheme: str | None = None
+) -> kinds.Planting:
     """What to plant for a canary of `kind` with `token`."""
     if fmt is not None and kind != "credential":
         raise ValueError("--format applies to credential canaries only")
+    if scheme is not None and kind != "url":
+        raise ValueError("--scheme applies to url canaries only")
     if kind == "dns":
         return kinds.dns(token, zone)
     if kind == "email":
         return kinds.email(token, zone)
     if kind == "url":
-        return kinds.url(token, zone, http_port)
+        return kinds.url(token, zone, web, scheme or "http")
     if kind == "credential":
         if fmt is None:
             raise ValueError("credential canaries need a format")
-        return kinds.credential(fmt, token, zone, http_port)
+        return kinds.credential(fmt, token, zone, web)
     raise ValueError(f"unknown canary kind {kind!r}")
 
 
@@ -53,7 +57,8 @@ def mint(
     severity: str = "high",
     note: str = "",
     fmt: str | None = None,
-    http_port: int = 80,
+    web: kinds.Web | None = None,
+    scheme: str | None = None,
     heartbeat: bool = False,
 ) -> Canary:
     """Create and record one canary of `kind` for `sandbox`."""
@@ -62,7 +67,7 @@ def mint(
     if (sandbox == HEARTBEAT_SANDBOX) != heartbeat:
         raise ValueError(f"sandbox {HEARTBEAT_SANDBOX!r} is reserved for the built-in self-test")
     token = new_token(token_key(engine))
-    planting = plan(kind, token, zone, http_port=http_port, fmt=fmt)
+    planting = plan(kind, token, zone, web=web or kinds.Web(), fmt=fmt, scheme=scheme)
     canary = Canary(
         id="cn-" + secrets.token_hex(6),
         token=token,

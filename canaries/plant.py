@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from canaries import kinds
+from canaries.kinds import Web
 from canaries.mint import mint
 from canaries.model import Canary
 from canaries.tokens import TOKEN_LENGTH
@@ -45,7 +46,7 @@ class Planted:
 
 def _paths(fmt: str) -> list[str]:
     """Where a credential format's files live, which does not depend on the token, zone or port."""
-    return list(kinds.credential(fmt, "a" * TOKEN_LENGTH, "example.invalid", 80).files)
+    return list(kinds.credential(fmt, "a" * TOKEN_LENGTH, "example.invalid", Web()).files)
 
 
 def bundle_paths() -> list[str]:
@@ -63,7 +64,7 @@ def plant(
     sandbox: str,
     zone: str,
     node: str,
-    http_port: int,
+    web: Web,
     labels: Mapping[str, str] | None = None,
     present: Collection[str] = (),
 ) -> Planted:
@@ -84,7 +85,7 @@ def plant(
             node=node,
             location=paths[0],
             labels=labels,
-            http_port=http_port,
+            web=web,
         )
         result.files.update(canary.files)
         result.canaries.append(canary)
@@ -101,7 +102,7 @@ def plant(
             node=node,
             location=CONTACTS,
             labels=labels,
-            http_port=http_port,
+            web=web,
         )
 
     escalation, runbook = contact("email"), contact("url")

@@ -39,6 +39,7 @@ from oobwatch.views import (
     Retired,
     Revoked,
     Settled,
+    TlsView,
     TokenRequest,
     TokenView,
     VerifyView,
@@ -181,6 +182,14 @@ def build_api(operations: LocalOperations, collector: Collector | None = None) -
     @app.post("/ledger/anchor")
     def anchor(_: Admin) -> HeadView:
         return ops.anchor()
+
+    @app.get("/tls")
+    def tls(_: Reader) -> TlsView:
+        return ops.tls()
+
+    @app.post("/tls/renew")
+    def renew_tls(_: Admin) -> TlsView:
+        return ops.renew_tls()
 
     @app.get("/tokens")
     def list_tokens(_: Admin) -> list[TokenView]:

@@ -29,6 +29,7 @@ from oobwatch.views import (
     Filters,
     MintRequest,
     PlantRequest,
+    TlsView,
     TokenRequest,
     VerifyView,
 )
@@ -212,6 +213,12 @@ def _json(value: Any) -> None:
     "fmt",
     type=click.Choice(CREDENTIAL_FORMATS),
     help="Credential format (credential only).",
+)
+@click.option(
+    "--scheme",
+    type=click.Choice(["http", "https"]),
+    default=None,
+    help="URL scheme (url only; https needs [https] enabled). Default http.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the canary as JSON.")
 @pass_state
@@ -502,6 +509,50 @@ def token_revoke(state: State, token_id: str) -> None:
 def token_rotate(state: State, token_id: str, as_json: bool) -> None:
     """A new secret for a token, same name and scope; the old secret is refused at once."""
     _print_new_token(state.ops.rotate_token(token_id), as_json)
+
+
+@main.group(name="tls", cls=Commands)
+def tls_group() -> None:
+    """The certificate the TLS listeners serve."""
+
+
+def _tls_report(view: TlsView, as_json: bool) -> None:
+    if as_json:
+        click.echo(view.model_dump_json())
+        return
+    lines = [
+        ("source", view.source),
+        ("subject", view.subject),
+        ("names", ", ".join(view.sans)),
+        ("issuer", view.issuer),
+        ("valid", f"{view.not_before} to {view.not_after}"),
+    ]
+    if view.source == "self-signed":
+        lines.append(
+            ("note", "clients that check certificates refuse it; their SNI is still a hit")
+        )
+    if view.renewal_due:
+        lines.append(("renewal due", view.renewal_due))
+    if view.acme_error:
+        lines.append(("last ACME failure", f"{view.acme_failed_at}: {view.acme_error}"))
+    for name, value in lines:
+        click.echo(f"{name + ':':<19}{value}")
+
+
+@tls_group.command(name="status")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def tls_status(state: State, as_json: bool) -> None:
+    """Subject, names, issuer, expiry and source (acme, file, self-signed) of the certificate."""
+    _tls_report(state.ops.tls(), as_json)
+
+
+@tls_group.command(name="renew")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def tls_renew(state: State, as_json: bool) -> None:
+    """Have a serving node order a new ACME certificate now, and wait for it."""
+    _tls_report(state.ops.renew_tls(), as_json)
 
 
 @main.group(name="ledger", cls=Commands)

@@ -56,6 +56,7 @@ _PATH_KEYS = (
     ("ledger", "anchor_file"),
     ("tls", "cert"),
     ("tls", "key"),
+    ("tls", "acme_ca_bundle"),
 )
 
 
@@ -216,15 +217,23 @@ class ApiConfig(StreamOptions):
 
 
 class TlsConfig(Section):
-    """`[tls]`: the certificate TLS listeners serve; without one, a self-signed one for the zone."""
+    """`[tls]`: the certificate TLS listeners serve: files, or ordered from an ACME server;
+    without either, a self-signed one for the zone."""
 
     cert: FilePath | None = None
     key: FilePath | None = None
+    acme_directory: HttpUrl | None = None
+    acme_email: str = ""
+    acme_ca_bundle: FilePath | None = None
 
     @model_validator(mode="after")
     def _key_with_cert(self) -> "TlsConfig":
         if (self.cert is None) != (self.key is None):
             raise ValueError("cert and key go together: set both or neither")
+        if self.cert is not None and self.acme_directory is not None:
+            raise ValueError("set cert and key, or acme_directory, not both")
+        if self.acme_directory is not None and self.acme_directory.scheme != "https":
+            raise ValueError("acme_directory must be an https:// URL")
         if self.cert is not None and self.key is not None:
             certificates.from_files(self.cert, self.key)
         return self
@@ -524,6 +533,11 @@ port = 8443                           # 443 in production
 # kept in the store. Files are read again when they change.
 # cert = "/etc/oobwatch/tls.pem"      # PEM, chain allowed
 # key = "/etc/oobwatch/tls.key"
+# Or ordered for <zone> and *.<zone>, proved by this node's own DNS (DNS-01), renewed 30 days
+# before expiry; with several nodes on one store, one orders and all serve it.
+# acme_directory = "https://acme-v02.api.letsencrypt.org/directory"
+# acme_email = "security@example.com"
+# acme_ca_bundle = ""                # PEM to trust a private ACME server's own HTTPS
 
 [bursts]
 # A leaked token makes every query a hit. Past the threshold, a canary's hits fold into one

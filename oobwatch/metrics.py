@@ -10,6 +10,7 @@ from alerts.outbox import Outbox
 from canaries.index import TokenIndex
 from listeners.base import Context
 from listeners.burst import BurstFolder
+from listeners.certificates import NodeCertificate
 from listeners.guard import ConnectionGuard
 from oobwatch.heartbeat import Heartbeat
 from store import ledger
@@ -39,8 +40,10 @@ class NodeCollector(Collector):
         index: TokenIndex | None = None,
         folder: BurstFolder | None = None,
         writer: LedgerWriter | None = None,
+        certificate: NodeCertificate | None = None,
     ) -> None:
         self._contexts = contexts
+        self._certificate = certificate
         self._outbox = outbox
         self._engine = engine
         self._heartbeat = heartbeat
@@ -96,6 +99,15 @@ class NodeCollector(Collector):
             seq, _ = ledger.head(connection)
         yield GaugeMetricFamily("oobwatch_ledger_entries", "Entries in the ledger", seq)
         yield from self._growth()
+        if self._certificate is not None:
+            served = self._certificate.served
+            expiry = GaugeMetricFamily(
+                "oobwatch_tls_certificate_expiry_seconds",
+                "Unix time the certificate TLS listeners serve expires, by where it came from",
+                labels=["source"],
+            )
+            expiry.add_metric([served.source], served.not_after.timestamp())
+            yield expiry
         heartbeat = GaugeMetricFamily(
             "oobwatch_heartbeat_last_ok_seconds",
             "Unix time of each listener's last self-test hit that landed",

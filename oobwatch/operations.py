@@ -10,12 +10,14 @@ Heavier parts (alert state, the outbox, the integrity job) are imported where
 an operation needs them, so a quick `oobwatch list` does not load them.
 """
 
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine
 
 from canaries import plant as planting
+from canaries.kinds import Web
 from canaries.mint import mint, retire
 from canaries.model import Canary
 from oobwatch.config import Config
@@ -35,6 +37,7 @@ from oobwatch.views import (
     Retired,
     Revoked,
     Settled,
+    TlsView,
     TokenRequest,
     TokenView,
     VerifyView,
@@ -90,6 +93,10 @@ class Operations(Protocol):
     def head(self) -> HeadView: ...
 
     def verify(self) -> VerifyView: ...
+
+    def tls(self) -> TlsView: ...
+
+    def renew_tls(self) -> TlsView: ...
 
     def anchor(self) -> HeadView: ...
 
@@ -171,11 +178,29 @@ class LocalOperations:
                 severity=request.severity,
                 note=request.note,
                 fmt=request.format,
-                http_port=self.config.http.port,
+                web=self._web(),
+                scheme=request.scheme,
             )
         except ValueError as error:
             raise Invalid(str(error)) from None
         return self._view(canary)
+
+    def _web(self) -> Web:
+        """Where planted URLs point; over HTTPS, with the CA to trust if it is self-signed."""
+        config = self.config
+        if not config.https.enabled:
+            return Web(http_port=config.http.port)
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        from oobwatch import certs
+
+        served = certs.served(config, self.engine)
+        ca = served.chain[0].public_bytes(Encoding.PEM).decode()
+        return Web(
+            http_port=config.http.port,
+            https_port=config.https.port,
+            ca_pem=ca if served.source == "self-signed" else None,
+        )
 
     def retire(self, canary_id: str, request: ActorRequest) -> Retired:
         found = retire(self.engine, canary_id, node=self.config.node.name, by=request.by)
@@ -191,7 +216,7 @@ class LocalOperations:
                 sandbox=request.sandbox,
                 zone=self.config.dns.zone,
                 node=self.config.node.name,
-                http_port=self.config.http.port,
+                web=self._web(),
                 labels=request.labels,
                 present=set(request.present),
             )
@@ -252,6 +277,43 @@ class LocalOperations:
     def verify(self) -> VerifyView:
         with self.engine.connect() as connection:
             return VerifyView.of(ledger.verify(connection))
+
+    def tls(self) -> TlsView:
+        """The certificate a node on this store and config serves, and how ACME stands."""
+        from oobwatch import certs
+        from store import acme
+
+        served = certs.served(self.config, self.engine)
+        view = TlsView(**served.describe())
+        if self.config.tls.acme_directory is None:
+            return view
+        state = acme.state(self.engine)
+        due = certs.renewal_due(state, self.config.dns.zone, now_us())
+        return view.with_acme(due, state.error, state.failed_us)
+
+    def renew_tls(self) -> TlsView:
+        """Have a serving node order a new ACME certificate now; its status once it ends."""
+        from oobwatch import certs
+        from store import acme
+
+        if self.config.tls.acme_directory is None:
+            raise Invalid(
+                f"the certificate comes from {self.tls().source}: only an ACME one is renewed "
+                "here (files are read again when they change; set tls.acme_directory to order)"
+            )
+        asked = now_us()
+        acme.ask_renewal(self.engine, asked)
+        for _ in range(int(certs.RENEW_WAIT_SECONDS / certs.TICK_SECONDS)):
+            state = acme.state(self.engine)
+            if (state.issued_us or 0) >= asked:
+                return self.tls()
+            if (state.failed_us or 0) >= asked:
+                raise Invalid(f"the ACME order failed: {state.error}")
+            time.sleep(certs.TICK_SECONDS)
+        raise Invalid(
+            f"no node ordered within {certs.RENEW_WAIT_SECONDS:.0f} s: is one serving with "
+            "tls.acme_directory on this store? The renewal stays asked for."
+        )
 
     def anchor(self) -> HeadView:
         """Save the head where `[ledger]` says (file and/or route) now."""

@@ -26,12 +26,15 @@ from oobwatch.views import (
     Retired,
     Revoked,
     Settled,
+    TlsView,
     TokenRequest,
     TokenView,
     VerifyView,
 )
 
 TIMEOUT_SECONDS = 60.0
+# As long as `oobwatch.certs.RENEW_WAIT_SECONDS`, without importing the ACME client for it.
+RENEW_WAIT_SECONDS = 300.0
 T = TypeVar("T")
 
 
@@ -114,6 +117,13 @@ class RemoteOperations:
 
     def anchor(self) -> HeadView:
         return self._get(HeadView, "POST", "/ledger/anchor")
+
+    def tls(self) -> TlsView:
+        return self._get(TlsView, "GET", "/tls")
+
+    def renew_tls(self) -> TlsView:
+        # The node answers once its order has ended: an ACME server may take minutes.
+        return self._get(TlsView, "POST", "/tls/renew", timeout=RENEW_WAIT_SECONDS + 30)
 
     def tokens(self) -> list[TokenView]:
         return self._get(list[TokenView], "GET", "/tokens")

@@ -22,7 +22,7 @@ from alerts.pager import Pager
 from canaries.index import TokenIndex
 from listeners.base import Context, Listener, ListenerOptions
 from listeners.burst import BurstFolder
-from listeners.certificates import NodeCertificate, Served, from_files, self_signed
+from listeners.certificates import Challenges, NodeCertificate, Served
 from listeners.dns import DnsListener
 from listeners.guard import ConnectionGuard, StreamOptions
 from listeners.http import AsgiServer, HttpListener
@@ -30,13 +30,13 @@ from listeners.smtp import SmtpListener
 from listeners.tls import TlsListener
 from oobwatch import alerting, logs
 from oobwatch.api import build_api
+from oobwatch.certs import TICK_SECONDS, CertificateKeeper, served
 from oobwatch.config import Config
 from oobwatch.heartbeat import Heartbeat, heartbeat_canary
 from oobwatch.integrity import Integrity
 from oobwatch.metrics import NodeCollector
 from oobwatch.operations import LocalOperations
 from store.clock import now_us
-from store.deployment import secret
 from store.engine import checkpoint as engine_checkpoint
 from store.engine import open_store
 from store.writer import LedgerWriter
@@ -84,12 +84,46 @@ class Node:
     scheduler: AsyncIOScheduler
     heartbeat: Heartbeat | None = None
     api: AsgiServer | None = None
-    # What TLS listeners serve; None when none of them runs.
+    # What TLS listeners serve, and what keeps it current; None when none of them runs.
     certificate: NodeCertificate | None = None
+    keeper: CertificateKeeper | None = None
+    ordering: "asyncio.Task[None] | None" = None
     listeners: dict[str, Listener] = field(default_factory=dict)
     contexts: dict[str, Context] = field(default_factory=dict)
 
+    async def keep_certificate(self) -> None:
+        """Serve a changed or renewed certificate; start an order this node claimed."""
+        assert self.keeper is not None
+        keeper = self.keeper
+        tick = await asyncio.to_thread(keeper.tick)
+        if tick.serve is not None:
+            self.serve_certificate(tick.serve)
+        if tick.order is not None and self.ordering is None:
+            why = tick.order
+
+            async def ordering() -> None:
+                try:
+                    fresh = await asyncio.to_thread(keeper.order, why)
+                finally:
+                    self.ordering = None
+                if fresh is not None:
+                    self.serve_certificate(fresh)
+
+            self.ordering = asyncio.create_task(ordering())
+
+    def serve_certificate(self, fresh: Served) -> None:
+        assert self.certificate is not None
+        assert self.keeper is not None
+        try:
+            self.certificate.replace(fresh)
+        except ValueError as error:
+            log.error("tls: cannot serve the new certificate, keeping the old one: %s", error)
+            return
+        self.keeper.serving(fresh)
+
     async def stop(self) -> None:
+        if self.ordering is not None:
+            self.ordering.cancel()
         if self.api is not None:
             await self.api.stop()
         for listener in self.listeners.values():
@@ -200,17 +234,25 @@ async def start(config: Config) -> Node:
             now_us,
         )
     await asyncio.to_thread(index.refresh)
-    certificate = (
-        NodeCertificate(await asyncio.to_thread(served_certificate, config, engine))
-        if config.https.enabled or config.smtp.enabled
-        else None
-    )
-    node.certificate = certificate
+    challenges = Challenges()
+    certificate = None
+    if config.https.enabled or config.smtp.enabled:
+        serving = await asyncio.to_thread(served, config, engine)
+        certificate = NodeCertificate(serving)
+        node.certificate = certificate
+        node.keeper = CertificateKeeper(config, engine, serving, challenges)
     for name, kind in LISTENERS.items():
         options: ListenerOptions = getattr(config, name)
         if not options.enabled:
             continue
-        context = Context(index, folder, config.node.name, config.dns.zone, tls=certificate)
+        context = Context(
+            index,
+            folder,
+            config.node.name,
+            config.dns.zone,
+            tls=certificate,
+            challenges=challenges,
+        )
         listener = kind(context, config)
         await _bind(node, name, options, listener.start)
         node.listeners[name] = listener
@@ -227,6 +269,7 @@ async def start(config: Config) -> Node:
             index,
             folder,
             writer,
+            node.certificate,
         )
         node.api = AsgiServer(build_api(operations, collector), config.api, api_guard)
         await _bind(node, "api", config.api, node.api.start)
@@ -243,15 +286,6 @@ async def start(config: Config) -> Node:
     gc.collect()
     gc.freeze()
     return node
-
-
-def served_certificate(config: Config, engine: Engine) -> Served:
-    """The certificate TLS listeners serve: `[tls]` files, else the store's self-signed one."""
-    tls = config.tls
-    if tls.cert is not None and tls.key is not None:
-        return from_files(tls.cert, tls.key)
-    pem = secret(engine, "tls-self-signed", make=lambda: self_signed(config.dns.zone))
-    return Served(pem, "self-signed")
 
 
 def _schedule(node: Node) -> None:
@@ -298,6 +332,8 @@ def _schedule(node: Node) -> None:
         scheduler.add_job(
             node.self_test, "interval", seconds=config.heartbeat.interval / 1_000_000, **every
         )
+    if node.keeper is not None:
+        scheduler.add_job(node.keep_certificate, "interval", seconds=TICK_SECONDS, **every)
 
 
 async def serve(config: Config) -> None:

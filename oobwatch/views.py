@@ -51,6 +51,8 @@ class MintRequest(Request):
     severity: Severity = "high"
     note: Text = ""
     format: CredentialFormat | None = None
+    # For url canaries: https needs the HTTPS listener on; default http.
+    scheme: Literal["http", "https"] | None = None
 
 
 class PlantRequest(Request):
@@ -303,6 +305,32 @@ class Settled(View):
 class HeadView(View):
     seq: int
     hash: str
+
+
+class TlsView(View):
+    """The certificate the TLS listeners serve, and, with ACME, how ordering stands."""
+
+    subject: str
+    sans: list[str]
+    issuer: str
+    not_before: str
+    not_after: str
+    source: str
+    # With ACME: why an order is due (None when it is not), and the last failure.
+    renewal_due: str | None = None
+    acme_error: str | None = None
+    acme_failed_at: str | None = None
+
+    def with_acme(
+        self, renewal_due: str | None, error: str | None, failed_us: int | None
+    ) -> "TlsView":
+        return self.model_copy(
+            update={
+                "renewal_due": renewal_due,
+                "acme_error": error,
+                "acme_failed_at": _when(failed_us),
+            }
+        )
 
 
 class VerifyView(View):

@@ -147,3 +147,21 @@ deployment_secrets = Table(
     Column("name", String(64), primary_key=True),
     Column("value", LargeBinary, nullable=False),
 )
+
+
+# The ACME certificate of the deployment (one row), and the order one node holds for all.
+acme_orders = Table(
+    "acme_orders",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    # Key and chain as PEM, as the last order that succeeded got them.
+    Column("pem", LargeBinary, nullable=True),
+    Column("issued_us", BigInteger, nullable=True),
+    # The node ordering now, until when; the DNS-01 answers (JSON) every node serves meanwhile.
+    Column("holder", String(128), nullable=True),
+    Column("held_until_us", BigInteger, nullable=True),
+    Column("challenges", Text, nullable=True),
+    Column("renew_asked_us", BigInteger, nullable=True),
+    Column("failed_us", BigInteger, nullable=True),
+    Column("error", Text, nullable=True),
+)

@@ -20,8 +20,8 @@ ZONE = "canary.example.test"
 TOKEN = new_token(TokenKey(secrets.token_bytes(32)))
 
 
-def render(fmt: str, port: int = 8080) -> kinds.Planting:
-    planting = kinds.credential(fmt, TOKEN, ZONE, port)
+def render(fmt: str, port: int = 8080, web: kinds.Web | None = None) -> kinds.Planting:
+    planting = kinds.credential(fmt, TOKEN, ZONE, web or kinds.Web(http_port=port))
     assert planting.format == fmt
     assert planting.value == planting.files[planting.path_hint]
     return planting
@@ -134,12 +134,45 @@ def test_every_format_is_covered() -> None:
 
 def test_unknown_format() -> None:
     with pytest.raises(ValueError, match="unknown credential format"):
-        kinds.credential("nope", TOKEN, ZONE, 80)
+        kinds.credential("nope", TOKEN, ZONE, kinds.Web())
 
 
 def test_email_and_url() -> None:
     assert kinds.email(TOKEN, ZONE).value == f"{TOKEN}@{ZONE}"
-    url = urlsplit(kinds.url(TOKEN, ZONE, 80).value)
+    url = urlsplit(kinds.url(TOKEN, ZONE, kinds.Web()).value)
     assert (url.scheme, url.netloc) == ("http", f"{TOKEN}.{ZONE}")
     assert url.path.startswith("/")
-    assert urlsplit(kinds.url(TOKEN, ZONE, 8080).value).port == 8080
+    assert urlsplit(kinds.url(TOKEN, ZONE, kinds.Web(http_port=8080)).value).port == 8080
+
+
+def test_https_urls_need_the_https_listener_and_name_the_token_host() -> None:
+    with pytest.raises(ValueError, match=r"set \[https\] enabled = true"):
+        kinds.url(TOKEN, ZONE, kinds.Web(), "https")
+    url = urlsplit(kinds.url(TOKEN, ZONE, kinds.Web(https_port=443), "https").value)
+    assert (url.scheme, url.netloc) == ("https", f"{TOKEN}.{ZONE}")
+    url = urlsplit(kinds.url(TOKEN, ZONE, kinds.Web(https_port=8443), "https").value)
+    assert (url.hostname, url.port) == (f"{TOKEN}.{ZONE}", 8443)
+
+
+@pytest.mark.parametrize(
+    "fmt", ["git-credentials", "env", "aws", "kubeconfig", "docker-config", "mcp"]
+)
+def test_https_clients_are_pointed_at_the_https_listener(fmt: str) -> None:
+    """With HTTPS on, every format whose client speaks HTTPS names `<token>.<zone>`, which the
+    wildcard certificate covers, on the HTTPS port."""
+    planting = render(fmt, web=kinds.Web(http_port=8080, https_port=8443, ca_pem="CA"))
+    planted = "".join(planting.files.values())
+    assert f"{TOKEN}.{ZONE}:8443" in planted
+    assert "http://" not in planted
+
+
+def test_a_kubeconfig_names_a_self_signed_ca_and_skips_no_verification() -> None:
+    ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    config = yaml.safe_load(render("kubeconfig", web=kinds.Web(https_port=443, ca_pem=ca)).value)
+    cluster = config["clusters"][0]["cluster"]
+    assert base64.b64decode(cluster["certificate-authority-data"]).decode() == ca
+    assert "insecure-skip-tls-verify" not in cluster
+    assert cluster["server"] == f"https://{TOKEN}.{ZONE}"
+    # A publicly trusted (ACME) certificate needs neither.
+    config = yaml.safe_load(render("kubeconfig", web=kinds.Web(https_port=443)).value)
+    assert set(config["clusters"][0]["cluster"]) == {"server"}

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+from canaries.kinds import Web
 from canaries.mint import mint
 from canaries.model import HEARTBEAT_SANDBOX, Canary
 from canaries.plant import BUNDLE, CONTACTS, bundle_paths, plant, present_in, write
@@ -21,7 +22,7 @@ def run(engine: Engine, into: Path) -> tuple[list[Canary], list[str]]:
         sandbox="sbx-p",
         zone=ZONE,
         node="n",
-        http_port=8080,
+        web=Web(http_port=8080),
         labels={"team": "x"},
         present=present_in(into, bundle_paths()),
     )
@@ -102,7 +103,7 @@ def test_the_heartbeat_sandbox_is_reserved_and_a_sandbox_needs_a_name(
     sqlite_engine: Engine,
 ) -> None:
     with pytest.raises(ValueError, match="reserved"):
-        plant(sqlite_engine, sandbox=HEARTBEAT_SANDBOX, zone=ZONE, node="n", http_port=80)
+        plant(sqlite_engine, sandbox=HEARTBEAT_SANDBOX, zone=ZONE, node="n", web=Web())
     for blank in ("", "   "):
         with pytest.raises(ValueError, match="needs a sandbox name"):
             mint(sqlite_engine, kind="dns", zone=ZONE, sandbox=blank, node="n")

@@ -24,9 +24,19 @@ import pytest
 import yaml
 from sqlalchemy import Engine
 
-from canaries.kinds import CREDENTIAL_FORMATS
+from canaries.kinds import CREDENTIAL_FORMATS, Web
 from canaries.model import Canary
-from support import ZONE, Node, hits, plant_canary, resolving, run_dns, run_http
+from support import (
+    ZONE,
+    Node,
+    hits,
+    plant_canary,
+    resolving,
+    run_dns,
+    run_http,
+    run_tls,
+    served_pem,
+)
 
 
 @contextlib.asynccontextmanager
@@ -94,7 +104,9 @@ async def test_using_each_format_trips_its_canary(
     sqlite_engine: Engine, tmp_path: Path, fmt: str
 ) -> None:
     async with listeners(sqlite_engine) as (dns_node, http_node):
-        canary = plant_canary(sqlite_engine, "credential", fmt=fmt, http_port=http_node.port)
+        canary = plant_canary(
+            sqlite_engine, "credential", fmt=fmt, web=Web(http_port=http_node.port)
+        )
         host, http = use(canary, tmp_path)
         reply = await dns.asyncquery.udp(
             dns.message.make_query(host, "A"), "127.0.0.1", port=dns_node.port, timeout=5
@@ -179,7 +191,7 @@ async def test_boto3_with_the_planted_aws_files(
 ) -> None:
     boto3 = pytest.importorskip("boto3")
     async with run_http(sqlite_engine) as node:
-        canary = plant_canary(sqlite_engine, "credential", fmt="aws", http_port=node.port)
+        canary = plant_canary(sqlite_engine, "credential", fmt="aws", web=Web(http_port=node.port))
         for path, text in canary.files.items():
             (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / path).write_text(text)
@@ -209,3 +221,74 @@ async def test_boto3_with_the_planted_aws_files(
     authorization = dict(recorded[0].evidence["headers"])["authorization"]
     # The SigV4 signature names the planted key id: boto3 loaded the planted files.
     assert key_id["default"]["aws_access_key_id"] in authorization
+
+
+def served_ca() -> str:
+    pem = served_pem()
+    return pem[pem.index(b"-----BEGIN CERTIFICATE") :].decode()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+async def test_git_over_https_verifies_our_certificate_and_sends_the_planted_secret(
+    sqlite_engine: Engine, tmp_path: Path
+) -> None:
+    async with run_tls(sqlite_engine) as node:
+        web = Web(https_port=node.port, ca_pem=served_ca())
+        canary = plant_canary(sqlite_engine, "credential", fmt="git-credentials", web=web)
+        planted = urlsplit(canary.value.strip())
+        host = planted.hostname or ""
+        # The planted file as it is: git's store matches it on scheme, host and port.
+        (tmp_path / ".git-credentials").write_text(canary.value)
+        (tmp_path / "ca.pem").write_text(served_ca())
+        _, output = await run(
+            "git",
+            "-c",
+            "credential.helper=store",
+            "-c",
+            f"http.sslCAInfo={tmp_path / 'ca.pem'}",
+            "-c",
+            f"http.curloptResolve={host}:{node.port}:127.0.0.1",
+            "ls-remote",
+            f"https://{host}:{node.port}/platform/infra.git",
+            env={"HOME": str(tmp_path), "GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/bin:/bin"},
+        )
+    recorded = hits(sqlite_engine)
+    assert {entry.canary_id for entry in recorded} == {canary.id}, output
+    assert recorded[0].protocol == "tls"
+    https = [entry for entry in recorded if entry.protocol == "https"]
+    # Challenged once, git went on with the stored secret over the verified connection.
+    assert ["host", "header:authorization"] in [entry.evidence["found_in"] for entry in https]
+    assert https[-1].evidence["user_agent"].startswith("git/")
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+async def test_kubectl_trusts_the_planted_ca_and_sends_its_bearer_token(
+    sqlite_engine: Engine, tmp_path: Path
+) -> None:
+    async with run_tls(sqlite_engine) as node:
+        web = Web(https_port=node.port, ca_pem=served_ca())
+        canary = plant_canary(sqlite_engine, "credential", fmt="kubeconfig", web=web)
+        config = yaml.safe_load(canary.value)
+        cluster = config["clusters"][0]["cluster"]
+        name = urlsplit(cluster["server"]).hostname
+        # kubectl resolves with Go's own resolver: reach loopback, and still ask for (and
+        # verify) the planted name, as it would after resolving it.
+        cluster["server"] = f"https://127.0.0.1:{node.port}"
+        cluster["tls-server-name"] = name
+        (tmp_path / "config").write_text(yaml.safe_dump(config))
+        _, output = await run(
+            "kubectl",
+            "--kubeconfig",
+            str(tmp_path / "config"),
+            "--request-timeout=10s",
+            "get",
+            "pods",
+            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        )
+    assert "x509" not in output, output
+    recorded = hits(sqlite_engine)
+    https = [entry for entry in recorded if entry.protocol == "https"]
+    assert https, output
+    assert {entry.canary_id for entry in recorded} == {canary.id}
+    assert "header:authorization" in https[0].evidence["found_in"]
+    assert "kubectl" in (https[0].evidence["user_agent"] or "")

@@ -2,13 +2,16 @@
 self-signed one, the same at every start, or the `[tls]` files when they are set."""
 
 import asyncio
+import json
 import ssl
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from cryptography import x509
 
 from listeners.certificates import self_signed
+from oobwatch.cli import main
 from oobwatch.config import ConfigError, load
 from oobwatch.operations import LocalOperations
 from oobwatch.serve import Node, start
@@ -90,3 +93,54 @@ async def test_the_heartbeat_probes_the_tls_listener(tmp_path: Path, receiver: R
     finally:
         await node.stop()
     assert outcome == {"dns": True, "smtp": True, "http": True, "https": True}
+
+
+def write_pair(folder: Path, pem: bytes) -> None:
+    split = pem.index(b"-----BEGIN CERTIFICATE-----")
+    # Written aside and renamed, as a certificate manager replaces them.
+    for name, part in (("key.pem", pem[:split]), ("cert.pem", pem[split:])):
+        (folder / f".{name}").write_bytes(part)
+        (folder / f".{name}").replace(folder / name)
+
+
+async def test_changed_files_are_served_without_a_restart_and_broken_ones_are_not(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    first, second = self_signed("canary.example.test"), self_signed("canary.example.test")
+    write_pair(tmp_path, first)
+    extra = HTTPS + "[tls]\ncert = 'cert.pem'\nkey = 'key.pem'\n"
+    node = await start(load(node_config(tmp_path, receiver.url(), extra=extra)))
+    try:
+        name = "x.canary.example.test"
+        leaf = x509.load_pem_x509_certificate
+        assert await served_certificate(node, name) == leaf(first[first.index(b"-----BEGIN C") :])
+        write_pair(tmp_path, second)
+        wanted = leaf(second[second.index(b"-----BEGIN C") :])
+        for _ in range(50):
+            if await served_certificate(node, name) == wanted:
+                break
+            await asyncio.sleep(0.1)
+        assert await served_certificate(node, name) == wanted
+        # A key that is not the certificate's: logged, and the last good pair kept.
+        (tmp_path / "key.pem").write_bytes(first[: first.index(b"-----BEGIN C")])
+        await asyncio.sleep(2.5)
+        assert await served_certificate(node, name) == wanted
+        assert node.certificate is not None
+        assert node.certificate.served.pem.endswith(second[second.index(b"-----BEGIN C") :])
+    finally:
+        await node.stop()
+
+
+def test_tls_status_says_the_source_and_renew_says_what_it_cannot_do(tmp_path: Path) -> None:
+    path = node_config(tmp_path, "json://127.0.0.1:1/", extra=HTTPS)
+    shown = CliRunner().invoke(main, ["--config", str(path), "tls", "status", "--json"])
+    assert shown.exit_code == 0, shown.output
+    status = json.loads(shown.output)
+    assert status["source"] == "self-signed"
+    assert status["sans"] == ["canary.example.test", "*.canary.example.test"]
+    assert {"subject", "issuer", "not_after"} <= set(status)
+    text = CliRunner().invoke(main, ["--config", str(path), "tls", "status"])
+    assert "clients that check certificates refuse it" in text.output
+    renew = CliRunner().invoke(main, ["--config", str(path), "tls", "renew"])
+    assert renew.exit_code != 0
+    assert "only an ACME one is renewed" in renew.output

@@ -1,0 +1,238 @@
+"""ACME against a real ACME server (Debian's pebble): a wildcard order proved by the node's own
+DNS listener, served and trusted by curl; a wrong DNS-01 answer fails clearly; a certificate near
+expiry is renewed; `tls status` and `tls renew` say what a node serves."""
+
+import asyncio
+import datetime
+import logging
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from acme_server import Pebble, pebble_available, run_pebble
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from sqlalchemy import update
+
+from oobwatch.config import Config, load
+from oobwatch.operations import LocalOperations
+from oobwatch.serve import Node, start
+from oobwatch.views import MintRequest
+from store import acme
+from store.engine import open_store
+from store.schema import acme_orders
+from support import Receiver, hits, node_config, settle
+
+pytestmark = pytest.mark.skipif(not pebble_available(), reason="pebble is not installed")
+
+ZONE = "canary.example.test"
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1, for a DNS listener pebble must know first."""
+    for _ in range(50):
+        with socket.socket() as tcp, socket.socket(type=socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port")
+
+
+def acme_config(tmp_path: Path, receiver: Receiver, pebble: Pebble, dns_port: int) -> Config:
+    extra = (
+        "[https]\nenabled = true\nport = 0\n[heartbeat]\nenabled = false\n"
+        f"[tls]\nacme_directory = '{pebble.directory}'\n"
+        f"acme_ca_bundle = '{pebble.ca_bundle}'\nacme_email = 'security@example.test'\n"
+    )
+    path = node_config(tmp_path, receiver.url(), extra=extra)
+    path.write_text(
+        path.read_text().replace(
+            f'zone = "{ZONE}"\nport = 0', f'zone = "{ZONE}"\nport = {dns_port}'
+        )
+    )
+    return load(path)
+
+
+async def wait_for_source(node: Node, source: str, seconds: float = 60) -> None:
+    assert node.certificate is not None
+    certificate = node.certificate
+    await settle(lambda: certificate.served.source == source, seconds)
+    assert certificate.served.source == source
+
+
+async def curl(root: Path, name: str, port: int) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            str(root),
+            "--resolve",
+            f"{name}:{port}:127.0.0.1",
+            f"https://{name}:{port}/login",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_a_wildcard_order_is_proved_by_our_own_dns_and_served(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    dns_port = free_port()
+    with run_pebble(("127.0.0.1", dns_port), tmp_path) as pebble:
+        config = acme_config(tmp_path, receiver, pebble, dns_port)
+        node = await start(config)
+        try:
+            # The self-signed certificate first: ClientHellos are caught from the first start.
+            assert node.certificate is not None
+            assert node.certificate.served.source == "self-signed"
+            await wait_for_source(node, "acme")
+            ops = LocalOperations(config, node.engine)
+            status = await asyncio.to_thread(ops.tls)
+            assert status.source == "acme"
+            assert set(status.sans) == {ZONE, f"*.{ZONE}"}
+            assert "Pebble" in status.issuer
+            assert status.renewal_due is None
+            # A client that trusts the CA's root verifies the served chain, and its request
+            # inside TLS is an https hit.
+            canary = ops.mint(MintRequest(kind="dns", sandbox="sbx-acme"))
+            await asyncio.to_thread(node.index.refresh)
+            root = tmp_path / "root.pem"
+            root.write_bytes(pebble.roots())
+            port = node.listeners["https"].addresses[0][1]
+            done = await curl(root, canary.value, port)
+            assert done.returncode == 0, done.stderr
+            await settle(lambda: any(h.protocol == "https" for h in hits(node.engine)))
+            # Nothing is answered at _acme-challenge once no order is pending.
+            assert node.contexts["dns"].challenges is not None
+            assert node.contexts["dns"].challenges.values == ()
+            first = acme.state(node.engine)
+            # `tls renew` has the serving node order again, and waits for it.
+            renewed = await asyncio.to_thread(ops.renew_tls)
+            assert renewed.source == "acme"
+            again = acme.state(node.engine)
+            assert again.pem != first.pem
+            await settle(
+                lambda: node.certificate is not None and node.certificate.served.pem == again.pem
+            )
+        finally:
+            await node.stop()
+        # A restart serves the stored certificate at once and orders nothing.
+        node = await start(config)
+        try:
+            assert node.certificate is not None
+            assert node.certificate.served.source == "acme"
+            await asyncio.sleep(1.5)
+            assert acme.state(node.engine).issued_us == again.issued_us
+        finally:
+            await node.stop()
+    tls_hits = [h for h in hits(node.engine) if h.protocol in ("tls", "https")]
+    assert {h.protocol for h in tls_hits} == {"tls", "https"}
+
+
+class WrongAnswers:
+    """Challenges that always answer a TXT the ACME server did not ask for."""
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        return ("not-the-answer",)
+
+    @values.setter
+    def values(self, _: tuple[str, ...]) -> None:
+        pass
+
+
+async def test_a_wrong_dns_answer_fails_the_order_clearly_and_the_node_goes_on(
+    tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    dns_port = free_port()
+    with run_pebble(("127.0.0.1", dns_port), tmp_path) as pebble:
+        config = acme_config(tmp_path, receiver, pebble, dns_port)
+        node = await start(config)
+        try:
+            node.contexts["dns"].challenges = WrongAnswers()  # type: ignore[assignment]
+            with caplog.at_level(logging.ERROR, logger="oobwatch.certs"):
+                await settle(lambda: acme.state(node.engine).failed_us is not None, 60)
+            state = acme.state(node.engine)
+            assert state.error is not None
+            assert "validation failed" in state.error
+            assert state.holder is None
+            assert any("the ACME order for" in r.getMessage() for r in caplog.records)
+            assert node.certificate is not None
+            assert node.certificate.served.source == "self-signed"
+            status = await asyncio.to_thread(LocalOperations(config, node.engine).tls)
+            assert status.acme_error == state.error
+            # No retry at once after a failure.
+            await asyncio.sleep(1.5)
+            assert acme.state(node.engine).failed_us == state.failed_us
+        finally:
+            await node.stop()
+
+
+def near_expiry(zone: str, days_left: float) -> bytes:
+    """A certificate for the zone, ten days long, with `days_left` to go."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, zone)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + datetime.timedelta(days=days_left - 10))
+        .not_valid_after(now + datetime.timedelta(days=days_left))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(zone), x509.DNSName(f"*.{zone}")]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ) + certificate.public_bytes(serialization.Encoding.PEM)
+
+
+async def test_a_stored_certificate_near_expiry_is_renewed(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    dns_port = free_port()
+    with run_pebble(("127.0.0.1", dns_port), tmp_path) as pebble:
+        config = acme_config(tmp_path, receiver, pebble, dns_port)
+        engine = open_store(config.store.url)
+        acme.claim(engine, "seed", 0, 1)
+        old = near_expiry(ZONE, days_left=1)
+        with engine.begin() as connection:
+            connection.execute(
+                update(acme_orders).values(pem=old, issued_us=1, holder=None, held_until_us=None)
+            )
+        engine.dispose()
+        node = await start(config)
+        try:
+            assert node.certificate is not None
+            # Still valid, so served at start; then renewed, being within a third of its life.
+            assert node.certificate.served.pem == old
+            certificate = node.certificate
+            await settle(lambda: certificate.served.pem != old, 60)
+            leaf = certificate.served.chain[0]
+            assert "Pebble" in leaf.issuer.rfc4514_string()
+            assert leaf.not_valid_after_utc > datetime.datetime.now(
+                datetime.UTC
+            ) + datetime.timedelta(days=5)
+        finally:
+            await node.stop()
