@@ -14,10 +14,12 @@ import shutil
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -124,6 +126,33 @@ def fetch(host: str, port: int, netrc: Path) -> str:
     return str(response.status_code)
 
 
+def handshake(port: int, name: str) -> str:
+    """A careful client: it checks the certificate, so it refuses a self-signed one."""
+    context = ssl.create_default_context()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            context.wrap_socket(raw, server_hostname=name).close()
+    except ssl.SSLCertVerificationError as error:
+        return f"refused the certificate: {error.verify_message}"
+    return "trusted the certificate"
+
+
+def fetch_https(url: str, port: int) -> str:
+    """`curl -k`: takes any certificate and sends its request inside TLS."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with context.wrap_socket(raw, server_hostname=host) as tls:
+        tls.sendall(
+            f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            "User-Agent: demo-agent/1.0\r\nConnection: close\r\n\r\n".encode()
+        )
+        return tls.recv(200).split(b"\r\n", 1)[0].decode()
+
+
 def main() -> None:
     if WORK.exists():
         shutil.rmtree(WORK)
@@ -133,6 +162,7 @@ def main() -> None:
     dns_port = free_port(15353)
     smtp_port = free_port(12525)
     http_port = free_port(18080)
+    https_port = free_port(18443)
     api_port = free_port(18787)
     config = WORK / "oobwatch.toml"
     config.write_text(
@@ -151,6 +181,10 @@ port = {smtp_port}
 [http]
 listen = "127.0.0.1"
 port = {http_port}
+[https]
+enabled = true
+listen = "127.0.0.1"
+port = {https_port}
 [api]
 listen = "127.0.0.1"
 port = {api_port}
@@ -166,7 +200,7 @@ urls = ["json://127.0.0.1:{receiver.server_address[1]}/page"]
     )
     try:
         assert server.stdout is not None
-        for _ in range(3):
+        for _ in range(4):
             print("== oobwatch serve:", server.stdout.readline().strip())
         minted = json.loads(
             oobwatch(
@@ -206,9 +240,32 @@ urls = ["json://127.0.0.1:{receiver.server_address[1]}/page"]
         print(trip(dns_port, host))
         print(fetch(host, http_port, home / ".netrc"))
 
+        print("\n== the HTTPS listener serves the store's self-signed certificate:")
+        print(oobwatch(config, "tls", "status"))
+        secure = json.loads(
+            oobwatch(
+                config,
+                "mint",
+                "url",
+                "--scheme",
+                "https",
+                "--sandbox",
+                SANDBOX,
+                "--location",
+                "README.md",
+                "--json",
+            )
+        )
+        host = urllib.parse.urlsplit(secure["value"]).hostname or ""
+        print(f"== an HTTPS canary URL: {secure['value']}")
+        print("== a client that checks certificates connects: its SNI is a hit all the same")
+        print(handshake(https_port, host))
+        print("== one that does not (curl -k) gets its request in, recorded as https:")
+        print(fetch_https(secure["value"], https_port))
+
         # One page per incident: the credential's DNS and HTTP hits fold into one alert.
         deadline = time.monotonic() + 15
-        while len(pages.received) < 3 and time.monotonic() < deadline:
+        while len(pages.received) < 4 and time.monotonic() < deadline:
             pages.arrived.wait(0.2)
         time.sleep(0.5)
         print("\n== the pages on-call received:")
