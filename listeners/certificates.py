@@ -66,19 +66,26 @@ class Served:
         }
 
 
-def self_signed(zone: str) -> bytes:
-    """A new key and a self-signed certificate for `zone` and `*.zone`, as PEM."""
+def self_signed(
+    zone: str, valid: tuple[datetime.datetime, datetime.datetime] | None = None
+) -> bytes:
+    """A new key and a self-signed certificate for `zone` and `*.zone`, as PEM; valid from
+    an hour ago for SELF_SIGNED_DAYS unless `valid` says from when until when."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, zone)])
     now = datetime.datetime.now(datetime.UTC)
+    begins, ends = valid or (
+        now - datetime.timedelta(hours=1),
+        now + datetime.timedelta(days=SELF_SIGNED_DAYS),
+    )
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=SELF_SIGNED_DAYS))
+        .not_valid_before(begins)
+        .not_valid_after(ends)
         .add_extension(
             x509.SubjectAlternativeName([x509.DNSName(zone), x509.DNSName(f"*.{zone}")]),
             critical=False,

@@ -12,12 +12,9 @@ from pathlib import Path
 
 import pytest
 from acme_server import Pebble, pebble_available, run_pebble
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from sqlalchemy import update
 
+from listeners.certificates import self_signed
 from oobwatch.config import Config, load
 from oobwatch.operations import LocalOperations
 from oobwatch.serve import Node, start
@@ -186,26 +183,9 @@ async def test_a_wrong_dns_answer_fails_the_order_clearly_and_the_node_goes_on(
 
 def near_expiry(zone: str, days_left: float) -> bytes:
     """A certificate for the zone, ten days long, with `days_left` to go."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, zone)])
     now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now + datetime.timedelta(days=days_left - 10))
-        .not_valid_after(now + datetime.timedelta(days=days_left))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(zone), x509.DNSName(f"*.{zone}")]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ) + certificate.public_bytes(serialization.Encoding.PEM)
+    ends = now + datetime.timedelta(days=days_left)
+    return self_signed(zone, (ends - datetime.timedelta(days=10), ends))
 
 
 async def test_a_stored_certificate_near_expiry_is_renewed(
