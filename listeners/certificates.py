@@ -1,8 +1,8 @@
 """The node's TLS certificate, as listeners that speak TLS serve it.
 
 One `NodeCertificate` per node: every listener takes its TLS contexts from
-it, and a new certificate (files changed, an ACME renewal) replaces the one
-every context serves, for the connections that follow, without a restart.
+it, and a new certificate (files changed, an ACME renewal) is what they
+serve to the connections that follow, without a restart.
 
 Without a certificate of its own, a node serves a self-signed one for the
 zone and everything under it, made once and kept in the store so every node
@@ -111,21 +111,18 @@ def _chain_file(pem: bytes) -> Iterator[str]:
         yield path
 
 
-def _load(context: ssl.SSLContext, pem: bytes) -> None:
-    """Serve the key and chain in `pem` from `context`; ValueError naming why it cannot."""
+def server_context(pem: bytes) -> ssl.SSLContext:
+    """A TLS server context serving the key and chain in `pem`; ValueError when it cannot."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # A client may not make the server redo a handshake (and its cost) inside a connection.
+    context.options |= ssl.OP_NO_RENEGOTIATION
     try:
         with _chain_file(pem) as path:
             context.load_cert_chain(path)
     except ssl.SSLError as error:
         reason = error.reason or error.strerror or str(error)
         raise ValueError(f"cannot serve this certificate with this key: {reason}") from None
-
-
-def server_context(pem: bytes) -> ssl.SSLContext:
-    """A TLS server context serving the key and chain in `pem`; ValueError when it cannot."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load(context, pem)
     return context
 
 
@@ -147,35 +144,53 @@ class Challenges:
         self.values: tuple[str, ...] = ()
 
 
-class NodeCertificate:
-    """What every TLS listener of a node serves, replaced in place for the connections after."""
+class Contexts:
+    """A listener's TLS server context, `current` for each new connection: a replaced
+    certificate gets a new context, never a changed one (loading a new chain into a live
+    context keeps an old certificate of another key type, and it would be served)."""
 
-    def __init__(self, served: Served) -> None:
-        server_context(served.pem)
-        self._served = served
-        self._contexts: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
+    def __init__(self, pem: bytes, sni: SniSeen | None) -> None:
+        self._sni = sni
+        self.current = self._make(pem)
 
-    @property
-    def served(self) -> Served:
-        return self._served
-
-    def context(self, sni: SniSeen | None = None) -> ssl.SSLContext:
-        """A server context that serves this certificate, and whatever replaces it."""
-        context = server_context(self._served.pem)
+    def _make(self, pem: bytes) -> ssl.SSLContext:
+        context = server_context(pem)
+        sni = self._sni
         if sni is not None:
 
             def seen(ssl_object: Any, name: str | None, _: ssl.SSLContext) -> None:
                 sni(ssl_object, name)
 
             context.sni_callback = seen
-        self._contexts.add(context)
         return context
+
+    def renew(self, pem: bytes) -> None:
+        self.current = self._make(pem)
+
+
+class NodeCertificate:
+    """What every TLS listener of a node serves, replaced for the connections after."""
+
+    def __init__(self, served: Served) -> None:
+        server_context(served.pem)
+        self._served = served
+        self._contexts: weakref.WeakSet[Contexts] = weakref.WeakSet()
+
+    @property
+    def served(self) -> Served:
+        return self._served
+
+    def contexts(self, sni: SniSeen | None = None) -> Contexts:
+        """Server contexts that serve this certificate, and whatever replaces it."""
+        contexts = Contexts(self._served.pem, sni)
+        self._contexts.add(contexts)
+        return contexts
 
     def replace(self, served: Served) -> None:
         """Serve `served` from now on; ValueError (and the old one kept) when it cannot be."""
         if served.pem == self._served.pem:
             return
         server_context(served.pem)
-        for context in list(self._contexts):
-            _load(context, served.pem)
+        for contexts in list(self._contexts):
+            contexts.renew(served.pem)
         self._served = served

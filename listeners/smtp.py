@@ -249,15 +249,16 @@ class GuardedSMTP(SMTP):
         self._errors = 0
         self._rejected = 0
         self._closing = False
+        self._lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # a new connection, not the STARTTLS upgrade of one
             assert isinstance(transport, asyncio.Transport)
             if self._slot is not None:
-                self._slot.close = transport.abort
+                self._slot.close = self._end
             else:
                 self._slot = self._guard.admit(
-                    str(transport.get_extra_info("peername")[0]), transport.abort
+                    str(transport.get_extra_info("peername")[0]), self._end
                 )
             if self._slot is None:
                 self._counters.dropped += 1
@@ -276,10 +277,27 @@ class GuardedSMTP(SMTP):
         super().data_received(data)
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self._slot is None:
-            return  # refused in connection_made: aiosmtpd never started a session
+        if self._slot is None or self._lost:
+            return  # refused in connection_made (aiosmtpd never started a session), or ended
+        self._lost = True
         self._slot.release()
         super().connection_lost(error)
+
+    def _end(self) -> None:
+        """Abort the connection and end the session now. Mid-STARTTLS, asyncio's TLS layer
+        does not pass a lost connection on to this protocol: without this, the session would
+        wait for a line for ever."""
+        for transport in (self._original_transport, self.transport):
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
+        self.connection_lost(None)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        await super().smtp_STARTTLS(arg)
+        if self._tls_protocol is not None and self.session is not None and self.session.ssl is None:
+            # The handshake ended without completing (closed for a timeout, or cut off).
+            self._guard.timeouts["starttls"] += 1
+            self._end()
 
     def _timeout_cb(self) -> None:
         """aiosmtpd's idle timeout (it closes the transport), counted and bounded."""
@@ -289,7 +307,7 @@ class GuardedSMTP(SMTP):
         self._guard.timeouts["idle"] += 1
         transport.close()
         # close() waits for unsent replies; a client that stopped reading gets a step more.
-        asyncio.get_running_loop().call_later(self._step, transport.abort)
+        asyncio.get_running_loop().call_later(self._step, self._end)
 
     def _create_envelope(self) -> Envelope:
         return CanaryEnvelope()
@@ -332,7 +350,7 @@ class SmtpListener:
             context, tuple(split_name(domain) for domain in domains), self._names
         )
         context.connections = self._guard = ConnectionGuard.of(options)
-        self._tls = None if context.tls is None else context.tls.context(sni=self._sni)
+        self._tls = None if context.tls is None else context.tls.contexts(sni=self._sni)
         self._front: TlsFront | None = None
         if options.tls_port is not None and self._tls is not None:
             implicit = options.model_copy(update={"port": options.tls_port})
@@ -343,7 +361,8 @@ class SmtpListener:
 
     def _sni(self, ssl_object: ssl.SSLObject, name: str | None) -> None:
         if name:
-            self._names[ssl_object] = name[:MAX_SNI_KEPT]
+            printable = "".join(c if c.isprintable() else "?" for c in name[:MAX_SNI_KEPT])
+            self._names[ssl_object] = printable
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -368,7 +387,7 @@ class SmtpListener:
             # NOOP, RSET, VRFY and friends cost a reply each and carry nothing.
             command_call_limit={"NOOP": 10, "RSET": 20, "VRFY": 5, "EXPN": 5, "HELP": 5, "*": 200},
             # No STARTTLS inside implicit TLS.
-            tls_context=self._tls if slot is None else None,
+            tls_context=self._tls.current if self._tls is not None and slot is None else None,
             require_starttls=False,
         )
 

@@ -33,6 +33,7 @@ from canaries.find import locate, split_name
 from canaries.index import Unknowable
 from canaries.model import Canary
 from listeners.base import Context, NotDurable, Peer
+from listeners.certificates import Contexts
 from listeners.guard import (
     ConnectionGuard,
     Slot,
@@ -74,7 +75,7 @@ class TlsListener:
         self._config.load()
         self._step = options.timeout
         self._state = ServerState()
-        self._front = TlsFront(context, options, guard, context.tls.context(), self._serve)
+        self._front = TlsFront(context, options, guard, context.tls.contexts(), self._serve)
 
     def _serve(self, slot: Slot) -> asyncio.Protocol:
         return BoundedH11Protocol(self._config, self._state, {}, slot=slot)
@@ -106,7 +107,7 @@ class TlsFront:
         context: Context,
         options: StreamOptions,
         guard: ConnectionGuard,
-        tls: ssl.SSLContext,
+        tls: Contexts,
         serve: Callable[[Slot], asyncio.Protocol],
     ) -> None:
         self._context = context
@@ -261,7 +262,7 @@ class TlsFront:
             await loop.connect_accepted_socket(
                 lambda: self._serve(slot),
                 handing,
-                ssl=self._tls,
+                ssl=self._tls.current,
                 ssl_handshake_timeout=self._options.timeout,
             )
         except ssl.SSLError as error:

@@ -153,13 +153,17 @@ def _parse(hello: bytes) -> ClientHello:
     return ClientHello(legacy_version, versions, ciphers, tuple(extensions), sni, alpn, signatures)
 
 
+MAX_NAME = 253
+
+
 def _server_name(content: "_Reader") -> str:
     names = _Reader(content.take(content.u16()))
     while names.left:
         kind = names.u8()
         name = names.take(names.u16())
         if kind == 0:
-            return name.decode("ascii", "replace").lower()
+            # Longer than any DNS name: no host a client means, so none to record.
+            return name.decode("ascii", "replace").lower() if len(name) <= MAX_NAME else ""
     return ""
 
 

@@ -34,8 +34,9 @@ TICK_SECONDS = 1.0
 RENEW_WAIT_SECONDS = 300.0
 RENEW_BEFORE = datetime.timedelta(days=30)
 RETRY_AFTER_FAILURE = datetime.timedelta(minutes=15)
-# Long enough for a slow CA; a node that dies holding it blocks others no longer than this.
-ORDER_LEASE = datetime.timedelta(minutes=10)
+# Longer than an order may take (acme_client.ORDER_SECONDS and its requests' timeouts); a
+# node that dies holding it blocks the others no longer than this.
+ORDER_LEASE = datetime.timedelta(minutes=5)
 # Other nodes load the DNS-01 answers at their next tick: two, before the CA is told to look.
 SETTLE_SECONDS = 2 * TICK_SECONDS
 _US = 1_000_000
@@ -132,6 +133,8 @@ class CertificateKeeper:
         tls = config.tls
         self._files = (tls.cert, tls.key) if tls.cert and tls.key else None
         self._seen = _stamps(*self._files) if self._files else ()
+        # This node's order is running: its lease and published answers are not to be touched.
+        self._ordering = False
 
     def serving(self, served: Served) -> None:
         """The node now serves `served`."""
@@ -164,9 +167,10 @@ class CertificateKeeper:
         zone = self._config.dns.zone
         node = self._config.node.name
         state = acme.state(self._engine)
-        if state.holder != node:
-            # This node's own order sets its answers itself, before the store has them.
-            self._challenges.values = state.pending(now)
+        if self._ordering:
+            # It sets its own answers, before the store has them, and holds the lease.
+            return Tick()
+        self._challenges.values = state.pending(now)
         if (
             state.pem is not None
             and state.pem != self._current.pem
@@ -177,10 +181,17 @@ class CertificateKeeper:
         why = renewal_due(state, zone, now)
         if why is None or not acme.claim(self._engine, node, now, ORDER_LEASE // _one_us()):
             return Tick()
+        self._ordering = True
         return Tick(order=why)
 
     def order(self, why: str) -> Served | None:
         """Order the certificate this node claimed; what to serve, or None when it failed."""
+        try:
+            return self._order(why)
+        finally:
+            self._ordering = False
+
+    def _order(self, why: str) -> Served | None:
         node = self._config.node.name
         from oobwatch.acme_client import OrderFailed, account_key, order
 

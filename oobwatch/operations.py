@@ -10,6 +10,7 @@ Heavier parts (alert state, the outbox, the integrity job) are imported where
 an operation needs them, so a quick `oobwatch list` does not load them.
 """
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
@@ -51,6 +52,9 @@ from store.timeline import find_incident, incidents, timeline
 if TYPE_CHECKING:
     from alerts.state import AlertState
     from oobwatch.integrity import Integrity
+
+
+_RENEWING = threading.Lock()
 
 
 class NotFound(LookupError):
@@ -301,15 +305,21 @@ class LocalOperations:
                 f"the certificate comes from {self.tls().source}: only an ACME one is renewed "
                 "here (files are read again when they change; set tls.acme_directory to order)"
             )
-        asked = now_us()
-        acme.ask_renewal(self.engine, asked)
-        for _ in range(int(certs.RENEW_WAIT_SECONDS / certs.TICK_SECONDS)):
-            state = acme.state(self.engine)
-            if (state.issued_us or 0) >= asked:
-                return self.tls()
-            if (state.failed_us or 0) >= asked:
-                raise Invalid(f"the ACME order failed: {state.error}")
-            time.sleep(certs.TICK_SECONDS)
+        # One caller waits at a time: each holds a thread (an API worker) while it waits.
+        if not _RENEWING.acquire(blocking=False):
+            raise Invalid("a renewal is being waited for already; see tls status")
+        try:
+            asked = now_us()
+            acme.ask_renewal(self.engine, asked)
+            for _ in range(int(certs.RENEW_WAIT_SECONDS / certs.TICK_SECONDS)):
+                state = acme.state(self.engine)
+                if (state.issued_us or 0) >= asked:
+                    return self.tls()
+                if (state.failed_us or 0) >= asked:
+                    raise Invalid(f"the ACME order failed: {state.error}")
+                time.sleep(certs.TICK_SECONDS)
+        finally:
+            _RENEWING.release()
         raise Invalid(
             f"no node ordered within {certs.RENEW_WAIT_SECONDS:.0f} s: is one serving with "
             "tls.acme_directory on this store? The renewal stays asked for."

@@ -7,13 +7,16 @@ started before it and is reported as one line naming it, its address and why.
 """
 
 import asyncio
+import contextlib
 import gc
 import logging
 import resource
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Engine
@@ -42,6 +45,7 @@ from store.engine import open_store
 from store.writer import LedgerWriter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 INDEX_REFRESH_SECONDS = 1.0
 OUTBOX_SECONDS = 1.0
@@ -58,6 +62,33 @@ LISTENERS: dict[str, Callable[[Context, Config], Listener]] = {
     "http": lambda context, config: HttpListener(context, config.http),
     "https": lambda context, config: TlsListener(context, config.https, config.http),
 }
+
+
+async def in_daemon_thread(work: Callable[[], T]) -> T:
+    """`work()` in a thread of its own that does not hold the process up at exit: an ACME
+    order waits on a remote server for minutes, and a stopping node need not wait with it
+    (its lease in the store lets another node order once it expires)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = work(), None
+        except Exception as failure:
+            result, error = None, failure
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="acme-order", daemon=True).start()
+    return await done
 
 
 class BindFailed(Exception):
@@ -98,12 +129,12 @@ class Node:
         tick = await asyncio.to_thread(keeper.tick)
         if tick.serve is not None:
             self.serve_certificate(tick.serve)
-        if tick.order is not None and self.ordering is None:
+        if tick.order is not None:
             why = tick.order
 
             async def ordering() -> None:
                 try:
-                    fresh = await asyncio.to_thread(keeper.order, why)
+                    fresh = await in_daemon_thread(lambda: keeper.order(why))
                 finally:
                     self.ordering = None
                 if fresh is not None:

@@ -56,7 +56,10 @@ def state(engine: Engine) -> OrderState:
 
 
 def claim(engine: Engine, node: str, now: int, lease_us: int) -> bool:
-    """Take the order for `node` until `now + lease_us`, unless another node holds it."""
+    """Take the order for `node` until `now + lease_us`, unless another node holds it.
+
+    A renewal asked for is taken with it: whatever the order's outcome, it was answered.
+    """
     _ensure_row(engine)
     with engine.begin() as connection:
         taken = connection.execute(
@@ -69,7 +72,7 @@ def claim(engine: Engine, node: str, now: int, lease_us: int) -> bool:
                     acme_orders.c.holder == node,
                 )
             )
-            .values(holder=node, held_until_us=now + lease_us, challenges=None)
+            .values(holder=node, held_until_us=now + lease_us, challenges=None, renew_asked_us=None)
         )
     return taken.rowcount == 1
 

@@ -2,6 +2,7 @@
 key/chain files that cannot be served refused with a clear error."""
 
 import asyncio
+import datetime
 import glob
 import ssl
 import tempfile
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -131,23 +135,23 @@ async def served_by(context: ssl.SSLContext) -> x509.Certificate:
 async def test_a_replaced_certificate_is_served_by_contexts_made_before() -> None:
     first, second = self_signed(ZONE), self_signed(ZONE)
     node = NodeCertificate(Served(first, "self-signed"))
-    context = node.context()
-    assert await served_by(context) == Served(first, "self-signed").chain[0]
+    contexts = node.contexts()
+    assert await served_by(contexts.current) == Served(first, "self-signed").chain[0]
     node.replace(Served(second, "file"))
-    assert await served_by(context) == Served(second, "file").chain[0]
+    assert await served_by(contexts.current) == Served(second, "file").chain[0]
     assert node.served.source == "file"
 
 
 async def test_a_replacement_that_cannot_be_served_is_refused_and_the_old_one_kept() -> None:
     first = self_signed(ZONE)
     node = NodeCertificate(Served(first, "self-signed"))
-    context = node.context()
+    contexts = node.contexts()
     key, _ = split(self_signed(ZONE))
     _, chain = split(first)
     with pytest.raises(ValueError, match="cannot serve this certificate with this key"):
         node.replace(Served(key + chain, "file"))
     assert node.served.pem == first
-    assert await served_by(context) == Served(first, "self-signed").chain[0]
+    assert await served_by(contexts.current) == Served(first, "self-signed").chain[0]
 
 
 def test_describe_says_what_tls_status_shows() -> None:
@@ -157,3 +161,52 @@ def test_describe_says_what_tls_status_shows() -> None:
     assert described["sans"] == [ZONE, f"*.{ZONE}"]
     assert described["source"] == "self-signed"
     assert described["not_after"] > described["not_before"]
+
+
+def rsa_self_signed() -> bytes:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ZONE)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem + certificate.public_bytes(serialization.Encoding.PEM)
+
+
+async def handshake(context: ssl.SSLContext, client: ssl.SSLContext) -> None:
+    server = await asyncio.start_server(
+        lambda _reader, writer: writer.close(), "127.0.0.1", 0, ssl=context
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_certificate_of_another_key_type_replaces_the_old_one_entirely() -> None:
+    """Loading an EC chain into a live context would keep its RSA one, still served to clients
+    that ask for RSA: a replacement is a new context, so nothing of the old one is left."""
+    rsa_only = ssl.create_default_context()
+    rsa_only.check_hostname = False
+    rsa_only.verify_mode = ssl.CERT_NONE
+    rsa_only.maximum_version = ssl.TLSVersion.TLSv1_2
+    rsa_only.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+    node = NodeCertificate(Served(rsa_self_signed(), "file"))
+    contexts = node.contexts()
+    await handshake(contexts.current, rsa_only)
+    node.replace(Served(self_signed(ZONE), "file"))
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await handshake(contexts.current, rsa_only)

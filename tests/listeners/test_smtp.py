@@ -441,3 +441,38 @@ async def test_undecodable_bytes_in_the_envelope_are_still_recorded(sqlite_engin
     assert hit.evidence["helo"] == "h\udcffst"
     with sqlite_engine.connect() as connection:
         assert ledger.verify(connection).intact
+
+
+def sessions_waiting() -> int:
+    """SMTP sessions of this loop still waiting for a command."""
+    return sum(
+        1
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", "").endswith("_handle_client")
+    )
+
+
+async def test_a_starttls_that_never_completes_ends_its_session_and_frees_its_slot(
+    sqlite_engine: Engine,
+) -> None:
+    """STARTTLS, then silence or half a ClientHello: asyncio's TLS layer never tells the session
+    the connection went, so without ending it the session would wait for ever."""
+    async with run_smtp(sqlite_engine, timeout=0.5) as node:
+        guard = node.context.connections
+        assert guard is not None
+        stalled = []
+        for partial in (b"", b"\x16\x03\x01\x00"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+            await reader.readline()
+            writer.write(b"EHLO x\r\nSTARTTLS\r\n")
+            while not (await reader.readline()).startswith(b"220 "):
+                pass
+            writer.write(partial)
+            stalled.append(writer)
+        await settle(lambda: guard.open == 2)
+        await settle(lambda: guard.open == 0, 5)
+        assert guard.open == 0
+        await settle(lambda: sessions_waiting() == 0, 5)
+        assert sessions_waiting() == 0
+        for writer in stalled:
+            writer.close()

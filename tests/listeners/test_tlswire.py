@@ -71,6 +71,20 @@ def test_a_hello_without_sni_or_alpn() -> None:
     assert hello.ja4[8:10] == "00"
 
 
+def test_a_server_name_longer_than_any_dns_name_is_not_kept() -> None:
+    def with_name(name: bytes) -> ClientHello | None:
+        entry = b"\x00" + len(name).to_bytes(2, "big") + name
+        listed = len(entry).to_bytes(2, "big") + entry
+        return client_hello(built_hello([0x1301], [(0, listed)]))
+
+    fits = with_name(b"a" * 240 + b".example.test")
+    assert fits is not None
+    assert fits.sni == "a" * 240 + ".example.test"
+    too_long = with_name(b"\x01" * 4000 + b".example.test")
+    assert too_long is not None
+    assert too_long.sni == ""
+
+
 def test_ja4_matches_a_published_fingerprint() -> None:
     """Chrome's hello as browserleaks publishes it (ja4_ro, in wire order) and its JA4."""
     ciphers = [0x1301, 0x1302, 0x1303, 0xC02B, 0xC02F, 0xC02C, 0xC030, 0xCCA9, 0xCCA8]
