@@ -355,8 +355,14 @@ def drop_ledger_guards(connection: Any) -> None:
         connection.exec_driver_sql("DROP TRIGGER ledger_no_delete")
 
 
-def node_config(tmp_path: Path, alert_url: str, alerts_extra: str = "", extra: str = "") -> Path:
-    """A node config on 127.0.0.1 with every port 0 and SQLite in `tmp_path`.
+def node_config(
+    tmp_path: Path,
+    alert_url: str,
+    alerts_extra: str = "",
+    extra: str = "",
+    store_url: str | None = None,
+) -> Path:
+    """A node config on 127.0.0.1 with every port 0 and SQLite in `tmp_path` (or `store_url`).
 
     `alerts_extra` continues the `[alerts]` table; `extra` adds tables after it.
     """
@@ -366,7 +372,7 @@ def node_config(tmp_path: Path, alert_url: str, alerts_extra: str = "", extra: s
 [node]
 name = "n1"
 [store]
-url = "sqlite:///{tmp_path / "oobwatch.db"}"
+url = "{store_url or f"sqlite:///{tmp_path / 'oobwatch.db'}"}"
 [dns]
 zone = "canary.example.test"
 port = 0

@@ -30,13 +30,13 @@ async def verifying_client(port: int, name: str, source: str = "127.0.0.1") -> s
 
 
 async def test_a_client_that_refuses_our_certificate_has_left_its_hit(
-    sqlite_engine: Engine,
+    engine: Engine,
 ) -> None:
-    canary = plant_canary(sqlite_engine)
-    async with run_tls(sqlite_engine) as node:
+    canary = plant_canary(engine)
+    async with run_tls(engine) as node:
         assert await verifying_client(node.port, f"api.{canary.value}") == "refused"
-        await settle(lambda: len(hits(sqlite_engine, "evidence")) == 1)
-    [hit] = hits(sqlite_engine)
+        await settle(lambda: len(hits(engine, "evidence")) == 1)
+    [hit] = hits(engine)
     assert hit.canary_id == canary.id
     assert hit.protocol == "tls"
     assert hit.evidence["sni"] == f"api.{canary.value}"
@@ -44,7 +44,7 @@ async def test_a_client_that_refuses_our_certificate_has_left_its_hit(
     assert hit.evidence["left_labels"] == ["api"]
     assert hit.evidence["ja4"].startswith("t13d")
     assert "13" in hit.evidence["versions"]
-    [ended] = hits(sqlite_engine, "evidence")
+    [ended] = hits(engine, "evidence")
     assert ended.evidence["handshake"] in ("rejected", "reset")
 
 
@@ -72,20 +72,20 @@ async def test_a_client_that_refuses_our_certificate_has_left_its_hit(
     ids=["openssl", "curl"],
 )
 async def test_real_clients_complete_the_handshake_and_are_recorded(
-    sqlite_engine: Engine, client: object
+    engine: Engine, client: object
 ) -> None:
-    canary = plant_canary(sqlite_engine)
-    async with run_tls(sqlite_engine) as node:
+    canary = plant_canary(engine)
+    async with run_tls(engine) as node:
         port = node.port
         argv = client(port, canary.value)  # type: ignore[operator]
         await asyncio.to_thread(
             subprocess.run, argv, input=b"", capture_output=True, timeout=20, check=False
         )
-        await settle(lambda: len(hits(sqlite_engine, "evidence")) == 1)
-    [hit, *requests] = hits(sqlite_engine)
+        await settle(lambda: len(hits(engine, "evidence")) == 1)
+    [hit, *requests] = hits(engine)
     assert hit.protocol == "tls"
     assert hit.evidence["sni"] == canary.value
-    [ended] = hits(sqlite_engine, "evidence")
+    [ended] = hits(engine, "evidence")
     assert ended.evidence["handshake"] == "completed"
     # curl goes on to ask for the page: its request, decrypted, is a hit of its own.
     assert [(r.protocol, r.evidence["host"]) for r in requests] == (
@@ -93,9 +93,9 @@ async def test_real_clients_complete_the_handshake_and_are_recorded(
     )
 
 
-async def test_junk_and_missing_sni_are_counted_not_stored(sqlite_engine: Engine) -> None:
-    plant_canary(sqlite_engine)
-    async with run_tls(sqlite_engine) as node:
+async def test_junk_and_missing_sni_are_counted_not_stored(engine: Engine) -> None:
+    plant_canary(engine)
+    async with run_tls(engine) as node:
         for name in (f"www.{ZONE}", "example.org", f"{'a' * 26}.{ZONE}"):
             assert await verifying_client(node.port, name) == "refused"
         context = ssl.create_default_context()
@@ -105,14 +105,14 @@ async def test_junk_and_missing_sni_are_counted_not_stored(sqlite_engine: Engine
         writer.close()
         await settle(lambda: node.context.counters.received == 4)
         assert node.context.counters.junk == 3
-    assert hits(sqlite_engine) == []
+    assert hits(engine) == []
 
 
 async def test_bytes_that_are_not_a_hello_and_stalled_hellos_are_dropped(
-    sqlite_engine: Engine,
+    engine: Engine,
 ) -> None:
-    canary = plant_canary(sqlite_engine)
-    async with run_tls(sqlite_engine, timeout=0.5, max_connections_per_source=8) as node:
+    canary = plant_canary(engine)
+    async with run_tls(engine, timeout=0.5, max_connections_per_source=8) as node:
         reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         # Closed with the request unread: a reset is a close too.
@@ -134,7 +134,7 @@ async def test_bytes_that_are_not_a_hello_and_stalled_hellos_are_dropped(
         assert node.context.counters.malformed == 1
         for raw in stalled:
             raw.close()
-    [hit] = hits(sqlite_engine)
+    [hit] = hits(engine)
     assert hit.source == OTHER_SOURCE
 
 
@@ -147,27 +147,27 @@ def real_hello(name: str) -> bytes:
     return outgoing.read()
 
 
-async def test_a_hello_then_silence_is_a_handshake_timeout(sqlite_engine: Engine) -> None:
-    canary = plant_canary(sqlite_engine)
-    async with run_tls(sqlite_engine, timeout=0.5) as node:
+async def test_a_hello_then_silence_is_a_handshake_timeout(engine: Engine) -> None:
+    canary = plant_canary(engine)
+    async with run_tls(engine, timeout=0.5) as node:
         raw = socket.create_connection(("127.0.0.1", node.port))
         raw.sendall(real_hello(canary.value))
-        await settle(lambda: len(hits(sqlite_engine, "evidence")) == 1)
+        await settle(lambda: len(hits(engine, "evidence")) == 1)
         raw.close()
         guard = node.context.connections
         assert guard is not None
         assert guard.timeouts["handshake"] == 1
-    [hit] = hits(sqlite_engine)
+    [hit] = hits(engine)
     assert hit.evidence["sni"] == canary.value
-    [ended] = hits(sqlite_engine, "evidence")
+    [ended] = hits(engine, "evidence")
     assert ended.evidence["handshake"] == "timeout"
 
 
-async def test_evicted_sessions_end_so_the_caps_bound_descriptors(sqlite_engine: Engine) -> None:
+async def test_evicted_sessions_end_so_the_caps_bound_descriptors(engine: Engine) -> None:
     """Partial hellos from many sources: each eviction must end its session, not just its slot."""
-    canary = plant_canary(sqlite_engine)
+    canary = plant_canary(engine)
     options = {"max_connections": 16, "max_connections_per_source": 4, "eviction_grace": 0}
-    async with run_tls(sqlite_engine, timeout=5, **options) as node:
+    async with run_tls(engine, timeout=5, **options) as node:
         opened = []
         most = 0
         for number in range(200):
@@ -183,12 +183,12 @@ async def test_evicted_sessions_end_so_the_caps_bound_descriptors(sqlite_engine:
         assert await verifying_client(node.port, canary.value, OTHER_SOURCE) == "refused"
         for raw in opened:
             raw.close()
-    assert [hit.source for hit in hits(sqlite_engine)] == [OTHER_SOURCE]
+    assert [hit.source for hit in hits(engine)] == [OTHER_SOURCE]
 
 
-async def test_a_hello_in_many_tiny_records_is_refused(sqlite_engine: Engine) -> None:
-    plant_canary(sqlite_engine)
-    async with run_tls(sqlite_engine) as node:
+async def test_a_hello_in_many_tiny_records_is_refused(engine: Engine) -> None:
+    plant_canary(engine)
+    async with run_tls(engine) as node:
         handshake = real_hello("x.canary.example.test")[5:]
         tiny = b"".join(b"\x16\x03\x01\x00\x01" + handshake[i : i + 1] for i in range(100))
         reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
@@ -204,11 +204,11 @@ def trusting() -> ssl.SSLContext:
     return ssl.create_default_context(cadata=pem[pem.index(b"-----BEGIN CERTIFICATE") :].decode())
 
 
-async def test_a_request_inside_tls_is_matched_as_plaintext_http_is(sqlite_engine: Engine) -> None:
-    named = plant_canary(sqlite_engine)
-    secret = plant_canary(sqlite_engine, "credential", fmt="netrc")
-    in_body = plant_canary(sqlite_engine)
-    async with run_tls(sqlite_engine) as node:
+async def test_a_request_inside_tls_is_matched_as_plaintext_http_is(engine: Engine) -> None:
+    named = plant_canary(engine)
+    secret = plant_canary(engine, "credential", fmt="netrc")
+    in_body = plant_canary(engine)
+    async with run_tls(engine) as node:
         host = named.value
         async with httpx.AsyncClient(verify=trusting()) as client:
             with resolving(host):
@@ -219,8 +219,8 @@ async def test_a_request_inside_tls_is_matched_as_plaintext_http_is(sqlite_engin
                 )
         assert reply.status_code == 200
         assert reply.http_version == "HTTP/1.1"
-        await settle(lambda: len(hits(sqlite_engine)) == 4)
-    tls, *https = hits(sqlite_engine)
+        await settle(lambda: len(hits(engine)) == 4)
+    tls, *https = hits(engine)
     assert (tls.protocol, tls.canary_id) == ("tls", named.id)
     assert all(hit.protocol == "https" for hit in https)
     by_canary = {hit.canary_id: hit for hit in https}
@@ -233,11 +233,11 @@ async def test_a_request_inside_tls_is_matched_as_plaintext_http_is(sqlite_engin
 
 
 async def test_a_silent_client_after_the_handshake_is_cut_off_and_can_be_evicted(
-    sqlite_engine: Engine,
+    engine: Engine,
 ) -> None:
-    canary = plant_canary(sqlite_engine)
+    canary = plant_canary(engine)
     options = {"max_connections": 4, "max_connections_per_source": 2, "eviction_grace": 0}
-    async with run_tls(sqlite_engine, timeout=1.0, **options) as node:
+    async with run_tls(engine, timeout=1.0, **options) as node:
         guard = node.context.connections
         assert guard is not None
         # Handshakes completed, then nothing: the connections are held to the h11 bounds.
@@ -259,4 +259,4 @@ async def test_a_silent_client_after_the_handshake_is_cut_off_and_can_be_evicted
         assert guard.timeouts["head"] >= 1
         for writer in silent:
             writer.close()
-    assert [hit.protocol for hit in hits(sqlite_engine)] == ["tls"]
+    assert [hit.protocol for hit in hits(engine)] == ["tls"]

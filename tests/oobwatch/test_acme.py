@@ -20,7 +20,7 @@ from oobwatch.operations import LocalOperations
 from oobwatch.serve import Node, start
 from oobwatch.views import MintRequest
 from store import acme
-from store.engine import open_store
+from store.engine import migrate, open_store
 from store.schema import acme_orders
 from support import Receiver, hits, node_config, settle
 
@@ -43,13 +43,15 @@ def free_port() -> int:
     raise AssertionError("no free port")
 
 
-def acme_config(tmp_path: Path, receiver: Receiver, pebble: Pebble, dns_port: int) -> Config:
+def acme_config(
+    tmp_path: Path, receiver: Receiver, pebble: Pebble, dns_port: int, store_url: str | None = None
+) -> Config:
     extra = (
         "[https]\nenabled = true\nport = 0\n[heartbeat]\nenabled = false\n"
         f"[tls]\nacme_directory = '{pebble.directory}'\n"
         f"acme_ca_bundle = '{pebble.ca_bundle}'\nacme_email = 'security@example.test'\n"
     )
-    path = node_config(tmp_path, receiver.url(), extra=extra)
+    path = node_config(tmp_path, receiver.url(), extra=extra, store_url=store_url)
     path.write_text(
         path.read_text().replace(
             f'zone = "{ZONE}"\nport = 0', f'zone = "{ZONE}"\nport = {dns_port}'
@@ -88,11 +90,11 @@ async def curl(root: Path, name: str, port: int) -> subprocess.CompletedProcess[
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 async def test_a_wildcard_order_is_proved_by_our_own_dns_and_served(
-    tmp_path: Path, receiver: Receiver
+    tmp_path: Path, receiver: Receiver, store_url: str
 ) -> None:
     dns_port = free_port()
     with run_pebble(("127.0.0.1", dns_port), tmp_path) as pebble:
-        config = acme_config(tmp_path, receiver, pebble, dns_port)
+        config = acme_config(tmp_path, receiver, pebble, dns_port, store_url)
         node = await start(config)
         try:
             # The self-signed certificate first: ClientHellos are caught from the first start.
@@ -189,12 +191,13 @@ def near_expiry(zone: str, days_left: float) -> bytes:
 
 
 async def test_a_stored_certificate_near_expiry_is_renewed(
-    tmp_path: Path, receiver: Receiver
+    tmp_path: Path, receiver: Receiver, store_url: str
 ) -> None:
     dns_port = free_port()
     with run_pebble(("127.0.0.1", dns_port), tmp_path) as pebble:
-        config = acme_config(tmp_path, receiver, pebble, dns_port)
+        config = acme_config(tmp_path, receiver, pebble, dns_port, store_url)
         engine = open_store(config.store.url)
+        migrate(engine)
         acme.claim(engine, "seed", 0, 1)
         old = near_expiry(ZONE, days_left=1)
         with engine.begin() as connection:

@@ -11,7 +11,6 @@ from oobwatch.certs import RETRY_AFTER_FAILURE, CertificateKeeper, renewal_due
 from oobwatch.config import Config, load
 from store import acme
 from store.clock import now_us
-from store.engine import open_store
 from store.schema import acme_orders
 from support import node_config
 
@@ -19,19 +18,11 @@ ZONE = "canary.example.test"
 LEASE = 60_000_000
 
 
-def acme_config(tmp_path: Path, node: str = "n1") -> Config:
+def acme_config(tmp_path: Path, store_url: str, node: str = "n1") -> Config:
     extra = "[tls]\nacme_directory = 'https://127.0.0.1:9/dir'\n"
-    path = node_config(tmp_path, "json://127.0.0.1:1/", extra=extra)
+    path = node_config(tmp_path, "json://127.0.0.1:1/", extra=extra, store_url=store_url)
     path.write_text(path.read_text().replace('name = "n1"', f'name = "{node}"'))
     return load(path)
-
-
-def store(config: Config) -> Engine:
-    from store.engine import migrate
-
-    engine = open_store(config.store.url)
-    migrate(engine)
-    return engine
 
 
 def keeper(config: Config, engine: Engine) -> tuple[CertificateKeeper, Challenges]:
@@ -40,9 +31,7 @@ def keeper(config: Config, engine: Engine) -> tuple[CertificateKeeper, Challenge
     return CertificateKeeper(config, engine, current, challenges), challenges
 
 
-def test_a_failure_after_a_renewal_was_asked_waits_before_the_next_order(tmp_path: Path) -> None:
-    config = acme_config(tmp_path)
-    engine = store(config)
+def test_a_failure_after_a_renewal_was_asked_waits_before_the_next_order(engine: Engine) -> None:
     now = now_us()
     acme.ask_renewal(engine, now)
     assert renewal_due(acme.state(engine), ZONE, now) == "a renewal was asked for"
@@ -59,10 +48,11 @@ def test_a_failure_after_a_renewal_was_asked_waits_before_the_next_order(tmp_pat
     assert renewal_due(acme.state(engine), ZONE, now + 3) == "a renewal was asked for"
 
 
-def test_one_node_orders_and_its_published_answers_reach_the_other_node(tmp_path: Path) -> None:
-    one = acme_config(tmp_path, "n1")
-    other = acme_config(tmp_path, "n2")
-    engine = store(one)
+def test_one_node_orders_and_its_published_answers_reach_the_other_node(
+    tmp_path: Path, store_url: str, engine: Engine
+) -> None:
+    one = acme_config(tmp_path, store_url, "n1")
+    other = acme_config(tmp_path, store_url, "n2")
     first, first_answers = keeper(one, engine)
     second, second_answers = keeper(other, engine)
     tick = first.tick()
@@ -85,9 +75,10 @@ def test_one_node_orders_and_its_published_answers_reach_the_other_node(tmp_path
     assert acme.state(engine).holder == "n2"
 
 
-def test_a_stored_certificate_is_served_and_one_for_other_names_is_not(tmp_path: Path) -> None:
-    config = acme_config(tmp_path)
-    engine = store(config)
+def test_a_stored_certificate_is_served_and_one_for_other_names_is_not(
+    tmp_path: Path, store_url: str, engine: Engine
+) -> None:
+    config = acme_config(tmp_path, store_url)
     ours, challenges = keeper(config, engine)
     acme.claim(engine, "seed", 0, 1)
     other = self_signed("elsewhere.example")
