@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) bench/hostile.py
 	$(PY) bench/timeline.py
 	$(PY) bench/cli.py
+	$(PY) bench/tls.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage

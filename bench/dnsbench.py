@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -279,8 +279,11 @@ def probe(port: int, timeout: float) -> bool:
 
 
 @contextlib.contextmanager
-def running(server: Server) -> Iterator[subprocess.Popen[bytes]]:
-    """Start `server`, wait until it answers, and always stop it (SIGINT, then SIGKILL)."""
+def running(
+    server: Server, ready: Callable[[int, float], bool] = probe
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start `server`, wait until `ready` (a DNS answer by default), and always stop it
+    (SIGINT, then SIGKILL)."""
     with server.log.open("wb") as log:
         process = subprocess.Popen(
             server.argv,
@@ -293,7 +296,7 @@ def running(server: Server) -> Iterator[subprocess.Popen[bytes]]:
         )
         try:
             deadline = time.monotonic() + READY_SECONDS
-            while not probe(server.port, 0.2):
+            while not ready(server.port, 0.2):
                 if process.poll() is not None:
                     raise RuntimeError(
                         f"{server.name} exited with {process.returncode}: {tail(server.log)}"
