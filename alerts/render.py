@@ -40,6 +40,7 @@ _VERBS = {
     "dns": "DNS lookup of",
     "smtp": "Mail to",
     "http": "HTTP request for",
+    "https": "HTTPS request for",
     "tls": "TLS connection to",
 }
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|>~<])")

@@ -18,7 +18,7 @@ import click
 from pydantic import ValidationError
 
 from canaries.kinds import CREDENTIAL_FORMATS
-from canaries.model import KINDS, SEVERITIES
+from canaries.model import KINDS, PROTOCOLS, SEVERITIES
 from oobwatch import logs
 from oobwatch.config import DEFAULT_CONFIG, Config, ConfigError, find, load
 from oobwatch.operations import Invalid, NotFound, Operations, RemoteFailed
@@ -334,7 +334,7 @@ def list_command(
 @click.option("--canary", default=None)
 @click.option("--since", help="ISO 8601; inclusive.")
 @click.option("--until", help="ISO 8601; exclusive.")
-@click.option("--protocol", type=click.Choice(["dns", "smtp", "http"]), default=None)
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default=None)
 @click.option("--source", help="Only hits from this network (CIDR).")
 @click.option(
     "--kind", type=click.Choice(KINDS), default=None, help="Only events of this canary kind."

@@ -39,6 +39,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from alerts.policy import DEFAULT_ROUTE, IgnoreRule, Match, Policy, Route, Sink
+from canaries.model import Protocol
 from listeners import certificates
 from listeners.base import Port
 from listeners.burst import BurstOptions
@@ -172,7 +173,7 @@ class AlertsConfig(Section):
 class IgnoreConfig(Section):
     reason: str = Field(min_length=1)
     cidr: IPvAnyNetwork | None = None
-    protocol: Literal["dns", "smtp", "http"] | None = None
+    protocol: Protocol | None = None
     user_agent: str | None = None
     expires: datetime | date | None = None
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from canaries.kinds import CredentialFormat
-from canaries.model import HEARTBEAT_SANDBOX, Canary, Kind, Severity
+from canaries.model import HEARTBEAT_SANDBOX, Canary, Kind, Protocol, Severity
 from store import bursts
 from store.clock import from_iso, to_iso
 from store.ledger import Entry, Verdict
@@ -23,7 +23,6 @@ from store.tokens import Token
 
 Scope = Literal["read", "mint", "ack", "admin"]
 SCOPES: tuple[str, ...] = get_args(Scope)
-Protocol = Literal["dns", "smtp", "http"]
 
 # Stored, hashed and printed: no control characters (PostgreSQL refuses NUL), not blank.
 _CHAR = r"[^\x00-\x1f\x7f]"
@@ -404,9 +403,11 @@ def detail(event: EventView) -> str:
         return f"SNI {data.get('sni', '')} ALPN {','.join(data.get('alpn', []))} JA4 {data.get('ja4', '')}"
     if kind == "evidence" and protocol == "tls":
         return f"TLS handshake {data.get('handshake', '')}"
-    if kind == "hit" and protocol == "http":
+    if kind == "hit" and protocol in ("http", "https"):
         found_in = ", ".join(data.get("found_in", []))
         return f"{data.get('method', '')} {data.get('target', '')} (in {found_in})"
+    if kind == "evidence" and protocol in ("http", "https"):
+        return f"body {data.get('body_size', 0)} bytes sha256 {data.get('body_sha256', '')[:16]}"
     if kind == "evidence":
         return f"mail {data.get('subject', '')!r}, {data.get('size', 0)} bytes"
     if kind in ("alert_sent", "alert_failed"):

@@ -144,3 +144,48 @@ def test_tls_status_says_the_source_and_renew_says_what_it_cannot_do(tmp_path: P
     renew = CliRunner().invoke(main, ["--config", str(path), "tls", "renew"])
     assert renew.exit_code != 0
     assert "only an ACME one is renewed" in renew.output
+
+
+async def test_the_timeline_shows_the_client_hello_and_the_request_inside_tls(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    path = node_config(tmp_path, receiver.url(), extra=HTTPS)
+    config = load(path)
+    node = await start(config)
+    try:
+        canary = LocalOperations(config, node.engine).mint(MintRequest(kind="dns", sandbox="sbx-t"))
+        await asyncio.to_thread(node.index.refresh)
+        port = node.listeners["https"].addresses[0][1]
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.set_alpn_protocols(["http/1.1"])
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=context, server_hostname=canary.value
+        )
+        writer.write(f"GET /v1/models HTTP/1.1\r\nHost: {canary.value}\r\n\r\n".encode())
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        writer.close()
+        await asyncio.to_thread(receiver.wait_for, 1)
+    finally:
+        await node.stop()
+    shown = CliRunner().invoke(
+        main, ["--config", str(path), "timeline", "--sandbox", "sbx-t", "--format", "json"]
+    )
+    assert shown.exit_code == 0, shown.output
+    events = json.loads(shown.output)
+    [hello] = [e for e in events if e["type"] == "hit" and e["protocol"] == "tls"]
+    assert hello["sni"] == canary.value
+    assert hello["alpn"] == ["http/1.1"]
+    assert hello["ja4"].startswith("t13d")
+    assert hello["handshake"] == "started"
+    [ended] = [e for e in events if e["type"] == "evidence" and e["protocol"] == "tls"]
+    assert ended["handshake"] == "completed"
+    [request] = [e for e in events if e["type"] == "hit" and e["protocol"] == "https"]
+    assert request["target"] == "/v1/models"
+    text = CliRunner().invoke(
+        main, ["--config", str(path), "timeline", "--sandbox", "sbx-t", "--protocol", "https"]
+    )
+    assert text.exit_code == 0, text.output
+    assert "GET /v1/models (in host)" in text.output
+    assert "SNI" not in text.output
