@@ -17,6 +17,11 @@ no retry. Shapes:
   reopened when closed; the real hits go over HTTP (Host `<token>.<zone>`);
 - 3,000 short-lived DNS-over-TCP connections: a frame shorter than a DNS
   header, then close; the real hits go over DNS/TCP;
+- a TLS handshake flood: 4 clients doing full handshakes (junk SNI) back to back
+  against `[https]`, while the real hits go over DNS: the handshakes' crypto
+  runs on the same loop as every listener;
+- 1,000 stalled TLS hellos: each sends the first 20 bytes of a ClientHello and
+  stops; the real hits are handshakes naming their canary (SNI);
 - unauthenticated large API bodies: 8 clients at a time POST bodies
   declared as 200 MB with no token;
 - a leaked token at 5k/s and at max rate: dnsperf, `<random12>.<token>.<zone>`
@@ -42,6 +47,7 @@ import queue
 import random
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -87,6 +93,11 @@ class Ports:
     dns: int
     http: int
     api: int
+    https: int
+
+    def of(self, protocol: str) -> int:
+        """Where the real hits of a row over `protocol` go."""
+        return {"http": self.http, "tls": self.https}.get(protocol, self.dns)
 
 
 @dataclass
@@ -133,6 +144,10 @@ enabled = false
 
 [http]
 port = {ports.http}
+
+[https]
+enabled = true
+port = {ports.https}
 
 [api]
 port = {ports.api}
@@ -187,7 +202,7 @@ def serving(source: Path, config: Path, log: Path) -> Iterator[subprocess.Popen[
             threading.Thread(target=drain, daemon=True).start()
             listening: set[str] = set()
             deadline = time.monotonic() + READY_SECONDS
-            while listening != {"dns", "http", "api"}:
+            while listening != {"dns", "http", "https", "api"}:
                 try:
                     line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
                 except queue.Empty:
@@ -337,6 +352,53 @@ def short_tcp_dns(port: int, total: int, seconds: float) -> Callable[[threading.
     return work
 
 
+def _trusting_nothing() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def tls_handshakes(port: int) -> Callable[[threading.Event], None]:
+    """Full handshakes, one after another, naming no canary: crypto on the server's loop."""
+
+    def work(done: threading.Event) -> None:
+        context = _trusting_nothing()
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                raw = socket.create_connection(("127.0.0.1", port), timeout=2)
+                context.wrap_socket(raw, server_hostname=f"www.{ZONE}").close()
+
+    return work
+
+
+def stalled_tls(port: int, connections: int) -> Callable[[threading.Event], None]:
+    """`connections` ClientHellos cut off after their first 20 bytes, reopened when closed."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = _trusting_nothing().wrap_bio(incoming, outgoing, server_hostname=f"www.{ZONE}")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.do_handshake()
+    partial = outgoing.read()[:20]
+
+    def work(done: threading.Event) -> None:
+        held: list[socket.socket] = []
+        while not done.is_set():
+            while len(held) < connections and not done.is_set():
+                try:
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+                    sock.sendall(partial)
+                    sock.setblocking(False)
+                    held.append(sock)
+                except OSError:
+                    time.sleep(0.05)
+            held = [sock for sock in held if still_stalled(sock)]
+            done.wait(0.2)
+        for sock in held:
+            sock.close()
+
+    return work
+
+
 def big_api_bodies(port: int) -> Callable[[threading.Event], None]:
     head = (
         b"POST /canaries HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -397,6 +459,18 @@ def hit_http(port: int, _qid: int, name: str) -> bool:
         return False
 
 
+def hit_tls(port: int, _qid: int, name: str) -> bool:
+    """A handshake naming the canary: it completes only once its hit is committed."""
+    try:
+        raw = socket.create_connection(
+            ("127.0.0.1", port), timeout=HIT_TIMEOUT_SECONDS, source_address=(OTHER_SOURCE, 0)
+        )
+        _trusting_nothing().wrap_socket(raw, server_hostname=name).close()
+    except OSError:
+        return False
+    return True
+
+
 # --- rows ----------------------------------------------------------------------------------
 
 
@@ -438,6 +512,14 @@ def shapes(
             "dns/tcp",
             lambda: in_threads(short_tcp_dns(ports.dns, 3_000, seconds)),
         ),
+        "TLS handshake flood": (
+            "dns/udp",
+            lambda: in_threads(tls_handshakes(ports.https), count=4),
+        ),
+        "1,000 stalled TLS hellos": (
+            "tls",
+            lambda: in_threads(stalled_tls(ports.https, 1_000)),
+        ),
         "unauthenticated large API bodies": (
             "dns/udp",
             lambda: in_threads(big_api_bodies(ports.api), count=8),
@@ -466,7 +548,7 @@ def leaked_name(rng: random.Random, name: str) -> str:
     return f"{rng.randbytes(6).hex()}.{name}"
 
 
-SENDERS = {"dns/udp": hit_udp, "dns/tcp": hit_tcp, "http": hit_http}
+SENDERS = {"dns/udp": hit_udp, "dns/tcp": hit_tcp, "http": hit_http, "tls": hit_tls}
 
 
 def run_row(
@@ -542,6 +624,16 @@ def cells(row: Row) -> list[str]:
     ]
 
 
+def distinct_ports(count: int) -> list[int]:
+    """`count` free ports, no two the same (each was free when asked, not necessarily apart)."""
+    found: list[int] = []
+    while len(found) < count:
+        port = free_port()
+        if port not in found:
+            found.append(port)
+    return found
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="each row's measured time")
@@ -556,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hits_per_row = max(1, int(args.seconds))
     with tempfile.TemporaryDirectory(prefix="oobwatch-hostile-") as scratch:
         work = Path(scratch)
-        ports = Ports(free_port(), free_port(), free_port())
+        ports = Ports(*distinct_ports(4))
         rows: list[Row] = []
         expected: set[str] = set()
         with Receiver(expected) as receiver:
@@ -578,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if name in leaked:
                         row.leaked = leaked[name][0]
                     first = 1 + number * hits_per_row
-                    port = ports.http if protocol == "http" else ports.dns
+                    port = ports.of(protocol)
                     run_row(
                         row,
                         flood,
