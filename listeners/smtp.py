@@ -293,10 +293,14 @@ class GuardedSMTP(SMTP):
         self.connection_lost(None)
 
     async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            # aiosmtpd would start TLS inside TLS, a handshake's cost each time, for ever.
+            await self.push("503 5.5.1 TLS already active")
+            return
         await super().smtp_STARTTLS(arg)
         if self._tls_protocol is not None and self.session is not None and self.session.ssl is None:
-            # The handshake ended without completing (closed for a timeout, or cut off).
-            self._guard.timeouts["starttls"] += 1
+            # The handshake ended without completing: closed for the idle timeout (counted
+            # there) or cut off.
             self._end()
 
     def _timeout_cb(self) -> None:

@@ -19,6 +19,7 @@ from josepy import jwk
 
 USER_AGENT = "oobwatch"
 ORDER_SECONDS = 180
+REQUEST_SECONDS = 30
 
 
 class OrderFailed(Exception):
@@ -55,7 +56,9 @@ def order(
     key = jwk.JWKRSA(key=loaded)
     # requests takes a CA bundle's path where acme's type says a bool.
     verify: bool = str(ca_bundle) if ca_bundle else True  # type: ignore[assignment]
-    network = client.ClientNetwork(key, user_agent=USER_AGENT, verify_ssl=verify)
+    network = client.ClientNetwork(
+        key, user_agent=USER_AGENT, verify_ssl=verify, timeout=REQUEST_SECONDS
+    )
     try:
         acme = client.ClientV2(client.ClientV2.get_directory(directory, network), network)
         _register(acme, email)

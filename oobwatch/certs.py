@@ -34,9 +34,9 @@ TICK_SECONDS = 1.0
 RENEW_WAIT_SECONDS = 300.0
 RENEW_BEFORE = datetime.timedelta(days=30)
 RETRY_AFTER_FAILURE = datetime.timedelta(minutes=15)
-# Longer than an order may take (acme_client.ORDER_SECONDS and its requests' timeouts); a
-# node that dies holding it blocks the others no longer than this.
-ORDER_LEASE = datetime.timedelta(minutes=5)
+# Extended every tick while the order runs; a node that dies holding it blocks the others
+# no longer than this.
+ORDER_LEASE = datetime.timedelta(minutes=2)
 # Other nodes load the DNS-01 answers at their next tick: two, before the CA is told to look.
 SETTLE_SECONDS = 2 * TICK_SECONDS
 _US = 1_000_000
@@ -133,18 +133,17 @@ class CertificateKeeper:
         tls = config.tls
         self._files = (tls.cert, tls.key) if tls.cert and tls.key else None
         self._seen = _stamps(*self._files) if self._files else ()
-        # This node's order is running: its lease and published answers are not to be touched.
-        self._ordering = False
 
     def serving(self, served: Served) -> None:
         """The node now serves `served`."""
         self._current = served
 
-    def tick(self) -> Tick:
+    def tick(self, ordering: bool = False) -> Tick:
+        """`ordering`: an order of this node's runs now (its lease is extended, nothing else)."""
         if self._files is not None:
             return Tick(serve=self._reread())
         if self._config.tls.acme_directory is not None:
-            return self._acme(now_us())
+            return self._acme(now_us(), ordering)
         return Tick()
 
     def _reread(self) -> Served | None:
@@ -163,13 +162,16 @@ class CertificateKeeper:
         log.info("tls: serving the certificate from the changed files")
         return fresh
 
-    def _acme(self, now: int) -> Tick:
+    def _acme(self, now: int, ordering: bool) -> Tick:
         zone = self._config.dns.zone
         node = self._config.node.name
-        state = acme.state(self._engine)
-        if self._ordering:
-            # It sets its own answers, before the store has them, and holds the lease.
+        lease = ORDER_LEASE // _one_us()
+        if ordering:
+            # It sets its own answers, before the store has them; it keeps its lease while
+            # it runs, however slow the CA (a node that dies lets it lapse).
+            acme.extend(self._engine, node, now + lease)
             return Tick()
+        state = acme.state(self._engine)
         self._challenges.values = state.pending(now)
         if (
             state.pem is not None
@@ -179,19 +181,12 @@ class CertificateKeeper:
             log.info("tls: serving the ACME certificate from the store")
             return Tick(serve=Served(state.pem, "acme"))
         why = renewal_due(state, zone, now)
-        if why is None or not acme.claim(self._engine, node, now, ORDER_LEASE // _one_us()):
+        if why is None or not acme.claim(self._engine, node, now, lease):
             return Tick()
-        self._ordering = True
         return Tick(order=why)
 
     def order(self, why: str) -> Served | None:
         """Order the certificate this node claimed; what to serve, or None when it failed."""
-        try:
-            return self._order(why)
-        finally:
-            self._ordering = False
-
-    def _order(self, why: str) -> Served | None:
         node = self._config.node.name
         from oobwatch.acme_client import OrderFailed, account_key, order
 

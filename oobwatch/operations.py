@@ -322,7 +322,7 @@ class LocalOperations:
             _RENEWING.release()
         raise Invalid(
             f"no node ordered within {certs.RENEW_WAIT_SECONDS:.0f} s: is one serving with "
-            "tls.acme_directory on this store? The renewal stays asked for."
+            "tls.acme_directory on this store? The renewal stays asked for until one does."
         )
 
     def anchor(self) -> HeadView:

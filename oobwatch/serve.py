@@ -82,7 +82,7 @@ async def in_daemon_thread(work: Callable[[], T]) -> T:
     def run() -> None:
         try:
             result, error = work(), None
-        except Exception as failure:
+        except BaseException as failure:  # whatever ends the work, its waiter hears of it
             result, error = None, failure
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
             loop.call_soon_threadsafe(settle, result, error)
@@ -118,7 +118,9 @@ class Node:
     # What TLS listeners serve, and what keeps it current; None when none of them runs.
     certificate: NodeCertificate | None = None
     keeper: CertificateKeeper | None = None
+    # This node's ACME order, while it runs.
     ordering: "asyncio.Task[None] | None" = None
+    stopping: bool = False
     listeners: dict[str, Listener] = field(default_factory=dict)
     contexts: dict[str, Context] = field(default_factory=dict)
 
@@ -126,10 +128,10 @@ class Node:
         """Serve a changed or renewed certificate; start an order this node claimed."""
         assert self.keeper is not None
         keeper = self.keeper
-        tick = await asyncio.to_thread(keeper.tick)
+        tick = await asyncio.to_thread(keeper.tick, self.ordering is not None)
         if tick.serve is not None:
             self.serve_certificate(tick.serve)
-        if tick.order is not None:
+        if tick.order is not None and not self.stopping:
             why = tick.order
 
             async def ordering() -> None:
@@ -153,6 +155,7 @@ class Node:
         self.keeper.serving(fresh)
 
     async def stop(self) -> None:
+        self.stopping = True
         if self.ordering is not None:
             self.ordering.cancel()
         if self.api is not None:

@@ -77,6 +77,16 @@ def claim(engine: Engine, node: str, now: int, lease_us: int) -> bool:
     return taken.rowcount == 1
 
 
+def extend(engine: Engine, node: str, until: int) -> None:
+    """`node` still orders: its lease runs until `until` (its answers stay as published)."""
+    with engine.begin() as connection:
+        connection.execute(
+            update(acme_orders)
+            .where(acme_orders.c.name == _ROW, acme_orders.c.holder == node)
+            .values(held_until_us=until)
+        )
+
+
 def publish(engine: Engine, node: str, values: list[str]) -> None:
     """The DNS-01 answers of `node`'s order, for every node to serve while it holds it."""
     with engine.begin() as connection:

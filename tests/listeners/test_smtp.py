@@ -476,3 +476,18 @@ async def test_a_starttls_that_never_completes_ends_its_session_and_frees_its_sl
         assert sessions_waiting() == 0
         for writer in stalled:
             writer.close()
+
+
+async def test_starttls_inside_tls_is_refused(sqlite_engine: Engine) -> None:
+    async with run_smtp(sqlite_engine) as node:
+
+        def twice() -> tuple[int, bytes]:
+            with ByName(f"mail.{ZONE}", node.port, timeout=10) as client:
+                client.ehlo("x")
+                client.starttls(context=trusting())
+                client.ehlo("x")
+                return client.docmd("STARTTLS")
+
+        code, reply = await blocking(twice)
+    assert code == 503
+    assert b"TLS already active" in reply

@@ -60,9 +60,14 @@ def test_one_node_orders_and_its_published_answers_reach_the_other_node(
     # The other node sees the lease and does not order too.
     assert second.tick().order is None
     acme.publish(engine, "n1", ["answer-a", "answer-b"])
-    # While its order runs, the holder's ticks touch neither its lease nor its answers...
-    assert first.tick().order is None
-    assert acme.state(engine).challenges == ("answer-a", "answer-b")
+    # While its order runs, the holder's ticks keep its lease and leave its answers alone...
+    held = acme.state(engine).held_until_us
+    assert held is not None
+    assert first.tick(ordering=True).order is None
+    state = acme.state(engine)
+    assert state.challenges == ("answer-a", "answer-b")
+    assert state.held_until_us is not None
+    assert state.held_until_us >= held
     # ...and the other node serves them from the store.
     second.tick()
     assert second_answers.values == ("answer-a", "answer-b")
