@@ -94,8 +94,11 @@ class Row:
 
 
 def accepting(port: int, timeout: float) -> bool:
+    """A TLS handshake completes: a server is up (a bare connect could meet another listener,
+    or the kernel's simultaneous open of a port in the ephemeral range with itself)."""
     try:
-        socket.create_connection(("127.0.0.1", port), timeout).close()
+        raw = socket.create_connection(("127.0.0.1", port), timeout)
+        _client_context().wrap_socket(raw, server_hostname=f"ready.{ZONE}").close()
     except OSError:
         return False
     return True
