@@ -230,11 +230,11 @@ def served_ca() -> str:
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 async def test_git_over_https_verifies_our_certificate_and_sends_the_planted_secret(
-    sqlite_engine: Engine, tmp_path: Path
+    engine: Engine, tmp_path: Path
 ) -> None:
-    async with run_tls(sqlite_engine) as node:
+    async with run_tls(engine) as node:
         web = Web(https_port=node.port, ca_pem=served_ca())
-        canary = plant_canary(sqlite_engine, "credential", fmt="git-credentials", web=web)
+        canary = plant_canary(engine, "credential", fmt="git-credentials", web=web)
         planted = urlsplit(canary.value.strip())
         host = planted.hostname or ""
         # The planted file as it is: git's store matches it on scheme, host and port.
@@ -252,7 +252,7 @@ async def test_git_over_https_verifies_our_certificate_and_sends_the_planted_sec
             f"https://{host}:{node.port}/platform/infra.git",
             env={"HOME": str(tmp_path), "GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/bin:/bin"},
         )
-    recorded = hits(sqlite_engine)
+    recorded = hits(engine)
     assert {entry.canary_id for entry in recorded} == {canary.id}, output
     assert recorded[0].protocol == "tls"
     https = [entry for entry in recorded if entry.protocol == "https"]
@@ -263,11 +263,11 @@ async def test_git_over_https_verifies_our_certificate_and_sends_the_planted_sec
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 async def test_kubectl_trusts_the_planted_ca_and_sends_its_bearer_token(
-    sqlite_engine: Engine, tmp_path: Path
+    engine: Engine, tmp_path: Path
 ) -> None:
-    async with run_tls(sqlite_engine) as node:
+    async with run_tls(engine) as node:
         web = Web(https_port=node.port, ca_pem=served_ca())
-        canary = plant_canary(sqlite_engine, "credential", fmt="kubeconfig", web=web)
+        canary = plant_canary(engine, "credential", fmt="kubeconfig", web=web)
         config = yaml.safe_load(canary.value)
         cluster = config["clusters"][0]["cluster"]
         name = urlsplit(cluster["server"]).hostname
@@ -286,7 +286,7 @@ async def test_kubectl_trusts_the_planted_ca_and_sends_its_bearer_token(
             env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
         )
     assert "x509" not in output, output
-    recorded = hits(sqlite_engine)
+    recorded = hits(engine)
     https = [entry for entry in recorded if entry.protocol == "https"]
     assert https, output
     assert {entry.canary_id for entry in recorded} == {canary.id}

@@ -330,10 +330,10 @@ class ImplicitByName(smtplib.SMTP_SSL):
 
 
 async def test_starttls_with_the_node_certificate_records_the_name_the_client_asked_for(
-    sqlite_engine: Engine,
+    engine: Engine,
 ) -> None:
-    canary = plant_canary(sqlite_engine, "email")
-    async with run_smtp(sqlite_engine) as node:
+    canary = plant_canary(engine, "email")
+    async with run_smtp(engine) as node:
 
         def over_tls() -> None:
             with ByName(f"mail.{ZONE}", node.port, timeout=10) as client:
@@ -344,11 +344,11 @@ async def test_starttls_with_the_node_certificate_records_the_name_the_client_as
                 client.send_message(message(canary.value), "a@b.c", [canary.value])
 
         await blocking(over_tls)
-    [hit] = hits(sqlite_engine)
+    [hit] = hits(engine)
     assert hit.evidence["tls"] is True
     assert hit.evidence["sni"] == f"mail.{ZONE}"
     assert hit.evidence["tls_version"] in ("TLSv1.2", "TLSv1.3")
-    [evidence] = hits(sqlite_engine, "evidence")
+    [evidence] = hits(engine, "evidence")
     assert evidence.evidence["tls"] is True
     assert evidence.evidence["sni"] == f"mail.{ZONE}"
 
@@ -363,11 +363,11 @@ async def test_a_session_without_tls_says_so(sqlite_engine: Engine) -> None:
 
 
 async def test_implicit_tls_takes_mail_and_catches_a_canary_in_the_client_hello(
-    sqlite_engine: Engine,
+    engine: Engine,
 ) -> None:
-    recipient = plant_canary(sqlite_engine, "email")
-    named = plant_canary(sqlite_engine, "dns")
-    async with run_smtp(sqlite_engine, tls_port=0) as node:
+    recipient = plant_canary(engine, "email")
+    named = plant_canary(engine, "dns")
+    async with run_smtp(engine, tls_port=0) as node:
         plain, implicit = node.listener.addresses
         assert plain[1] != implicit[1]
 
@@ -380,12 +380,12 @@ async def test_implicit_tls_takes_mail_and_catches_a_canary_in_the_client_hello(
 
         await blocking(lambda: send_named(f"mail.{ZONE}"))
         await blocking(lambda: send_named(named.value))
-    mail_hits = [hit for hit in hits(sqlite_engine) if hit.protocol == "smtp"]
+    mail_hits = [hit for hit in hits(engine) if hit.protocol == "smtp"]
     assert [hit.canary_id for hit in mail_hits] == [recipient.id, recipient.id]
     assert [hit.evidence["sni"] for hit in mail_hits] == [f"mail.{ZONE}", named.value]
     assert all(hit.evidence["tls"] is True for hit in mail_hits)
     # The ClientHello naming a canary is a hit of its own, before any certificate is seen.
-    [tls_hit] = [hit for hit in hits(sqlite_engine) if hit.protocol == "tls"]
+    [tls_hit] = [hit for hit in hits(engine) if hit.protocol == "tls"]
     assert tls_hit.canary_id == named.id
     assert tls_hit.evidence["sni"] == named.value
 
@@ -453,11 +453,11 @@ def sessions_waiting() -> int:
 
 
 async def test_a_starttls_that_never_completes_ends_its_session_and_frees_its_slot(
-    sqlite_engine: Engine,
+    engine: Engine,
 ) -> None:
     """STARTTLS, then silence or half a ClientHello: asyncio's TLS layer never tells the session
     the connection went, so without ending it the session would wait for ever."""
-    async with run_smtp(sqlite_engine, timeout=0.5) as node:
+    async with run_smtp(engine, timeout=0.5) as node:
         guard = node.context.connections
         assert guard is not None
         stalled = []
@@ -478,8 +478,8 @@ async def test_a_starttls_that_never_completes_ends_its_session_and_frees_its_sl
             writer.close()
 
 
-async def test_starttls_inside_tls_is_refused(sqlite_engine: Engine) -> None:
-    async with run_smtp(sqlite_engine) as node:
+async def test_starttls_inside_tls_is_refused(engine: Engine) -> None:
+    async with run_smtp(engine) as node:
 
         def twice() -> tuple[int, bytes]:
             with ByName(f"mail.{ZONE}", node.port, timeout=10) as client:

@@ -15,6 +15,7 @@ from acme_server import Pebble, pebble_available, run_pebble
 from sqlalchemy import update
 
 from listeners.certificates import self_signed
+from oobwatch import certs
 from oobwatch.config import Config, load
 from oobwatch.operations import LocalOperations
 from oobwatch.serve import Node, start
@@ -219,3 +220,45 @@ async def test_a_stored_certificate_near_expiry_is_renewed(
             ) + datetime.timedelta(days=5)
         finally:
             await node.stop()
+
+
+async def test_two_nodes_on_one_store_order_once_and_serve_the_same_certificate(
+    tmp_path: Path, receiver: Receiver, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second node orders, but the CA asks only the first node's DNS: the answers reach it
+    through the store, and both serve the one certificate the order got."""
+    # Time for the first node to start and load the answers before the CA is told to look.
+    monkeypatch.setattr(certs, "SETTLE_SECONDS", 4.0)
+    dns_port = free_port()
+    with run_pebble(("127.0.0.1", dns_port), tmp_path) as pebble:
+        for folder in ("n1", "n2"):
+            (tmp_path / folder).mkdir()
+        first = acme_config(tmp_path / "n1", receiver, pebble, dns_port, store_url)
+        second_path = node_config(
+            tmp_path / "n2",
+            receiver.url(),
+            extra=(
+                "[https]\nenabled = true\nport = 0\n[heartbeat]\nenabled = false\n"
+                f"[tls]\nacme_directory = '{pebble.directory}'\n"
+                f"acme_ca_bundle = '{pebble.ca_bundle}'\n"
+            ),
+            store_url=store_url,
+        )
+        second_path.write_text(second_path.read_text().replace('name = "n1"', 'name = "n2"'))
+        nodes = [await start(load(second_path))]
+        try:
+            engine = nodes[0].engine
+            await settle(lambda: acme.state(engine).holder == "n2")
+            assert acme.state(engine).holder == "n2"
+            nodes.append(await start(first))
+            for node in nodes:
+                await wait_for_source(node, "acme", 90)
+            served = {node.certificate.served.pem for node in nodes if node.certificate}
+            assert len(served) == 1
+            state = acme.state(engine)
+            assert state.holder is None
+            assert state.error is None
+            assert state.pem in served
+        finally:
+            for node in nodes:
+                await node.stop()
