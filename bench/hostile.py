@@ -304,14 +304,16 @@ def in_threads(work: Callable[[threading.Event], None], count: int = 1) -> Itera
             thread.join(10)
 
 
-def stalled_http(port: int, connections: int) -> Callable[[threading.Event], None]:
+def stalled(port: int, connections: int, first: bytes) -> Callable[[threading.Event], None]:
+    """`connections` that each send `first` and stop, reopened when the server closes them."""
+
     def work(done: threading.Event) -> None:
         held: list[socket.socket] = []
         while not done.is_set():
             while len(held) < connections and not done.is_set():
                 try:
                     sock = socket.create_connection(("127.0.0.1", port), timeout=2)
-                    sock.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n")
+                    sock.sendall(first)
                     sock.setblocking(False)
                     held.append(sock)
                 except OSError:
@@ -372,31 +374,13 @@ def tls_handshakes(port: int) -> Callable[[threading.Event], None]:
     return work
 
 
-def stalled_tls(port: int, connections: int) -> Callable[[threading.Event], None]:
-    """`connections` ClientHellos cut off after their first 20 bytes, reopened when closed."""
+def partial_hello() -> bytes:
+    """The first 20 bytes of a real ClientHello."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     client = _trusting_nothing().wrap_bio(incoming, outgoing, server_hostname=f"www.{ZONE}")
     with contextlib.suppress(ssl.SSLWantReadError):
         client.do_handshake()
-    partial = outgoing.read()[:20]
-
-    def work(done: threading.Event) -> None:
-        held: list[socket.socket] = []
-        while not done.is_set():
-            while len(held) < connections and not done.is_set():
-                try:
-                    sock = socket.create_connection(("127.0.0.1", port), timeout=2)
-                    sock.sendall(partial)
-                    sock.setblocking(False)
-                    held.append(sock)
-                except OSError:
-                    time.sleep(0.05)
-            held = [sock for sock in held if still_stalled(sock)]
-            done.wait(0.2)
-        for sock in held:
-            sock.close()
-
-    return work
+    return outgoing.read()[:20]
 
 
 def big_api_bodies(port: int) -> Callable[[threading.Event], None]:
@@ -506,7 +490,7 @@ def shapes(
         ),
         "1,000 stalled HTTP connections": (
             "http",
-            lambda: in_threads(stalled_http(ports.http, 1_000)),
+            lambda: in_threads(stalled(ports.http, 1_000, b"GET /x HTTP/1.1\r\nHost: x\r\n")),
         ),
         "3,000 short TCP DNS connections": (
             "dns/tcp",
@@ -518,7 +502,7 @@ def shapes(
         ),
         "1,000 stalled TLS hellos": (
             "tls",
-            lambda: in_threads(stalled_tls(ports.https, 1_000)),
+            lambda: in_threads(stalled(ports.https, 1_000, partial_hello())),
         ),
         "unauthenticated large API bodies": (
             "dns/udp",
