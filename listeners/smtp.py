@@ -25,6 +25,7 @@ from listeners.base import Context, DnsName, NotDurable, Peer, Port, format_peer
 from listeners.guard import ConnectionGuard, Seconds, Slot, StreamOptions
 from listeners.mailparse import MailDetails, inspect_message
 from listeners.tls import TlsFront
+from listeners.tlswire import MAX_NAME
 from store.ledger import Entry, Event
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,6 @@ MAX_REJECTED_RECIPIENTS = 20
 MAX_SCANNED_CHARS = 4 * 1024 * 1024
 # Canary tokens looked up per message: a message stuffed with tokens gets no more store work.
 MAX_LEAKED = 1000
-# A server name is at most 253 characters; a client may send more.
-MAX_SNI_KEPT = 253
 # One message parsed at a time, beside (not in) the pool that store work uses.
 _PARSING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mail-parse")
 _ERROR_CODES = ("500", "501", "502", "503", "504")
@@ -365,7 +364,7 @@ class SmtpListener:
 
     def _sni(self, ssl_object: ssl.SSLObject, name: str | None) -> None:
         if name:
-            printable = "".join(c if c.isprintable() else "?" for c in name[:MAX_SNI_KEPT])
+            printable = "".join(c if c.isprintable() else "?" for c in name[:MAX_NAME])
             self._names[ssl_object] = printable
 
     @property

@@ -153,6 +153,7 @@ def _parse(hello: bytes) -> ClientHello:
     return ClientHello(legacy_version, versions, ciphers, tuple(extensions), sni, alpn, signatures)
 
 
+# The longest DNS name; a client may send a longer server name.
 MAX_NAME = 253
 
 

@@ -135,6 +135,21 @@ async def run(*command: str, env: dict[str, str] | None = None) -> tuple[int, st
     return process.returncode or 0, output.decode(errors="replace")
 
 
+async def git_ls_remote(home: Path, url: str, *settings: str) -> str:
+    """`git ls-remote url` as an agent with HOME `home` runs it, the url's host at 127.0.0.1."""
+    parts = urlsplit(url)
+    resolve = f"http.curloptResolve={parts.hostname}:{parts.port}:127.0.0.1"
+    options = [word for setting in (*settings, resolve) for word in ("-c", setting)]
+    _, output = await run(
+        "git",
+        *options,
+        "ls-remote",
+        url,
+        env={"HOME": str(home), "GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/bin:/bin"},
+    )
+    return output
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 async def test_curl_with_the_planted_netrc(sqlite_engine: Engine, tmp_path: Path) -> None:
     async with run_http(sqlite_engine) as node:
@@ -169,15 +184,10 @@ async def test_git_sends_the_stored_credential_when_challenged(
         # test listener's plain-HTTP port is written in the same line shape.
         store = tmp_path / "git-credentials"
         store.write_text(f"http://{planted.username}:{planted.password}@{host}:{node.port}\n")
-        _, output = await run(
-            "git",
-            "-c",
-            f"credential.helper=store --file={store}",
-            "-c",
-            f"http.curloptResolve={host}:{node.port}:127.0.0.1",
-            "ls-remote",
+        output = await git_ls_remote(
+            tmp_path,
             f"http://{host}:{node.port}/platform/infra.git",
-            env={"HOME": str(tmp_path), "GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/bin:/bin"},
+            f"credential.helper=store --file={store}",
         )
     recorded = hits(sqlite_engine)
     assert {entry.canary_id for entry in recorded} == {canary.id}, output
@@ -240,17 +250,11 @@ async def test_git_over_https_verifies_our_certificate_and_sends_the_planted_sec
         # The planted file as it is: git's store matches it on scheme, host and port.
         (tmp_path / ".git-credentials").write_text(canary.value)
         (tmp_path / "ca.pem").write_text(served_ca())
-        _, output = await run(
-            "git",
-            "-c",
-            "credential.helper=store",
-            "-c",
-            f"http.sslCAInfo={tmp_path / 'ca.pem'}",
-            "-c",
-            f"http.curloptResolve={host}:{node.port}:127.0.0.1",
-            "ls-remote",
+        output = await git_ls_remote(
+            tmp_path,
             f"https://{host}:{node.port}/platform/infra.git",
-            env={"HOME": str(tmp_path), "GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/bin:/bin"},
+            "credential.helper=store",
+            f"http.sslCAInfo={tmp_path / 'ca.pem'}",
         )
     recorded = hits(engine)
     assert {entry.canary_id for entry in recorded} == {canary.id}, output
