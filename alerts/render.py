@@ -35,6 +35,9 @@ _ATTACKER_KEYS = (
     "sni",
     "alpn",
     "ja4",
+    "user",
+    "database",
+    "application_name",
 )
 _VERBS = {
     "dns": "DNS lookup of",
@@ -42,6 +45,7 @@ _VERBS = {
     "http": "HTTP request for",
     "https": "HTTPS request for",
     "tls": "TLS connection to",
+    "postgres": "PostgreSQL login with",
 }
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|>~<])")
 

@@ -46,6 +46,7 @@ from listeners.burst import BurstOptions
 from listeners.dns import DnsOptions
 from listeners.guard import StreamOptions
 from listeners.http import HttpOptions
+from listeners.postgres import PostgresOptions
 from listeners.smtp import SmtpOptions
 from listeners.tls import TlsOptions
 
@@ -262,6 +263,7 @@ class Config(Section):
     smtp: SmtpOptions = SmtpOptions()
     http: HttpOptions = HttpOptions()
     https: TlsOptions = TlsOptions()
+    postgres: PostgresOptions = PostgresOptions()
     tls: TlsConfig = TlsConfig()
     bursts: BurstOptions = BurstOptions()
     alerts: AlertsConfig = AlertsConfig()
@@ -284,7 +286,7 @@ class Config(Section):
         bound: list[tuple[str, str, int]] = []
         wanted = [
             (f"{name}.port", options.listen, options.port)
-            for name in ("dns", "smtp", "http", "https", "api")
+            for name in ("dns", "smtp", "http", "https", "postgres", "api")
             if (options := getattr(self, name)).enabled
         ]
         if self.smtp.enabled and self.smtp.tls_port is not None:
@@ -529,8 +531,16 @@ enabled = false
 listen = "127.0.0.1"
 port = 8443                           # 443 in production
 
+[postgres]
+# A planted .pgpass or database URL, used: the StartupMessage (user, database, TLS server name)
+# and the password are checked for tokens; every login fails with 28P01.
+enabled = false
+listen = "127.0.0.1"
+port = 15432                          # 5432 in production
+auth = "cleartext"                    # or "scram-sha-256" for clients that require it
+
 [tls]
-# The certificate [https] and SMTP's TLS serve; without one, a self-signed one for the zone,
+# The certificate [https], SMTP's and PostgreSQL's TLS serve; without one, a self-signed one for the zone,
 # kept in the store. Files are read again when they change.
 # cert = "/etc/oobwatch/tls.pem"      # PEM, chain allowed
 # key = "/etc/oobwatch/tls.key"

@@ -24,6 +24,7 @@ from alerts import notices
 from alerts.policy import DEFAULT_ROUTE, Policy
 from canaries.mint import mint
 from canaries.model import HEARTBEAT_SANDBOX, Canary
+from listeners import pgwire
 from store import ledger, registry
 from store.ledger import Event
 from store.schema import ledger as ledger_table
@@ -97,8 +98,23 @@ async def probe_tls(address: tuple[str, int], name: str, seconds: float) -> None
     writer.close()
 
 
+async def probe_postgres(address: tuple[str, int], database: str, seconds: float) -> None:
+    """A StartupMessage naming `database`: the hit is recorded before the password is asked."""
+    async with asyncio.timeout(seconds):
+        reader, writer = await asyncio.open_connection(*address)
+        try:
+            writer.write(
+                pgwire.startup_message({"user": "oobwatch-heartbeat", "database": database})
+            )
+            kind = await reader.readexactly(1)
+            if kind != b"R":
+                raise OSError(f"postgres answered message {kind!r}, not an authentication request")
+        finally:
+            writer.close()
+
+
 # The protocol each listener's hits are recorded with.
-_PROTOCOLS = {"dns": "dns", "smtp": "smtp", "http": "http", "https": "tls"}
+_PROTOCOLS = {"dns": "dns", "smtp": "smtp", "http": "http", "https": "tls", "postgres": "postgres"}
 
 
 @dataclass
@@ -143,9 +159,17 @@ class Heartbeat:
                 await probe_smtp(address, f"{self.canary.token}@{self.zone}", timeout)
             elif name == "https":
                 await probe_tls(address, f"hb.{self.canary.value}", timeout)
+            elif name == "postgres":
+                await probe_postgres(address, self.canary.token, timeout)
             else:
                 await probe_http(address, self.canary.value, timeout)
-        except (OSError, TimeoutError, httpx.HTTPError, smtplib.SMTPException) as error:
+        except (
+            OSError,
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            httpx.HTTPError,
+            smtplib.SMTPException,
+        ) as error:
             log.warning("heartbeat probe of %s at %s:%d failed: %r", name, *address, error)
             return False
         while self.clock() - started < self.deadline_us:

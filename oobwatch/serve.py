@@ -29,6 +29,7 @@ from listeners.certificates import Challenges, NodeCertificate, Served
 from listeners.dns import DnsListener
 from listeners.guard import ConnectionGuard, StreamOptions
 from listeners.http import AsgiServer, HttpListener
+from listeners.postgres import PostgresListener
 from listeners.smtp import SmtpListener
 from listeners.tls import TlsListener
 from oobwatch import alerting, logs
@@ -61,6 +62,7 @@ LISTENERS: dict[str, Callable[[Context, Config], Listener]] = {
     "smtp": lambda context, config: SmtpListener(context, config.smtp),
     "http": lambda context, config: HttpListener(context, config.http),
     "https": lambda context, config: TlsListener(context, config.https, config.http),
+    "postgres": lambda context, config: PostgresListener(context, config.postgres),
 }
 
 
@@ -270,7 +272,7 @@ async def start(config: Config) -> Node:
     await asyncio.to_thread(index.refresh)
     challenges = Challenges()
     certificate = None
-    if config.https.enabled or config.smtp.enabled:
+    if config.https.enabled or config.smtp.enabled or config.postgres.enabled:
         serving = await asyncio.to_thread(served, config, engine)
         certificate = NodeCertificate(serving)
         node.certificate = certificate

@@ -401,6 +401,11 @@ def detail(event: EventView) -> str:
         return f"RCPT {data.get('rcpt', '')} from {data.get('mail_from', '')}"
     if kind == "hit" and protocol == "tls":
         return f"SNI {data.get('sni', '')} ALPN {','.join(data.get('alpn', []))} JA4 {data.get('ja4', '')}"
+    if kind == "hit" and protocol == "postgres":
+        found_in = ", ".join(data.get("found_in", []))
+        return f"login user={data.get('user', '')!r} database={data.get('database', '')!r} (in {found_in})"
+    if kind == "evidence" and protocol == "postgres":
+        return f"password step: secret {'presented' if data.get('secret_presented') else 'not presented'}"
     if kind == "evidence" and protocol == "tls":
         return f"TLS handshake {data.get('handshake', '')}"
     if kind == "hit" and protocol in ("http", "https"):

@@ -36,6 +36,7 @@ from listeners.burst import BurstFolder, BurstOptions
 from listeners.certificates import NodeCertificate, Served, self_signed
 from listeners.dns import DnsListener, DnsOptions
 from listeners.http import HttpListener, HttpOptions
+from listeners.postgres import PostgresListener, PostgresOptions
 from listeners.smtp import SmtpListener, SmtpOptions
 from listeners.tls import TlsListener, TlsOptions
 from store import ledger
@@ -245,6 +246,14 @@ def run_tls(
         return TlsListener(
             context, TlsOptions(enabled=True, port=0, **options), http or HttpOptions(port=0)
         )
+
+    return run_listener(engine, build)
+
+
+def run_postgres(engine: Engine, **options: Any) -> contextlib.AbstractAsyncContextManager[Node]:
+    def build(context: Context) -> PostgresListener:
+        context.tls = node_certificate()
+        return PostgresListener(context, PostgresOptions(enabled=True, port=0, **options))
 
     return run_listener(engine, build)
 
