@@ -42,7 +42,8 @@ class Planting:
 
 @dataclass(frozen=True, slots=True)
 class Web:
-    """Where planted URLs point: the HTTP port, and the HTTPS port when the HTTPS listener runs.
+    """Where planted URLs point: the HTTP port, the HTTPS port when the HTTPS listener runs,
+    and the PostgreSQL port.
 
     Over HTTPS a planted host is `<token>.<zone>` itself: the one name under the zone that a
     wildcard certificate for `*.<zone>` (ACME's, or the self-signed one) covers, so a client
@@ -53,6 +54,8 @@ class Web:
     https_port: int | None = None
     # The serving certificate, for clients a planted file can tell to trust it (self-signed).
     ca_pem: str | None = None
+    # Where planted database credentials point (the PostgreSQL listener's port).
+    postgres_port: int = 5432
 
     def http(self, host: str) -> str:
         port = self.http_port
@@ -111,12 +114,13 @@ def _git_credentials(token: str, zone: str, web: Web) -> dict[str, str]:
     return {".git-credentials": f"https://ci-bot:{token}@{host}\n"}
 
 
-def _pgpass(token: str, zone: str, _web: Web) -> dict[str, str]:
-    return {".pgpass": f"db.{token}.{zone}:5432:app_production:app_rw:{token}\n"}
+def _pgpass(token: str, zone: str, web: Web) -> dict[str, str]:
+    return {".pgpass": f"db.{token}.{zone}:{web.postgres_port}:app_production:app_rw:{token}\n"}
 
 
-def _postgres_url(token: str, zone: str, _web: Web) -> dict[str, str]:
-    url = f"postgresql://app_rw:{token}@db.{token}.{zone}:5432/app_production?sslmode=prefer"
+def _postgres_url(token: str, zone: str, web: Web) -> dict[str, str]:
+    host = f"db.{token}.{zone}:{web.postgres_port}"
+    url = f"postgresql://app_rw:{token}@{host}/app_production?sslmode=prefer"
     return {"project/.env.production": f"DATABASE_URL={url}\n"}
 
 

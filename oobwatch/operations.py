@@ -192,8 +192,9 @@ class LocalOperations:
     def _web(self) -> Web:
         """Where planted URLs point; over HTTPS, with the CA to trust if it is self-signed."""
         config = self.config
+        postgres = config.postgres.port if config.postgres.enabled else 5432
         if not config.https.enabled:
-            return Web(http_port=config.http.port)
+            return Web(http_port=config.http.port, postgres_port=postgres)
         from cryptography.hazmat.primitives.serialization import Encoding
 
         from oobwatch import certs
@@ -204,6 +205,7 @@ class LocalOperations:
             http_port=config.http.port,
             https_port=config.https.port,
             ca_pem=ca if served.source == "self-signed" else None,
+            postgres_port=postgres,
         )
 
     def retire(self, canary_id: str, request: ActorRequest) -> Retired:

@@ -71,12 +71,12 @@ async def test_without_tls_the_password_names_the_canary(engine: Engine) -> None
 @pytest.mark.skipif(shutil.which("psql") is None, reason="psql is not installed")
 async def test_psql_with_the_planted_pgpass(engine: Engine, tmp_path: Path) -> None:
     canary = plant_canary(engine, "credential", fmt="pgpass")
-    host, _, database, user, _ = canary.value.strip().split(":")
+    host, port, database, user, _ = canary.value.strip().split(":")
     async with run_postgres(engine) as node:
         # libpq matches .pgpass on host, port, database and user: the planted line, on
         # the test listener's port.
         pgpass = tmp_path / ".pgpass"
-        pgpass.write_text(canary.value.replace(":5432:", f":{node.port}:"))
+        pgpass.write_text(canary.value.replace(f":{port}:", f":{node.port}:"))
         pgpass.chmod(0o600)
         done = await asyncio.to_thread(
             subprocess.run,

@@ -4,6 +4,7 @@ import asyncio
 from pathlib import Path
 
 import psycopg
+import psycopg.conninfo
 
 from oobwatch.config import load
 from oobwatch.operations import LocalOperations
@@ -58,3 +59,13 @@ async def test_a_planted_database_url_used_pages_with_the_login_it_tried(
     assert "PostgreSQL login with canary" in message
     assert "user: app_rw" in message
     assert "database: app_production" in message
+
+
+def test_planted_database_credentials_name_the_listener_port(tmp_path: Path) -> None:
+    extra = "[postgres]\nenabled = true\nport = 15432\n"
+    config = load(node_config(tmp_path, "json://127.0.0.1:1/", extra=extra))
+    ops = LocalOperations(config)
+    pgpass = ops.mint(MintRequest(kind="credential", format="pgpass", sandbox="s"))
+    url = ops.mint(MintRequest(kind="credential", format="postgres-url", sandbox="s"))
+    assert pgpass.value.split(":")[1] == "15432"
+    assert psycopg.conninfo.conninfo_to_dict(url.value.split("=", 1)[1].strip())["port"] == "15432"
