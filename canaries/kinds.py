@@ -24,6 +24,9 @@ CredentialFormat = Literal[
     "ssh-config",
     "docker-config",
     "mcp",
+    "openai",
+    "anthropic",
+    "github",
 ]
 CREDENTIAL_FORMATS: tuple[str, ...] = get_args(CredentialFormat)
 
@@ -205,6 +208,51 @@ def _mcp(token: str, zone: str, web: Web) -> dict[str, str]:
     }
 
 
+_KEY_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _tail(token: str, size: int, alphabet: str = _KEY_CHARS) -> str:
+    """Decoration after a key's token, the same for the same token."""
+    draw = random.Random(f"tail:{token}")  # noqa: S311 - decoration, not secrecy
+    return "".join(draw.choice(alphabet) for _ in range(size))
+
+
+def _openai(token: str, zone: str, web: Web) -> dict[str, str]:
+    # What the official SDKs read: OPENAI_API_KEY and OPENAI_BASE_URL, from a dotenv file.
+    return {
+        "project/.env.local": (
+            f"OPENAI_API_KEY=sk-proj-{token}_{_tail(token, 40)}\n"
+            f"OPENAI_BASE_URL={web.base(f'api.{token}.{zone}', token, zone)}/v1\n"
+            "OPENAI_ORG_ID=org-platform\n"
+        )
+    }
+
+
+def _anthropic(token: str, zone: str, web: Web) -> dict[str, str]:
+    # Claude Code's user settings: its `env` is set for every session (and the SDKs read it).
+    settings = {
+        "env": {
+            "ANTHROPIC_BASE_URL": web.base(f"api.{token}.{zone}", token, zone),
+            "ANTHROPIC_API_KEY": f"sk-ant-api03-{token}-{_tail(token, 60)}AA",
+        },
+        "permissions": {"allow": ["Bash(git status)", "Read(./**)"]},
+    }
+    return {".claude/settings.json": json.dumps(settings, indent=2) + "\n"}
+
+
+def _github(token: str, zone: str, web: Web) -> dict[str, str]:
+    # gh's hosts file: a GitHub Enterprise host with its token (gh asks https://<host>/api/v3/).
+    host = web.authority(token, zone) if web.https_port is not None else f"github.{token}.{zone}"
+    return {
+        ".config/gh/hosts.yml": (
+            f"{host}:\n"
+            f"    oauth_token: github_pat_{token}_{_tail(token, 59)}\n"
+            "    user: ci-bot\n"
+            "    git_protocol: https\n"
+        )
+    }
+
+
 _RENDERERS = {
     "netrc": _netrc,
     "git-credentials": _git_credentials,
@@ -216,4 +264,7 @@ _RENDERERS = {
     "ssh-config": _ssh_config,
     "docker-config": _docker_config,
     "mcp": _mcp,
+    "openai": _openai,
+    "anthropic": _anthropic,
+    "github": _github,
 }

@@ -31,6 +31,9 @@ BUNDLE = (
     "docker-config",
     "env",
     "mcp",
+    "openai",
+    "anthropic",
+    "github",
 )
 CONTACTS = "project/CONTACTS.md"
 

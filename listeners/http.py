@@ -27,6 +27,7 @@ from uvicorn.server import ServerState
 from canaries.find import in_request, split_name
 from canaries.index import Unknowable
 from canaries.model import Canary
+from listeners import llmapi
 from listeners.base import Context, NotDurable, Peer, Port
 from listeners.guard import (
     BACKLOG,
@@ -349,6 +350,7 @@ class RequestCatcher:
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         peer = scope.get("client") or ("?", 0)
+        llm = llmapi.provider(scope.get("path", ""), headers)
         head = {
             "method": scope["method"][:MAX_VALUE_KEPT],
             "target": target[:MAX_TARGET_KEPT],
@@ -362,6 +364,8 @@ class RequestCatcher:
                 (v[:MAX_VALUE_KEPT] for n, v in headers if n.lower() == "user-agent"), None
             ),
         }
+        if llm is not None:
+            head |= {"provider": llm, "endpoint": scope.get("path", "")[:MAX_VALUE_KEPT]}
         try:
             # The head's hits first: a client that stalls its body has already left them.
             source = str(peer[0])
@@ -374,7 +378,10 @@ class RequestCatcher:
                     for canary, where in head_hits
                 ]
             )
-            body = await self._read_body(receive)
+            # An LLM request's body is kept whole (within a bound) for its model and prompt.
+            body = await self._read_body(
+                receive, llmapi.MAX_BODY_KEPT if llm is not None else BODY_SCANNED
+            )
             found = in_request("", "", [], body.head.decode("utf-8", "replace"), self._zone)
             known = {canary.token for canary, _ in head_hits}
             body_hits = await self._canaries(
@@ -383,8 +390,15 @@ class RequestCatcher:
             recorded = [
                 (canary, entry) for (canary, _), entry in zip(head_hits, entries, strict=True)
             ]
+            asked = (
+                llmapi.request_facts(
+                    llm, head["endpoint"], body.head, body.complete and body.size == len(body.head)
+                )
+                if llm is not None and body.size
+                else {}
+            )
             await self._context.record(
-                *self._body_events(protocol, head, body, peer, recorded, body_hits)
+                *self._body_events(protocol, head, body, peer, recorded, body_hits, asked)
             )
         except (NotDurable, Unknowable):
             # Not recorded, or not known whether it is a canary: never answered as if it were fine.
@@ -401,6 +415,8 @@ class RequestCatcher:
         elif body.ended == "timeout":
             self._guard.timeouts["body"] += 1
             await self._answer(send, 408, b"text/plain", b"", close)
+        elif llm is not None and hits:
+            await self._answer(send, 401, b"application/json", llmapi.refusal(llm), close)
         elif _challenge(hits, headers):
             await self._answer(send, 401, b"text/plain", b"", _CHALLENGE + close)
         else:
@@ -438,13 +454,16 @@ class RequestCatcher:
         peer: Peer,
         recorded: list[tuple[Canary, Entry]],
         body_hits: list[tuple[Canary, list[str]]],
+        asked: dict[str, Any],
     ) -> list[Event]:
-        """Hits found in the body, and the body's evidence for each hit its head already recorded."""
+        """Hits found in the body, and the body's evidence for each hit its head already recorded
+        (with what an LLM request `asked`: its model and the start of its prompt)."""
         read = {
             "body_size": body.size,
             "body_sha256": body.sha256,
             "body_complete": body.complete,
             "body_ended": body.ended,
+            **asked,
         }
         events = [
             self._context.hit(canary, protocol, peer, {**head, **read, "found_in": where})
@@ -459,7 +478,8 @@ class RequestCatcher:
             ]
         return events
 
-    async def _read_body(self, receive: Receive) -> Body:
+    async def _read_body(self, receive: Receive, keep: int) -> Body:
+        """The body, its first `keep` bytes kept, within the size and time bounds."""
         digest = hashlib.sha256()
         head = bytearray()
         size = 0
@@ -477,8 +497,8 @@ class RequestCatcher:
                         ended = "too_large"
                         break
                     digest.update(chunk)
-                    if len(head) < BODY_SCANNED:
-                        head += chunk[: BODY_SCANNED - len(head)]
+                    if len(head) < keep:
+                        head += chunk[: keep - len(head)]
                     if not message.get("more_body", False):
                         break
         except TimeoutError:

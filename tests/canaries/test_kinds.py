@@ -2,6 +2,7 @@
 
 import base64
 import configparser
+import io
 import json
 import netrc
 import secrets
@@ -11,6 +12,7 @@ from urllib.parse import urlsplit
 import psycopg.conninfo
 import pytest
 import yaml
+from dotenv import dotenv_values
 
 from canaries import kinds
 from canaries.find import in_host, scan, split_name
@@ -117,8 +119,37 @@ def test_mcp() -> None:
     assert scan(server["headers"]["Authorization"]) == {TOKEN}
 
 
+def test_openai() -> None:
+    pairs = dotenv_values(stream=io.StringIO(render("openai").value))
+    key = pairs["OPENAI_API_KEY"] or ""
+    assert key.startswith("sk-proj-")
+    assert scan(key) == {TOKEN}
+    base = urlsplit(pairs["OPENAI_BASE_URL"] or "")
+    assert base.path == "/v1"
+    assert host_token(base.netloc) == TOKEN
+    assert render("openai").value == render("openai").value
+
+
+def test_anthropic() -> None:
+    env = json.loads(render("anthropic").value)["env"]
+    assert env["ANTHROPIC_API_KEY"].startswith("sk-ant-api03-")
+    assert scan(env["ANTHROPIC_API_KEY"]) == {TOKEN}
+    assert host_token(urlsplit(env["ANTHROPIC_BASE_URL"]).netloc) == TOKEN
+
+
+def test_github() -> None:
+    [(host, entry)] = yaml.safe_load(render("github").value).items()
+    assert host_token(host) == TOKEN
+    assert entry["oauth_token"].startswith("github_pat_")
+    assert scan(entry["oauth_token"]) == {TOKEN}
+    assert entry["git_protocol"] == "https"
+
+
 def test_every_format_is_covered() -> None:
     assert set(kinds.CREDENTIAL_FORMATS) == {
+        "openai",
+        "anthropic",
+        "github",
         "netrc",
         "git-credentials",
         "pgpass",
@@ -155,7 +186,18 @@ def test_https_urls_need_the_https_listener_and_name_the_token_host() -> None:
 
 
 @pytest.mark.parametrize(
-    "fmt", ["git-credentials", "env", "aws", "kubeconfig", "docker-config", "mcp"]
+    "fmt",
+    [
+        "git-credentials",
+        "env",
+        "aws",
+        "kubeconfig",
+        "docker-config",
+        "mcp",
+        "openai",
+        "anthropic",
+        "github",
+    ],
 )
 def test_https_clients_are_pointed_at_the_https_listener(fmt: str) -> None:
     """With HTTPS on, every format whose client speaks HTTPS names `<token>.<zone>`, which the

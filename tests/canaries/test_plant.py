@@ -58,6 +58,9 @@ def test_plant_writes_the_bundle_and_records_it(sqlite_engine: Engine, tmp_path:
         ".docker/config.json",
         "project/.env",
         "project/.mcp.json",
+        "project/.env.local",
+        ".claude/settings.json",
+        ".config/gh/hosts.yml",
         CONTACTS,
     }
     written = {str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*") if path.is_file()}

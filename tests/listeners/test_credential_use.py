@@ -8,6 +8,7 @@ driven for real, pointed at the listeners on 127.0.0.1.
 import asyncio
 import configparser
 import contextlib
+import io
 import json
 import netrc
 import shutil
@@ -22,6 +23,7 @@ import httpx
 import psycopg.conninfo
 import pytest
 import yaml
+from dotenv import dotenv_values
 from sqlalchemy import Engine
 
 from canaries.kinds import CREDENTIAL_FORMATS, Web
@@ -95,6 +97,26 @@ def use(canary: Canary, scratch: Path) -> tuple[str, dict[str, Any]]:
             "headers": server["headers"],
             "path": url.path,
             "method": "POST",
+        }
+    if canary.format == "openai":
+        pairs = dotenv_values(stream=io.StringIO(text))
+        base = urlsplit(pairs["OPENAI_BASE_URL"] or "")
+        return base.hostname or "", {
+            "headers": {"Authorization": f"Bearer {pairs['OPENAI_API_KEY']}"},
+            "path": f"{base.path}/models",
+        }
+    if canary.format == "anthropic":
+        env = json.loads(text)["env"]
+        return urlsplit(env["ANTHROPIC_BASE_URL"]).hostname or "", {
+            "headers": {"x-api-key": env["ANTHROPIC_API_KEY"], "anthropic-version": "2023-06-01"},
+            "path": "/v1/messages",
+            "method": "POST",
+        }
+    if canary.format == "github":
+        [(host, entry)] = yaml.safe_load(text).items()
+        return host, {
+            "headers": {"Authorization": f"token {entry['oauth_token']}"},
+            "path": "/api/v3/user",
         }
     raise AssertionError(canary.format)
 
