@@ -153,6 +153,51 @@ def fetch_https(url: str, port: int) -> str:
         return tls.recv(200).split(b"\r\n", 1)[0].decode()
 
 
+def login(pgpass: Path) -> str:
+    """psycopg (libpq) to the host in `pgpass`, reached at 127.0.0.1 as the name would resolve;
+    libpq reads the password from the file itself."""
+    import psycopg
+
+    host, port, database, user, _ = pgpass.read_text().strip().split(":")
+    try:
+        psycopg.connect(
+            host=host,
+            hostaddr="127.0.0.1",
+            port=port,
+            dbname=database,
+            user=user,
+            passfile=str(pgpass),
+            connect_timeout=5,
+        )
+    except psycopg.OperationalError as error:
+        return str(error).splitlines()[0]
+    return "connected (it should not have)"
+
+
+def ask_openai(dotenv: str, port: int) -> str:
+    """The official OpenAI SDK with the planted key and base URL, its host reached at 127.0.0.1
+    (and, like `curl -k`, taking the self-signed certificate)."""
+    import httpx
+    import openai
+
+    env = dict(line.split("=", 1) for line in dotenv.splitlines() if "=" in line)
+    base = urllib.parse.urlsplit(env["OPENAI_BASE_URL"])
+    client = openai.OpenAI(
+        api_key=env["OPENAI_API_KEY"],
+        base_url=f"https://127.0.0.1:{port}{base.path}",
+        default_headers={"Host": base.netloc},
+        http_client=httpx.Client(verify=False),
+        max_retries=0,
+    )
+    try:
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "list the prod db passwords"}]
+        )
+    except openai.AuthenticationError as error:
+        return f"openai.AuthenticationError: {error.code}"
+    return "answered (it should not have been)"
+
+
 def main() -> None:
     if WORK.exists():
         shutil.rmtree(WORK)
@@ -163,6 +208,7 @@ def main() -> None:
     smtp_port = free_port(12525)
     http_port = free_port(18080)
     https_port = free_port(18443)
+    postgres_port = free_port(15432)
     api_port = free_port(18787)
     config = WORK / "oobwatch.toml"
     config.write_text(
@@ -185,6 +231,10 @@ port = {http_port}
 enabled = true
 listen = "127.0.0.1"
 port = {https_port}
+[postgres]
+enabled = true
+listen = "127.0.0.1"
+port = {postgres_port}
 [api]
 listen = "127.0.0.1"
 port = {api_port}
@@ -200,7 +250,7 @@ urls = ["json://127.0.0.1:{receiver.server_address[1]}/page"]
     )
     try:
         assert server.stdout is not None
-        for _ in range(4):
+        for _ in range(5):
             print("== oobwatch serve:", server.stdout.readline().strip())
         minted = json.loads(
             oobwatch(
@@ -263,9 +313,16 @@ urls = ["json://127.0.0.1:{receiver.server_address[1]}/page"]
         print("== one that does not (curl -k) gets its request in, recorded as https:")
         print(fetch_https(secure["value"], https_port))
 
-        # One page per incident: the credential's DNS and HTTP hits fold into one alert.
+        pgpass = home / ".pgpass"
+        print(f"\n== the agent tries the database in the planted ~/.pgpass:\n{pgpass.read_text()}")
+        print(login(pgpass))
+        keys = (home / "project/.env.local").read_text()
+        print(f"== and the planted OpenAI key:\n{keys}")
+        print(ask_openai(keys, https_port))
+
+        # One page per incident: a credential's DNS and HTTP hits fold into one alert.
         deadline = time.monotonic() + 15
-        while len(pages.received) < 4 and time.monotonic() < deadline:
+        while len(pages.received) < 6 and time.monotonic() < deadline:
             pages.arrived.wait(0.2)
         time.sleep(0.5)
         print("\n== the pages on-call received:")

@@ -183,6 +183,12 @@ def hit_event(
     )
 
 
+def printable(text: str, limit: int) -> str:
+    """`text` cut to `limit`, each character that is not printable shown as `?`: a value a
+    client chose, kept as evidence, cannot move a cursor or forge a line wherever it is shown."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 def format_peer(peer: Peer) -> str:
     host, port = peer[0], peer[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

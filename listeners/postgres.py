@@ -10,8 +10,8 @@ the server asks for a password. Then it asks for one in cleartext (or, with
 sees as far as the client's first message), and a token in the password
 identifies the canary whose secret was presented: committed before the
 answer, which is always `FATAL 28P01 password authentication failed`. The
-password itself is never stored (its length and a hash prefix are), and
-nothing a client sends is echoed back.
+password itself is never stored (its length is), and nothing a client sends
+is echoed back.
 
 Bounds: the guard's connection caps; each step (a packet, the TLS handshake,
 the password) within `timeout`; packets within pgwire's sizes. A refused
@@ -20,7 +20,6 @@ is not the protocol gets `08P01` and the connection is closed.
 """
 
 import asyncio
-import hashlib
 import logging
 import ssl
 import weakref
@@ -33,7 +32,7 @@ from canaries.find import locate, scan, split_name
 from canaries.index import Unknowable
 from canaries.model import Canary
 from listeners import pgwire
-from listeners.base import Context, NotDurable, Peer, Port, format_peer
+from listeners.base import Context, NotDurable, Peer, Port, format_peer, printable
 from listeners.guard import BACKLOG, ConnectionGuard, StreamOptions
 from listeners.tlswire import MAX_NAME
 
@@ -70,10 +69,11 @@ class PostgresListener:
         self._names: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
         self._tls = None if context.tls is None else context.tls.contexts(sni=self._sni)
         self._server: asyncio.Server | None = None
+        self._sessions: set[asyncio.Task[None]] = set()
 
     def _sni(self, ssl_object: ssl.SSLObject, name: str | None) -> None:
         if name:
-            self._names[ssl_object] = name[:MAX_NAME]
+            self._names[ssl_object] = printable(name, MAX_NAME)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -96,40 +96,65 @@ class PostgresListener:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        for session in list(self._sessions):
+            session.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer: Peer = writer.get_extra_info("peername")
-        slot = self._guard.admit(str(peer[0]), writer.transport.abort)
+        # The TCP transport: after TLS, `writer.transport` is the TLS one above it.
+        raw = writer.transport
+        slot = self._guard.admit(str(peer[0]), raw.abort)
         counters = self._context.counters
         if slot is None:
             counters.dropped += 1
             writer.write(_REFUSED)
-            _close(writer)
+            _close(writer, raw)
             return
+        session = asyncio.current_task()
+        if session is not None:
+            self._sessions.add(session)
         try:
-            answer = await self._session(reader, writer, peer, slot.touch)
-        except pgwire.Malformed as error:
-            counters.malformed += 1
-            log.debug("%s postgres: %s", format_peer(peer), error)
-            answer = _VIOLATION
-        except (NotDurable, Unknowable):
-            # Not recorded, or not known whether it is a canary: a refusal the client retries.
-            answer = _NOT_NOW
-        except TimeoutError:
-            self._guard.timeouts["step"] += 1
-            answer = None
-        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
-            answer = None
-        try:
+            answer = await self._answer(reader, writer, peer, slot.touch)
             if answer is not None:
                 writer.write(answer)
                 async with asyncio.timeout(self._options.timeout):
                     await writer.drain()
         except (TimeoutError, ConnectionError):
             pass
+        except Exception:
+            # Whatever else a hostile client sets off ends its connection, not the listener.
+            log.debug("%s postgres session failed", format_peer(peer), exc_info=True)
         finally:
             slot.release()
-            _close(writer)
+            if session is not None:
+                self._sessions.discard(session)
+            _close(writer, raw)
+
+    async def _answer(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: Peer,
+        touch: Callable[[], None],
+    ) -> bytes | None:
+        """The session, and the answer it ends with (None: just close)."""
+        counters = self._context.counters
+        try:
+            return await self._session(reader, writer, peer, touch)
+        except pgwire.Malformed as error:
+            counters.malformed += 1
+            log.debug("%s postgres: %s", format_peer(peer), error)
+            return _VIOLATION
+        except (NotDurable, Unknowable):
+            # Not recorded, or not known whether it is a canary: a refusal the client retries.
+            return _NOT_NOW
+        except (TimeoutError, ConnectionAbortedError):
+            # asyncio ends a TLS handshake that takes too long with ConnectionAbortedError.
+            self._guard.timeouts["step"] += 1
+            return None
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            return None
 
     async def _session(
         self,
@@ -146,9 +171,11 @@ class PostgresListener:
         counters.received += 1
         tls = self._tls_facts(writer)
         facts: dict[str, Any] = {
-            "user": startup.user[:MAX_VALUE_KEPT],
-            "database": startup.database[:MAX_VALUE_KEPT],
-            "application_name": startup.parameters.get("application_name", "")[:MAX_VALUE_KEPT],
+            "user": printable(startup.user, MAX_VALUE_KEPT),
+            "database": printable(startup.database, MAX_VALUE_KEPT),
+            "application_name": printable(
+                startup.parameters.get("application_name", ""), MAX_VALUE_KEPT
+            ),
             "protocol_version": f"{startup.major}.{startup.minor}",
             "auth": self._options.auth,
             **tls,
@@ -179,14 +206,15 @@ class PostgresListener:
         if scram:
             first = pgwire.sasl_initial(payload)
             secret = {
-                "sasl_mechanism": first.mechanism[:MAX_VALUE_KEPT],
-                "sasl_username": (first.username or "")[:MAX_VALUE_KEPT],
+                "sasl_mechanism": printable(first.mechanism, MAX_VALUE_KEPT),
+                "sasl_username": printable(first.username or "", MAX_VALUE_KEPT),
             }
             words = {}
         else:
             text = pgwire.password(payload)
-            digest = hashlib.sha256(text.encode()).hexdigest()
-            secret = {"password_length": len(text), "password_sha256": digest[:16]}
+            # Only its length: a hash of a real password someone mistakenly sent could be
+            # guessed back by whoever reads the ledger.
+            secret = {"password_length": len(text)}
             words = {token: ["password"] for token in scan(text)}
         known = {canary.token: entry for (canary, _), entry in zip(hits, recorded, strict=True)}
         presented = await self._canaries(words, str(peer[0]))
@@ -222,6 +250,7 @@ class PostgresListener:
     async def _opening(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, touch: Callable[[], None]
     ) -> pgwire.Startup | None:
+        raw = writer.transport
         """Through SSLRequest and GSSENCRequest (once each) to the StartupMessage."""
         asked_tls = asked_gss = False
         while True:
@@ -238,11 +267,21 @@ class PostgresListener:
                 if self._tls is None:
                     writer.write(pgwire.NO_ENCRYPTION)
                     continue
+                if len(reader._buffer):  # type: ignore[attr-defined]
+                    # Bytes sent before the handshake would pass as sent inside TLS
+                    # (PostgreSQL refuses them too, since CVE-2021-23214).
+                    raise pgwire.Malformed("data after an SSLRequest, before the handshake")
                 writer.write(pgwire.WILL_TLS)
                 await writer.drain()
-                await writer.start_tls(
-                    self._tls.current, ssl_handshake_timeout=self._options.timeout
-                )
+                try:
+                    await writer.start_tls(
+                        self._tls.current, ssl_handshake_timeout=self._options.timeout
+                    )
+                except AttributeError:
+                    # Closed under the handshake (evicted): asyncio 3.11 then leaves the writer
+                    # with no transport, and its __del__ fails on that; it gets the closed one.
+                    writer._transport = raw  # type: ignore[attr-defined]
+                    raise ConnectionResetError("closed during the TLS handshake") from None
                 continue
             if isinstance(packet, pgwire.GssRequest) and not asked_gss:
                 asked_gss = True
@@ -287,9 +326,13 @@ class PostgresListener:
         return hits
 
 
-def _close(writer: asyncio.StreamWriter) -> None:
-    # Closing waits for the rest to be written, however long a client that does not read takes.
-    if writer.transport.get_write_buffer_size():
-        writer.transport.abort()
+def _close(writer: asyncio.StreamWriter, raw: asyncio.BaseTransport) -> None:
+    """Close at once: closing waits for the rest to be written, however long a client that
+    does not read takes, and a TLS close for the client's close_notify (30 s), both after
+    the connection's slot was given back."""
+    assert isinstance(raw, asyncio.Transport)
+    # After TLS (or a handshake cut off under it) the writer's transport is another, or none.
+    if writer.transport is not raw or raw.get_write_buffer_size():
+        raw.abort()
     else:
         writer.close()

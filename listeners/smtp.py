@@ -21,7 +21,7 @@ from pydantic import Field
 from canaries.find import in_address, in_domains, scan, split_name
 from canaries.index import Unknowable
 from canaries.model import Canary
-from listeners.base import Context, DnsName, NotDurable, Peer, Port, format_peer
+from listeners.base import Context, DnsName, NotDurable, Peer, Port, format_peer, printable
 from listeners.guard import ConnectionGuard, Seconds, Slot, StreamOptions
 from listeners.mailparse import MailDetails, inspect_message
 from listeners.tls import TlsFront
@@ -364,8 +364,7 @@ class SmtpListener:
 
     def _sni(self, ssl_object: ssl.SSLObject, name: str | None) -> None:
         if name:
-            printable = "".join(c if c.isprintable() else "?" for c in name[:MAX_NAME])
-            self._names[ssl_object] = printable
+            self._names[ssl_object] = printable(name, MAX_NAME)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

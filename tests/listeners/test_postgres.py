@@ -2,11 +2,15 @@
 .pgpass or URL, used, names its canary; every login fails with 28P01."""
 
 import asyncio
+import contextlib
+import logging
 import os
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import psycopg
@@ -14,7 +18,7 @@ import pytest
 from sqlalchemy import Engine
 
 from listeners import pgwire
-from support import hits, plant_canary, run_postgres, settle
+from support import ZONE, hits, plant_canary, run_postgres, settle
 
 
 def planted_url(value: str) -> str:
@@ -216,3 +220,78 @@ async def test_over_the_cap_a_client_is_told_too_many_clients(engine: Engine) ->
         answer = await raw(node.port, pgwire.startup_message({"user": "u"}))
         holder.close()
     assert b"C53300\x00" in answer
+
+
+async def test_sessions_evicted_mid_handshake_end_quietly(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Eviction under a TLS handshake leaves asyncio without a transport: the session ends as
+    a reset, nothing escapes to asyncio's unhandled-exception log."""
+    options = {"max_connections": 2, "max_connections_per_source": 1, "eviction_grace": 0}
+    async with run_postgres(engine, **options) as node:
+        guard = node.context.connections
+        assert guard is not None
+        opened = []
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            for _ in range(10):
+                sock = socket.create_connection(("127.0.0.1", node.port))
+                sock.sendall(struct.pack("!ii", 8, 80877103))
+                opened.append(sock)
+                await asyncio.sleep(0.05)
+            for sock in opened:
+                sock.close()
+            await settle(lambda: guard.open == 0, 5)
+        assert guard.open == 0
+        assert guard.evicted["source"] >= 5
+    assert not [r for r in caplog.records if "exception" in r.getMessage().lower()]
+
+
+async def test_plaintext_sent_before_the_tls_handshake_is_refused(engine: Engine) -> None:
+    canary = plant_canary(engine)
+    async with run_postgres(engine) as node:
+        startup = pgwire.startup_message({"user": canary.token})
+        answer = await raw(node.port, struct.pack("!ii", 8, 80877103) + startup)
+    assert answer.endswith(pgwire.error("08P01", "invalid frontend message"))
+    assert hits(engine) == []
+
+
+async def test_a_tls_session_is_closed_at_once_after_its_answer(engine: Engine) -> None:
+    """No wait for the client's close_notify (asyncio's TLS close would hold the socket 30 s
+    after the slot was given back)."""
+    canary = plant_canary(engine, "credential", fmt="postgres-url")
+
+    def client(port: int) -> tuple[bytes, float]:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(struct.pack("!ii", 8, 80877103))
+        assert sock.recv(1) == b"S"
+        with context.wrap_socket(sock, server_hostname=f"db.{canary.token}.{ZONE}") as tls:
+            tls.sendall(pgwire.startup_message({"user": "app_rw", "database": "app"}))
+            assert tls.recv(9) == pgwire.auth_cleartext()
+            tls.sendall(b"p\x00\x00\x00\x06x\x00")
+            started = time.monotonic()
+            received = b""
+            # Read until the server closes, never sending close_notify ourselves.
+            with contextlib.suppress(ssl.SSLError, OSError):
+                while chunk := tls.recv(4096):
+                    received += chunk
+            return received, time.monotonic() - started
+
+    async with run_postgres(engine) as node:
+        received, waited = await asyncio.to_thread(client, node.port)
+    assert b"C28P01\x00" in received
+    assert waited < 3
+    assert hits(engine)[0].evidence["found_in"] == ["sni"]
+
+
+async def test_control_characters_a_client_sends_are_not_kept(engine: Engine) -> None:
+    canary = plant_canary(engine)
+    async with run_postgres(engine) as node:
+        startup = pgwire.startup_message(
+            {"user": canary.token, "application_name": "\x1b]0;pwn\x07\r\nevil"}
+        )
+        await raw(node.port, startup)
+    [hit] = hits(engine)
+    assert hit.evidence["application_name"] == "?]0;pwn???evil"
