@@ -38,6 +38,8 @@ _ATTACKER_KEYS = (
     "user",
     "database",
     "application_name",
+    "provider",
+    "endpoint",
 )
 _VERBS = {
     "dns": "DNS lookup of",
@@ -46,6 +48,7 @@ _VERBS = {
     "https": "HTTPS request for",
     "tls": "TLS connection to",
     "postgres": "PostgreSQL login with",
+    "mcp": "MCP request to",
 }
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|>~<])")
 

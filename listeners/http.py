@@ -27,7 +27,7 @@ from uvicorn.server import ServerState
 from canaries.find import in_request, split_name
 from canaries.index import Unknowable
 from canaries.model import Canary
-from listeners import llmapi
+from listeners import llmapi, mcpapi
 from listeners.base import Context, NotDurable, Peer, Port
 from listeners.guard import (
     BACKLOG,
@@ -351,6 +351,9 @@ class RequestCatcher:
             target += "?" + scope["query_string"].decode("latin-1")
         peer = scope.get("client") or ("?", 0)
         llm = llmapi.provider(scope.get("path", ""), headers)
+        # An MCP endpoint's requests are MCP hits, answered as an MCP server answers.
+        mcp = mcpapi.is_endpoint(scope.get("path", ""), scope["method"])
+        scheme = protocol
         head = {
             "method": scope["method"][:MAX_VALUE_KEPT],
             "target": target[:MAX_TARGET_KEPT],
@@ -366,6 +369,9 @@ class RequestCatcher:
         }
         if llm is not None:
             head |= {"provider": llm, "endpoint": scope.get("path", "")[:MAX_VALUE_KEPT]}
+        if mcp:
+            protocol = "mcp"
+            head["scheme"] = scheme
         try:
             # The head's hits first: a client that stalls its body has already left them.
             source = str(peer[0])
@@ -380,8 +386,15 @@ class RequestCatcher:
             )
             # An LLM request's body is kept whole (within a bound) for its model and prompt.
             body = await self._read_body(
-                receive, llmapi.MAX_BODY_KEPT if llm is not None else BODY_SCANNED
+                receive,
+                llmapi.MAX_BODY_KEPT
+                if llm is not None
+                else mcpapi.MAX_BODY_BYTES
+                if mcp
+                else BODY_SCANNED,
             )
+            whole = body.complete and body.size == len(body.head)
+            served = mcpapi.answer(scope["method"], body.head, whole) if mcp else None
             found = in_request("", "", [], body.head.decode("utf-8", "replace"), self._zone)
             known = {canary.token for canary, _ in head_hits}
             body_hits = await self._canaries(
@@ -391,10 +404,10 @@ class RequestCatcher:
                 (canary, entry) for (canary, _), entry in zip(head_hits, entries, strict=True)
             ]
             asked = (
-                llmapi.request_facts(
-                    llm, head["endpoint"], body.head, body.complete and body.size == len(body.head)
-                )
+                llmapi.request_facts(llm, head["endpoint"], body.head, whole)
                 if llm is not None and body.size
+                else served.facts
+                if served is not None
                 else {}
             )
             await self._context.record(
@@ -415,6 +428,10 @@ class RequestCatcher:
         elif body.ended == "timeout":
             self._guard.timeouts["body"] += 1
             await self._answer(send, 408, b"text/plain", b"", close)
+        elif served is not None and hits:
+            await self._answer(
+                send, served.status, b"application/json", served.body, served.headers + close
+            )
         elif llm is not None and hits:
             await self._answer(send, 401, b"application/json", llmapi.refusal(llm), close)
         elif _challenge(hits, headers):
@@ -469,7 +486,7 @@ class RequestCatcher:
             self._context.hit(canary, protocol, peer, {**head, **read, "found_in": where})
             for canary, where in body_hits
         ]
-        if body.size:
+        if body.size or asked:
             events += [
                 self._context.observation(
                     "evidence", canary, protocol, peer, {"hit_seq": entry.seq, **read}

@@ -408,7 +408,12 @@ def detail(event: EventView) -> str:
         return f"password step: secret {'presented' if data.get('secret_presented') else 'not presented'}"
     if kind == "evidence" and protocol == "tls":
         return f"TLS handshake {data.get('handshake', '')}"
-    if kind == "hit" and protocol in ("http", "https"):
+    if kind == "evidence" and protocol == "mcp":
+        tool = f" {data['tool']}({data.get('arguments', '')})" if data.get("tool") else ""
+        return f"MCP {data.get('method', '')}{tool}"
+    if kind == "evidence" and data.get("model") is not None:
+        return f"{data.get('provider', '')} {data.get('endpoint', '')} model {data['model']}"
+    if kind == "hit" and protocol in ("http", "https", "mcp"):
         found_in = ", ".join(data.get("found_in", []))
         return f"{data.get('method', '')} {data.get('target', '')} (in {found_in})"
     if kind == "evidence" and protocol in ("http", "https"):

@@ -37,10 +37,9 @@ def openai_client(planted: str, **extra: object) -> openai.OpenAI:
 async def test_the_openai_sdk_with_the_planted_key(engine: Engine) -> None:
     async with run_http(engine) as node:
         canary = plant_canary(engine, "credential", fmt="openai", web=Web(http_port=node.port))
-        client = openai_client(canary.value)
 
         def use() -> tuple[str, str]:
-            with resolving(ZONE):
+            with resolving(ZONE), openai_client(canary.value) as client:
                 with pytest.raises(openai.AuthenticationError) as listed:
                     client.models.list()
                 with pytest.raises(openai.AuthenticationError) as chatted:
@@ -67,12 +66,15 @@ async def test_the_anthropic_sdk_with_the_planted_settings(engine: Engine) -> No
     async with run_http(engine) as node:
         canary = plant_canary(engine, "credential", fmt="anthropic", web=Web(http_port=node.port))
         env = json.loads(canary.value)["env"]
-        client = anthropic.Anthropic(
-            api_key=env["ANTHROPIC_API_KEY"], base_url=env["ANTHROPIC_BASE_URL"]
-        )
 
         def use() -> str:
-            with resolving(ZONE), pytest.raises(anthropic.AuthenticationError) as refused:
+            with (
+                resolving(ZONE),
+                anthropic.Anthropic(
+                    api_key=env["ANTHROPIC_API_KEY"], base_url=env["ANTHROPIC_BASE_URL"]
+                ) as client,
+                pytest.raises(anthropic.AuthenticationError) as refused,
+            ):
                 client.messages.create(
                     model="claude-sonnet-4-5",
                     max_tokens=256,
@@ -97,10 +99,14 @@ async def test_over_https_the_sdk_verifies_the_certificate_and_is_caught(engine:
     async with run_tls(engine) as node:
         web = Web(https_port=node.port, ca_pem="unused")
         canary = plant_canary(engine, "credential", fmt="openai", web=web)
-        client = openai_client(canary.value, http_client=httpx.Client(verify=trusting()))
 
         def use() -> None:
-            with resolving(ZONE), pytest.raises(openai.AuthenticationError):
+            with (
+                resolving(ZONE),
+                httpx.Client(verify=trusting()) as http,
+                openai_client(canary.value, http_client=http) as client,
+                pytest.raises(openai.AuthenticationError),
+            ):
                 client.responses.create(model="gpt-4.1", input=PROMPT)
 
         await asyncio.to_thread(use)
