@@ -160,6 +160,25 @@ class TokenIndex:
                 self._worker = asyncio.create_task(self._rounds())
         return await asyncio.shield(answer)
 
+    async def among(
+        self, found: dict[str, list[str]], source: str, limit: int
+    ) -> list[tuple[Canary, list[str]]]:
+        """The canaries among `found` (token -> where it was seen), with where each was seen.
+
+        Words that are neither known nor pass the keyed check are dropped first, cheaply:
+        only plausible ones are worth a lookup, and more than `limit` of those from one
+        request (by chance 1 in 65,536 each) is Unknowable, not a reason for more store work.
+        """
+        worth = [(token, where) for token, where in found.items() if self.worth_asking(token)]
+        if len(worth) > limit:
+            raise Unknowable(f"{len(worth)} plausible tokens in one request")
+        hits = []
+        for token, where in worth:
+            canary = await self.lookup(token, source)
+            if canary is not None:
+                hits.append((canary, where))
+        return hits
+
     def _done_asking(self, source: str) -> None:
         self._asking[source] -= 1
         if not self._asking[source]:

@@ -16,7 +16,7 @@ import os
 import ssl
 import tempfile
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,11 +26,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from listeners.base import printable
+from listeners.tlswire import MAX_NAME
+
 SELF_SIGNED_DAYS = 3650
 
 Source = Literal["acme", "file", "self-signed"]
-# Told the server name a client asked for, as ssl's sni_callback is.
-SniSeen = Callable[[ssl.SSLObject, str | None], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,25 +148,38 @@ class Challenges:
 class Contexts:
     """A listener's TLS server context, `current` for each new connection: a replaced
     certificate gets a new context, never a changed one (loading a new chain into a live
-    context keeps an old certificate of another key type, and it would be served)."""
+    context keeps an old certificate of another key type, and it would be served).
 
-    def __init__(self, pem: bytes, sni: SniSeen | None) -> None:
-        self._sni = sni
+    With `names`, it notes the server name each client asked for (SNI), for `facts`.
+    """
+
+    def __init__(self, pem: bytes, names: bool) -> None:
+        self._names: weakref.WeakKeyDictionary[ssl.SSLObject, str] | None = (
+            weakref.WeakKeyDictionary() if names else None
+        )
         self.current = self._make(pem)
 
     def _make(self, pem: bytes) -> ssl.SSLContext:
         context = server_context(pem)
-        sni = self._sni
-        if sni is not None:
+        names = self._names
+        if names is not None:
 
             def seen(ssl_object: Any, name: str | None, _: ssl.SSLContext) -> None:
-                sni(ssl_object, name)
+                if name:
+                    names[ssl_object] = printable(name, MAX_NAME)
 
             context.sni_callback = seen
         return context
 
     def renew(self, pem: bytes) -> None:
         self.current = self._make(pem)
+
+    def facts(self, ssl_object: ssl.SSLObject | None) -> dict[str, Any]:
+        """Evidence of a connection's TLS: whether it has any, the name asked, the version."""
+        if ssl_object is None:
+            return {"tls": False}
+        name = self._names.get(ssl_object) if self._names is not None else None
+        return {"tls": True, "sni": name, "tls_version": ssl_object.version()}
 
 
 class NodeCertificate:
@@ -180,9 +194,10 @@ class NodeCertificate:
     def served(self) -> Served:
         return self._served
 
-    def contexts(self, sni: SniSeen | None = None) -> Contexts:
-        """Server contexts that serve this certificate, and whatever replaces it."""
-        contexts = Contexts(self._served.pem, sni)
+    def contexts(self, names: bool = False) -> Contexts:
+        """Server contexts that serve this certificate, and whatever replaces it; with `names`,
+        noting the server name each client asks for."""
+        contexts = Contexts(self._served.pem, names)
         self._contexts.add(contexts)
         return contexts
 

@@ -375,8 +375,8 @@ class RequestCatcher:
         try:
             # The head's hits first: a client that stalls its body has already left them.
             source = str(peer[0])
-            head_hits = await self._canaries(
-                in_request(host, target, headers, "", self._zone), source
+            head_hits = await self._context.index.among(
+                in_request(host, target, headers, "", self._zone), source, MAX_CANDIDATES
             )
             entries = await self._context.record(
                 *[
@@ -397,8 +397,10 @@ class RequestCatcher:
             served = mcpapi.answer(scope["method"], body.head, whole) if mcp else None
             found = in_request("", "", [], body.head.decode("utf-8", "replace"), self._zone)
             known = {canary.token for canary, _ in head_hits}
-            body_hits = await self._canaries(
-                {token: where for token, where in found.items() if token not in known}, source
+            body_hits = await self._context.index.among(
+                {token: where for token, where in found.items() if token not in known},
+                source,
+                MAX_CANDIDATES,
             )
             recorded = [
                 (canary, entry) for (canary, _), entry in zip(head_hits, entries, strict=True)
@@ -438,30 +440,6 @@ class RequestCatcher:
             await self._answer(send, 401, b"text/plain", b"", _CHALLENGE + close)
         else:
             await self._answer(send, *_ANSWERS[self._options.response], close)
-
-    async def _canaries(
-        self, found: dict[str, list[str]], source: str
-    ) -> list[tuple[Canary, list[str]]]:
-        """The canaries among `found`; Unknowable when too many might be one to ask about.
-
-        Words that are neither known nor pass the deployment's keyed check are dropped
-        first, cheaply: only plausible ones are worth a lookup, and a request stuffed with
-        more than MAX_CANDIDATES of those (by chance 1 in 65,536 each) is answered 503.
-        """
-        index = self._context.index
-        worth = [
-            (candidate, where)
-            for candidate, where in found.items()
-            if index.worth_asking(candidate)
-        ]
-        if len(worth) > MAX_CANDIDATES:
-            raise Unknowable(f"{len(worth)} plausible tokens in one request")
-        hits = []
-        for candidate, where in worth:
-            canary = await index.lookup(candidate, source)
-            if canary is not None:
-                hits.append((canary, where))
-        return hits
 
     def _body_events(
         self,

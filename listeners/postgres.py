@@ -22,7 +22,6 @@ is not the protocol gets `08P01` and the connection is closed.
 import asyncio
 import logging
 import ssl
-import weakref
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -30,11 +29,9 @@ from pydantic import Field
 
 from canaries.find import locate, scan, split_name
 from canaries.index import Unknowable
-from canaries.model import Canary
 from listeners import pgwire
 from listeners.base import Context, NotDurable, Peer, Port, format_peer, printable
 from listeners.guard import BACKLOG, ConnectionGuard, StreamOptions
-from listeners.tlswire import MAX_NAME
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +63,9 @@ class PostgresListener:
         self._options = options
         self._zone = split_name(context.zone)
         context.connections = self._guard = ConnectionGuard.of(options)
-        self._names: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
-        self._tls = None if context.tls is None else context.tls.contexts(sni=self._sni)
+        self._tls = None if context.tls is None else context.tls.contexts(names=True)
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[None]] = set()
-
-    def _sni(self, ssl_object: ssl.SSLObject, name: str | None) -> None:
-        if name:
-            self._names[ssl_object] = printable(name, MAX_NAME)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -181,7 +173,7 @@ class PostgresListener:
             **tls,
         }
         found = self._in_startup(startup, tls.get("sni"))
-        hits = await self._canaries(found, str(peer[0]))
+        hits = await self._context.index.among(found, str(peer[0]), MAX_CANDIDATES)
         recorded = await self._context.record(
             *[
                 self._context.hit(
@@ -217,7 +209,7 @@ class PostgresListener:
             secret = {"password_length": len(text)}
             words = {token: ["password"] for token in scan(text)}
         known = {canary.token: entry for (canary, _), entry in zip(hits, recorded, strict=True)}
-        presented = await self._canaries(words, str(peer[0]))
+        presented = await self._context.index.among(words, str(peer[0]), MAX_CANDIDATES)
         tokens = {canary.token for canary, _ in presented}
         # What the password step brought, for each canary its startup named; a new hit for
         # each canary only the password named.
@@ -291,13 +283,9 @@ class PostgresListener:
 
     def _tls_facts(self, writer: asyncio.StreamWriter) -> dict[str, Any]:
         ssl_object = writer.get_extra_info("ssl_object")
-        if ssl_object is None:
+        if self._tls is None or ssl_object is None:
             return {"tls": False}
-        return {
-            "tls": True,
-            "sni": self._names.get(ssl_object),
-            "tls_version": ssl_object.version(),
-        }
+        return self._tls.facts(ssl_object)
 
     def _in_startup(self, startup: pgwire.Startup, sni: str | None) -> dict[str, list[str]]:
         """Tokens in the server name asked for (by position) and in the startup parameters."""
@@ -310,20 +298,6 @@ class PostgresListener:
             for token in scan(startup.parameters.get(name, "")):
                 found.setdefault(token, []).append(name)
         return found
-
-    async def _canaries(
-        self, found: dict[str, list[str]], source: str
-    ) -> list[tuple[Canary, list[str]]]:
-        index = self._context.index
-        worth = [(token, where) for token, where in found.items() if index.worth_asking(token)]
-        if len(worth) > MAX_CANDIDATES:
-            raise Unknowable(f"{len(worth)} plausible tokens in one connection")
-        hits = []
-        for token, where in worth:
-            canary = await index.lookup(token, source)
-            if canary is not None:
-                hits.append((canary, where))
-        return hits
 
 
 def _close(writer: asyncio.StreamWriter, raw: asyncio.BaseTransport) -> None:

@@ -9,8 +9,6 @@ inside it, are committed too.
 
 import asyncio
 import logging
-import ssl
-import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, AnyStr
@@ -21,11 +19,11 @@ from pydantic import Field
 from canaries.find import in_address, in_domains, scan, split_name
 from canaries.index import Unknowable
 from canaries.model import Canary
-from listeners.base import Context, DnsName, NotDurable, Peer, Port, format_peer, printable
+from listeners.base import Context, DnsName, NotDurable, Peer, Port, format_peer
+from listeners.certificates import Contexts
 from listeners.guard import ConnectionGuard, Seconds, Slot, StreamOptions
 from listeners.mailparse import MailDetails, inspect_message
 from listeners.tls import TlsFront
-from listeners.tlswire import MAX_NAME
 from store.ledger import Entry, Event
 
 log = logging.getLogger(__name__)
@@ -67,22 +65,18 @@ class CanaryHandler:
         self,
         context: Context,
         domains: tuple[tuple[str, ...], ...],
-        names: "weakref.WeakKeyDictionary[ssl.SSLObject, str]",
+        tls: Contexts | None,
     ) -> None:
         self._context = context
         self._domains = domains
-        self._names = names
+        self._tls_contexts = tls
 
     def _tls(self, session: Session) -> dict[str, Any]:
         """Whether the session is in TLS (STARTTLS or implicit), and the server name it asked."""
         ssl_object = (session.ssl or {}).get("ssl_object")
-        if ssl_object is None:
+        if self._tls_contexts is None or ssl_object is None:
             return {"tls": False}
-        return {
-            "tls": True,
-            "sni": self._names.get(ssl_object),
-            "tls_version": ssl_object.version(),
-        }
+        return self._tls_contexts.facts(ssl_object)
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -348,12 +342,11 @@ class SmtpListener:
         self._context = context
         self._options = options
         domains = options.domains or [context.zone]
-        self._names: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
+        self._tls = None if context.tls is None else context.tls.contexts(names=True)
         self._handler = CanaryHandler(
-            context, tuple(split_name(domain) for domain in domains), self._names
+            context, tuple(split_name(domain) for domain in domains), self._tls
         )
         context.connections = self._guard = ConnectionGuard.of(options)
-        self._tls = None if context.tls is None else context.tls.contexts(sni=self._sni)
         self._front: TlsFront | None = None
         if options.tls_port is not None and self._tls is not None:
             implicit = options.model_copy(update={"port": options.tls_port})
@@ -361,10 +354,6 @@ class SmtpListener:
                 context, implicit, self._guard, self._tls, lambda slot: self._session(slot)
             )
         self._server: asyncio.Server | None = None
-
-    def _sni(self, ssl_object: ssl.SSLObject, name: str | None) -> None:
-        if name:
-            self._names[ssl_object] = printable(name, MAX_NAME)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
