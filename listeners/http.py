@@ -350,10 +350,6 @@ class RequestCatcher:
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         peer = scope.get("client") or ("?", 0)
-        llm = llmapi.provider(scope.get("path", ""), headers)
-        # An MCP endpoint's requests are MCP hits, answered as an MCP server answers.
-        mcp = mcpapi.is_endpoint(scope.get("path", ""), scope["method"])
-        scheme = protocol
         head = {
             "method": scope["method"][:MAX_VALUE_KEPT],
             "target": target[:MAX_TARGET_KEPT],
@@ -367,24 +363,31 @@ class RequestCatcher:
                 (v[:MAX_VALUE_KEPT] for n, v in headers if n.lower() == "user-agent"), None
             ),
         }
-        if llm is not None:
-            head |= {"provider": llm, "endpoint": scope.get("path", "")[:MAX_VALUE_KEPT]}
-        if mcp:
-            protocol = "mcp"
-            head["scheme"] = scheme
         try:
             # The head's hits first: a client that stalls its body has already left them.
             source = str(peer[0])
             head_hits = await self._context.index.among(
                 in_request(host, target, headers, "", self._zone), source, MAX_CANDIDATES
             )
+            # A canary's holder is answered as the service it was planted for: an MCP server
+            # at a planted MCP endpoint, the provider at an LLM API path. Anyone else is
+            # answered as any request is (no fingerprint, and no cost of parsing for it).
+            path = scope.get("path", "")
+            llm = llmapi.provider(path, headers) if head_hits else None
+            mcp = mcpapi.is_endpoint(scope.get("raw_path", b"").decode("latin-1"), scope["method"])
+            mcp = mcp and any(canary.format == "mcp" for canary, _ in head_hits)
+            if llm is not None:
+                head |= {"provider": llm, "endpoint": path[:MAX_VALUE_KEPT]}
+            if mcp:
+                head["scheme"] = protocol
+                protocol = "mcp"
             entries = await self._context.record(
                 *[
                     self._context.hit(canary, protocol, peer, {**head, "found_in": where})
                     for canary, where in head_hits
                 ]
             )
-            # An LLM request's body is kept whole (within a bound) for its model and prompt.
+            # Their bodies are kept whole (within a bound): the model, the prompt, the call.
             body = await self._read_body(
                 receive,
                 llmapi.MAX_BODY_KEPT
@@ -430,12 +433,13 @@ class RequestCatcher:
         elif body.ended == "timeout":
             self._guard.timeouts["body"] += 1
             await self._answer(send, 408, b"text/plain", b"", close)
-        elif served is not None and hits:
+        elif served is not None:
             await self._answer(
                 send, served.status, b"application/json", served.body, served.headers + close
             )
-        elif llm is not None and hits:
-            await self._answer(send, 401, b"application/json", llmapi.refusal(llm), close)
+        elif llm is not None:
+            refusal, marked = llmapi.refusal(llm)
+            await self._answer(send, 401, b"application/json", refusal, marked + close)
         elif _challenge(hits, headers):
             await self._answer(send, 401, b"text/plain", b"", _CHALLENGE + close)
         else:

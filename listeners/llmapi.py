@@ -27,6 +27,7 @@ _OPENAI = (
 )
 _ANTHROPIC = ("/v1/messages", "/v1/messages/count_tokens", "/v1/complete")
 MAX_BODY_KEPT = 64 * 1024
+_ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz123456789"
 PROMPT_KEPT = 1024
 MODEL_KEPT = 100
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,100})"')
@@ -84,22 +85,25 @@ def _text(content: Any) -> str:
     return ""
 
 
-def refusal(kind: Provider) -> bytes:
-    """The provider's answer to a bad key: the body of its 401, nothing of the request in it."""
+def refusal(kind: Provider) -> tuple[bytes, tuple[tuple[bytes, bytes], ...]]:
+    """The provider's answer to a bad key: the body of its 401 and its request-id header,
+    nothing of the request in either."""
     if kind == "anthropic":
+        request_id = "req_011C" + "".join(secrets.choice(_ID_CHARS) for _ in range(20))
         body: dict[str, Any] = {
             "type": "error",
             "error": {"type": "authentication_error", "message": "invalid x-api-key"},
-            "request_id": f"req_{secrets.token_hex(12)}",
+            "request_id": request_id,
         }
-    else:
-        body = {
-            "error": {
-                "message": "Incorrect API key provided. You can find your API key at "
-                "https://platform.openai.com/account/api-keys.",
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "invalid_api_key",
-            }
+        return json.dumps(body).encode(), ((b"request-id", request_id.encode()),)
+    body = {
+        "error": {
+            "message": "Incorrect API key provided. You can find your API key at "
+            "https://platform.openai.com/account/api-keys.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
         }
-    return json.dumps(body).encode()
+    }
+    request_id = f"req_{secrets.token_hex(16)}"
+    return json.dumps(body).encode(), ((b"x-request-id", request_id.encode()),)

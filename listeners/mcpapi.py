@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_BODY_BYTES = 64 * 1024
+# The one value of a request an answer repeats: bounded.
+MAX_ID_CHARS = 128
 ARGUMENTS_KEPT = 1024
 VALUE_KEPT = 128
 # Versions of the handshake era, newest first: what `initialize` may agree on.
@@ -54,9 +56,9 @@ _TOOLS = [
 _METHOD_NOT_FOUND, _INVALID_REQUEST, _PARSE_ERROR = -32601, -32600, -32700
 
 
-def is_endpoint(path: str, method: str) -> bool:
-    """Whether a request is for an MCP endpoint as the planted configs name it (`…/mcp`)."""
-    return method in ("POST", "GET", "DELETE") and path.rstrip("/").endswith("/mcp")
+def is_endpoint(raw_path: str, method: str) -> bool:
+    """Whether a request is for the MCP endpoint the planted configs name (`/mcp`)."""
+    return method in ("POST", "GET", "DELETE") and raw_path in ("/mcp", "/mcp/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +77,7 @@ def answer(method: str, body: bytes, complete: bool) -> Answer:
         return Answer(204, facts={"method": "session/delete"})
     if method == "GET":
         # No stream of server-initiated messages: the spec's answer is 405.
-        return Answer(405, facts={"method": "stream/open"})
+        return Answer(405, headers=((b"allow", b"POST, DELETE"),), facts={"method": "stream/open"})
     if not complete or len(body) > MAX_BODY_BYTES:
         return _error(None, _INVALID_REQUEST, "Request too large", {"method": None})
     try:
@@ -89,14 +91,15 @@ def answer(method: str, body: bytes, complete: bool) -> Answer:
 
 def _dispatch(message: dict[str, Any]) -> Answer:
     name: str = message["method"]
-    ident = message.get("id")
-    ident = ident if isinstance(ident, (str, int)) and not isinstance(ident, bool) else None
+    if "id" not in message:
+        # A notification (initialized, cancelled, ...): accepted, never answered.
+        return Answer(202, facts={"method": name[:VALUE_KEPT]})
+    ident = message["id"]
+    if not _valid_id(ident):
+        return _error(None, _INVALID_REQUEST, "Invalid Request", {"method": name[:VALUE_KEPT]})
     given = message.get("params")
     params: dict[str, Any] = given if isinstance(given, dict) else {}
     facts: dict[str, Any] = {"method": name[:VALUE_KEPT]}
-    if ident is None:
-        # A notification (initialized, cancelled, ...): accepted, never answered.
-        return Answer(202, facts=facts)
     if name == "initialize":
         info = params.get("clientInfo")
         client: dict[str, Any] = info if isinstance(info, dict) else {}
@@ -139,6 +142,15 @@ def _dispatch(message: dict[str, Any]) -> Answer:
         }
         return _result(ident, refused, facts)
     return _error(ident, _METHOD_NOT_FOUND, "Method not found", facts)
+
+
+def _valid_id(ident: Any) -> bool:
+    """A request id as JSON-RPC allows it (a string or an integer), short enough to echo."""
+    if isinstance(ident, bool):
+        return False
+    if isinstance(ident, int):
+        return abs(ident) < 2**63
+    return isinstance(ident, str) and len(ident) <= MAX_ID_CHARS
 
 
 def _result(

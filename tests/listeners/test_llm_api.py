@@ -46,6 +46,7 @@ async def test_the_openai_sdk_with_the_planted_key(engine: Engine) -> None:
                     client.chat.completions.create(
                         model="gpt-4o", messages=[{"role": "user", "content": PROMPT}]
                     )
+            assert chatted.value.request_id is not None
             return str(listed.value.code), str(chatted.value.code)
 
         assert await asyncio.to_thread(use) == ("invalid_api_key", "invalid_api_key")

@@ -42,10 +42,13 @@ def test_a_cut_body_still_gives_its_model() -> None:
 
 
 def test_the_refusals_are_the_providers_own_and_carry_nothing_of_the_request() -> None:
-    openai_body = json.loads(llmapi.refusal("openai"))
-    assert openai_body["error"]["code"] == "invalid_api_key"
-    anthropic_body = json.loads(llmapi.refusal("anthropic"))
-    assert anthropic_body["error"]["type"] == "authentication_error"
+    body, headers = llmapi.refusal("openai")
+    assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert dict(headers)[b"x-request-id"].startswith(b"req_")
+    body, headers = llmapi.refusal("anthropic")
+    refused = json.loads(body)
+    assert refused["error"]["type"] == "authentication_error"
+    assert dict(headers)[b"request-id"].decode() == refused["request_id"]
 
 
 _JSON = st.recursive(

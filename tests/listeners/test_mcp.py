@@ -56,6 +56,35 @@ async def test_the_mcp_path_without_a_canary_is_answered_as_any_other(engine: En
     assert hits(engine) == []
 
 
+async def test_only_a_planted_mcp_endpoint_answers_as_one(engine: Engine) -> None:
+    """A canary of another kind at /mcp, or the MCP canary at another path ending in mcp, is
+    answered as any request: only what was planted behaves as an MCP server."""
+    dns = plant_canary(engine)
+    async with run_http(engine) as node, httpx.AsyncClient() as client:
+        mcp = plant_canary(engine, "credential", fmt="mcp", web=Web(http_port=node.port))
+        call = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+        other = await client.post(
+            f"http://127.0.0.1:{node.port}/mcp", headers={"Host": dns.value}, json=call
+        )
+        elsewhere = await client.post(
+            f"http://127.0.0.1:{node.port}/static/mcp",
+            headers={"Authorization": f"Bearer {mcp.token}"},
+            json=call,
+        )
+    assert other.content == b""
+    assert elsewhere.content == b""
+    assert {hit.protocol for hit in hits(engine)} == {"http"}
+
+
+def test_a_request_id_too_long_to_echo_is_invalid() -> None:
+    long = {"jsonrpc": "2.0", "id": "x" * 1000, "method": "ping"}
+    answered = json.loads(mcpapi.answer("POST", json.dumps(long).encode(), True).body)
+    assert answered["id"] is None
+    assert answered["error"]["code"] == -32600
+    fraction = {"jsonrpc": "2.0", "id": 1.5, "method": "ping"}
+    assert mcpapi.answer("POST", json.dumps(fraction).encode(), True).status == 400
+
+
 def test_malformed_requests_get_json_rpc_errors() -> None:
     assert mcpapi.answer("POST", b"{nope", True).status == 400
     assert json.loads(mcpapi.answer("POST", b"[1]", True).body)["error"]["code"] == -32600
