@@ -373,7 +373,11 @@ class RequestCatcher:
             # at a planted MCP endpoint, the provider at an LLM API path. Anyone else is
             # answered as any request is (no fingerprint, and no cost of parsing for it).
             path = scope.get("path", "")
-            llm = llmapi.provider(path, headers) if head_hits else None
+            llm = (
+                llmapi.provider(path, headers)
+                if any(canary.format in llmapi.FORMATS for canary, _ in head_hits)
+                else None
+            )
             mcp = mcpapi.is_endpoint(scope.get("raw_path", b"").decode("latin-1"), scope["method"])
             mcp = mcp and any(canary.format == "mcp" for canary, _ in head_hits)
             if llm is not None:

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 Provider = Literal["openai", "anthropic"]
+# The credential formats that plant a provider key: only their holders get its answers.
+FORMATS = ("openai", "anthropic", "env")
 
 # Paths the official SDKs call, by provider (the base URL is what the planted file names).
 _OPENAI = (

@@ -21,6 +21,7 @@ import dns.rcode
 import httpx
 import pytest
 
+from canaries.plant import BUNDLE
 from support import Receiver, Serving, node_config
 
 OOBWATCH = [sys.executable, "-m", "oobwatch.cli"]
@@ -213,7 +214,8 @@ def test_email_url_and_credential_canaries_through_serve(
     manifest = json.loads(
         run(config, "plant", "--sandbox", "sbx-9", "--into", str(home), "--json").stdout
     )
-    assert len(manifest) == 11
+    # Every format of the bundle, and the contacts file's email and URL canaries.
+    assert len(manifest) == len(BUNDLE) + 2
     assert (home / ".aws" / "credentials").is_file()
     again = run(config, "plant", "--sandbox", "sbx-9", "--into", str(home), "--json")
     assert json.loads(again.stdout) == []
