@@ -1,5 +1,6 @@
-"""The MCP server canary with the official MCP SDK's Streamable HTTP client: a planted .mcp.json,
-used, initialises, lists tools and calls one; every step is evidence of the same canary."""
+"""The MCP server canary (listeners/mcpapi.py) with the official MCP SDK's Streamable HTTP
+client: a planted .mcp.json, used, initialises, lists tools and calls one; every step is evidence
+of the same canary. Hostile bodies and JSON-RPC messages get bounded answers."""
 
 import json
 
