@@ -110,6 +110,10 @@ class TokenIndex:
     def __len__(self) -> int:
         return len(self._by_token)
 
+    def canaries(self) -> list[Canary]:
+        """Every canary known now."""
+        return list(self._by_token.values())
+
     def get(self, token: str) -> Canary | None:
         """The canary for a lowercase token, from memory only."""
         return self._by_token.get(token)

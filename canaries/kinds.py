@@ -8,10 +8,14 @@ non-base32 characters, so the text scanner finds them.
 """
 
 import base64
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
 from typing import Literal, get_args
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 CredentialFormat = Literal[
     "netrc",
@@ -27,6 +31,7 @@ CredentialFormat = Literal[
     "openai",
     "anthropic",
     "github",
+    "ssh-key",
 ]
 CREDENTIAL_FORMATS: tuple[str, ...] = get_args(CredentialFormat)
 
@@ -253,6 +258,49 @@ def _github(token: str, zone: str, web: Web) -> dict[str, str]:
     }
 
 
+def ssh_key(token: str) -> Ed25519PrivateKey:
+    """The SSH key an `ssh-key` canary plants, derived from its token: the SSH listener knows
+    a canary by the fingerprint of the public key a client offers (SSH names no host)."""
+    return Ed25519PrivateKey.from_private_bytes(
+        hashlib.sha256(f"ssh-key:{token}".encode()).digest()
+    )
+
+
+def ssh_fingerprint(token: str) -> str:
+    """The fingerprint of an `ssh-key` canary's key, as `ssh-keygen -lf` prints it."""
+    line = (
+        ssh_key(token)
+        .public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    blob = base64.b64decode(line.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def _ssh_key(token: str, zone: str, _web: Web) -> dict[str, str]:
+    key = ssh_key(token)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
+    return {
+        ".ssh/config": (
+            "Host bastion-prod\n"
+            f"  HostName bastion.{token}.{zone}\n"
+            "  User deploy\n  Port 22\n  IdentityFile ~/.ssh/id_ed25519_prod\n"
+            "  IdentitiesOnly yes\n  StrictHostKeyChecking accept-new\n"
+        ),
+        ".ssh/id_ed25519_prod": private,
+        ".ssh/id_ed25519_prod.pub": f"{public} deploy@bastion-prod\n",
+    }
+
+
 _RENDERERS = {
     "netrc": _netrc,
     "git-credentials": _git_credentials,
@@ -267,4 +315,5 @@ _RENDERERS = {
     "openai": _openai,
     "anthropic": _anthropic,
     "github": _github,
+    "ssh-key": _ssh_key,
 }

@@ -10,7 +10,7 @@ Severity = Literal["low", "medium", "high", "critical"]
 KINDS: tuple[str, ...] = get_args(Kind)
 # The channel a hit came in by, as listeners record it (`tls`: a ClientHello; `https`: a request
 # inside a completed handshake).
-Protocol = Literal["dns", "smtp", "http", "https", "tls", "postgres", "mcp"]
+Protocol = Literal["dns", "smtp", "http", "https", "tls", "postgres", "mcp", "ssh"]
 PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 # The built-in self-test canaries live here; their hits never open incidents.
 HEARTBEAT_SANDBOX = "oobwatch-heartbeat"

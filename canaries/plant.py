@@ -27,7 +27,7 @@ BUNDLE = (
     "pgpass",
     "aws",
     "kubeconfig",
-    "ssh-config",
+    "ssh-key",
     "docker-config",
     "env",
     "mcp",

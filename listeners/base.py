@@ -112,6 +112,8 @@ class Context:
     tls: "NodeCertificate | None" = None
     # Shared by a node's listeners: what the DNS listener answers for an ACME order.
     challenges: "Challenges | None" = None
+    # The SSH host key every node on the store serves (OpenSSH private key format).
+    ssh_host_key: bytes | None = None
 
     def hit(self, canary: Canary, protocol: str, peer: Peer, evidence: Mapping[str, Any]) -> Event:
         return hit_event(canary, protocol=protocol, peer=peer, node=self.node, evidence=evidence)

@@ -48,6 +48,7 @@ from listeners.guard import StreamOptions
 from listeners.http import HttpOptions
 from listeners.postgres import PostgresOptions
 from listeners.smtp import SmtpOptions
+from listeners.ssh import SshOptions
 from listeners.tls import TlsOptions
 
 ENV_PREFIX = "OOBWATCH_"
@@ -264,6 +265,7 @@ class Config(Section):
     http: HttpOptions = HttpOptions()
     https: TlsOptions = TlsOptions()
     postgres: PostgresOptions = PostgresOptions()
+    ssh: SshOptions = SshOptions()
     tls: TlsConfig = TlsConfig()
     bursts: BurstOptions = BurstOptions()
     alerts: AlertsConfig = AlertsConfig()
@@ -286,7 +288,7 @@ class Config(Section):
         bound: list[tuple[str, str, int]] = []
         wanted = [
             (f"{name}.port", options.listen, options.port)
-            for name in ("dns", "smtp", "http", "https", "postgres", "api")
+            for name in ("dns", "smtp", "http", "https", "postgres", "ssh", "api")
             if (options := getattr(self, name)).enabled
         ]
         if self.smtp.enabled and self.smtp.tls_port is not None:
@@ -538,6 +540,13 @@ enabled = false
 listen = "127.0.0.1"
 port = 15432                          # 5432 in production
 auth = "cleartext"                    # or "scram-sha-256" for clients that require it
+
+[ssh]
+# A planted SSH key (ssh-key canaries) or password, tried: the offered key's fingerprint, the
+# username and passwords are checked; every attempt is refused.
+enabled = false
+listen = "127.0.0.1"
+port = 2222                           # 22 in production
 
 [tls]
 # The certificate [https], SMTP's and PostgreSQL's TLS serve; without one, a self-signed one for the zone,

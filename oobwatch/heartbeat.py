@@ -16,6 +16,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import asyncssh
 import httpx
 from dnslib import DNSRecord
 from sqlalchemy import Engine, func, select
@@ -113,8 +114,33 @@ async def probe_postgres(address: tuple[str, int], database: str, seconds: float
             writer.close()
 
 
+async def probe_ssh(address: tuple[str, int], username: str, seconds: float) -> None:
+    """A password attempt as `username`: the hit is recorded, the attempt refused."""
+    try:
+        async with asyncio.timeout(seconds):
+            await asyncssh.connect(
+                address[0],
+                address[1],
+                username=username,
+                password="oobwatch-heartbeat",  # noqa: S106 - a probe, refused by design
+                known_hosts=None,
+                client_keys=None,
+                preferred_auth="password",
+            )
+    except asyncssh.PermissionDenied:
+        return
+    raise OSError("the SSH listener let a heartbeat in")
+
+
 # The protocol each listener's hits are recorded with.
-_PROTOCOLS = {"dns": "dns", "smtp": "smtp", "http": "http", "https": "tls", "postgres": "postgres"}
+_PROTOCOLS = {
+    "dns": "dns",
+    "smtp": "smtp",
+    "http": "http",
+    "https": "tls",
+    "postgres": "postgres",
+    "ssh": "ssh",
+}
 
 
 @dataclass
@@ -161,6 +187,8 @@ class Heartbeat:
                 await probe_tls(address, f"hb.{self.canary.value}", timeout)
             elif name == "postgres":
                 await probe_postgres(address, self.canary.token, timeout)
+            elif name == "ssh":
+                await probe_ssh(address, f"hb_{self.canary.token}", timeout)
             else:
                 await probe_http(address, self.canary.value, timeout)
         except (
@@ -169,6 +197,7 @@ class Heartbeat:
             asyncio.IncompleteReadError,
             httpx.HTTPError,
             smtplib.SMTPException,
+            asyncssh.Error,
         ) as error:
             log.warning("heartbeat probe of %s at %s:%d failed: %r", name, *address, error)
             return False

@@ -31,6 +31,8 @@ from listeners.guard import ConnectionGuard, StreamOptions
 from listeners.http import AsgiServer, HttpListener
 from listeners.postgres import PostgresListener
 from listeners.smtp import SmtpListener
+from listeners.ssh import SshListener
+from listeners.ssh import host_key as ssh_host_key
 from listeners.tls import TlsListener
 from oobwatch import alerting, logs
 from oobwatch.api import build_api
@@ -41,6 +43,7 @@ from oobwatch.integrity import Integrity
 from oobwatch.metrics import NodeCollector
 from oobwatch.operations import LocalOperations
 from store.clock import now_us
+from store.deployment import secret
 from store.engine import checkpoint as engine_checkpoint
 from store.engine import open_store
 from store.writer import LedgerWriter
@@ -63,6 +66,7 @@ LISTENERS: dict[str, Callable[[Context, Config], Listener]] = {
     "http": lambda context, config: HttpListener(context, config.http),
     "https": lambda context, config: TlsListener(context, config.https, config.http),
     "postgres": lambda context, config: PostgresListener(context, config.postgres),
+    "ssh": lambda context, config: SshListener(context, config.ssh),
 }
 
 
@@ -277,6 +281,11 @@ async def start(config: Config) -> Node:
         certificate = NodeCertificate(serving)
         node.certificate = certificate
         node.keeper = CertificateKeeper(config, engine, serving, challenges)
+    ssh_key = (
+        await asyncio.to_thread(secret, engine, "ssh-host-key", make=ssh_host_key)
+        if config.ssh.enabled
+        else None
+    )
     for name, kind in LISTENERS.items():
         options: ListenerOptions = getattr(config, name)
         if not options.enabled:
@@ -288,6 +297,7 @@ async def start(config: Config) -> Node:
             config.dns.zone,
             tls=certificate,
             challenges=challenges,
+            ssh_host_key=ssh_key,
         )
         listener = kind(context, config)
         await _bind(node, name, options, listener.start)

@@ -38,6 +38,7 @@ from listeners.dns import DnsListener, DnsOptions
 from listeners.http import HttpListener, HttpOptions
 from listeners.postgres import PostgresListener, PostgresOptions
 from listeners.smtp import SmtpListener, SmtpOptions
+from listeners.ssh import SshListener, SshOptions, host_key
 from listeners.tls import TlsListener, TlsOptions
 from store import ledger
 from store.clock import now_us
@@ -254,6 +255,20 @@ def run_postgres(engine: Engine, **options: Any) -> contextlib.AbstractAsyncCont
     def build(context: Context) -> PostgresListener:
         context.tls = node_certificate()
         return PostgresListener(context, PostgresOptions(enabled=True, port=0, **options))
+
+    return run_listener(engine, build)
+
+
+@functools.cache
+def ssh_host_key() -> bytes:
+    """One SSH host key for every test that runs the SSH listener."""
+    return host_key()
+
+
+def run_ssh(engine: Engine, **options: Any) -> contextlib.AbstractAsyncContextManager[Node]:
+    def build(context: Context) -> SshListener:
+        context.ssh_host_key = ssh_host_key()
+        return SshListener(context, SshOptions(enabled=True, port=0, **options))
 
     return run_listener(engine, build)
 

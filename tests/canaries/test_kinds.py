@@ -2,6 +2,7 @@
 
 import base64
 import configparser
+import hashlib
 import io
 import json
 import netrc
@@ -145,8 +146,24 @@ def test_github() -> None:
     assert entry["git_protocol"] == "https"
 
 
+def test_ssh_key_is_an_openssh_key_known_by_its_fingerprint() -> None:
+    planting = render("ssh-key")
+    config = dict(line.strip().split(" ", 1) for line in planting.files[".ssh/config"].splitlines())
+    assert host_token(config["HostName"]) == TOKEN
+    assert config["IdentityFile"] == "~/.ssh/id_ed25519_prod"
+    assert planting.files[".ssh/id_ed25519_prod"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    public = planting.files[".ssh/id_ed25519_prod.pub"].split()
+    assert public[0] == "ssh-ed25519"
+    digest = base64.b64encode(hashlib.sha256(base64.b64decode(public[1])).digest()).decode()
+    assert kinds.ssh_fingerprint(TOKEN) == "SHA256:" + digest.rstrip("=")
+    # The same key from the same token (OpenSSH's file format has a random check word).
+    again = render("ssh-key").files
+    assert again[".ssh/id_ed25519_prod.pub"] == planting.files[".ssh/id_ed25519_prod.pub"]
+
+
 def test_every_format_is_covered() -> None:
     assert set(kinds.CREDENTIAL_FORMATS) == {
+        "ssh-key",
         "openai",
         "anthropic",
         "github",

@@ -55,6 +55,8 @@ def test_plant_writes_the_bundle_and_records_it(sqlite_engine: Engine, tmp_path:
         ".aws/config",
         ".kube/config",
         ".ssh/config",
+        ".ssh/id_ed25519_prod",
+        ".ssh/id_ed25519_prod.pub",
         ".docker/config.json",
         "project/.env",
         "project/.mcp.json",
@@ -93,7 +95,7 @@ def test_a_second_run_clobbers_nothing(sqlite_engine: Engine, tmp_path: Path) ->
     first, skipped = run(sqlite_engine, tmp_path)
     assert sorted(skipped) == [".netrc", ".ssh/config"]
     assert {canary.format for canary in first} >= {"pgpass", "aws"}
-    assert "ssh-config" not in {canary.format for canary in first}
+    assert "ssh-key" not in {canary.format for canary in first}
     before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     second, skipped_again = run(sqlite_engine, tmp_path)
     assert second == []

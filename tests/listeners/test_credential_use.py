@@ -85,7 +85,7 @@ def use(canary: Canary, scratch: Path) -> tuple[str, dict[str, Any]]:
             "headers": {"Authorization": f"Bearer {token}"},
             "path": "/api",
         }
-    if canary.format == "ssh-config":
+    if canary.format in ("ssh-config", "ssh-key"):
         return next(line.split()[1] for line in text.splitlines() if "HostName" in line), {}
     if canary.format == "docker-config":
         [(registry, entry)] = json.loads(text)["auths"].items()

@@ -15,10 +15,13 @@ from support import Receiver, node_config
 POSTGRES = "[postgres]\nenabled = true\nport = 0\n"
 
 
-async def test_the_heartbeat_probes_the_postgres_listener(
+async def test_the_heartbeat_probes_the_postgres_and_ssh_listeners(
     tmp_path: Path, receiver: Receiver
 ) -> None:
-    extra = POSTGRES + "[heartbeat]\ninterval = '1h'\ndeadline = '5s'\n"
+    extra = (
+        POSTGRES
+        + "[ssh]\nenabled = true\nport = 0\n[heartbeat]\ninterval = '1h'\ndeadline = '5s'\n"
+    )
     node = await start(load(node_config(tmp_path, receiver.url(), extra=extra)))
     try:
         assert node.heartbeat is not None
@@ -27,6 +30,7 @@ async def test_the_heartbeat_probes_the_postgres_listener(
     finally:
         await node.stop()
     assert outcome["postgres"] is True
+    assert outcome["ssh"] is True
 
 
 async def test_a_planted_database_url_used_pages_with_the_login_it_tried(

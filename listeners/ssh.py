@@ -1,0 +1,231 @@
+"""The SSH listener (asyncssh): a planted key or password, tried, names its canary; all are refused.
+
+SSH names no host (there is no SNI), so a planted `ssh-key` canary is known by
+the fingerprint of the public key a client offers: the key is derived from the
+canary's token (`canaries.kinds.ssh_key`), and the listener keeps the
+fingerprints of the `ssh-key` canaries it knows. A token in the username, a
+password or a keyboard-interactive answer counts too. Each is committed before
+the server answers that attempt, and every attempt is refused, so the client
+sees "Permission denied". Evidence: the client's version string, the username,
+the key's type and fingerprint (as `ssh-keygen -lf` prints it), which method
+was tried, the password's length (never the password).
+
+Bounds: the guard's connection caps (a refused connection is closed before the
+version exchange), asyncssh's login timeout (`timeout`), and at most
+MAX_ATTEMPTS authentication attempts a connection.
+"""
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import asyncssh
+
+from canaries.find import scan
+from canaries.index import Unknowable
+from canaries.kinds import ssh_fingerprint
+from canaries.model import Canary
+from listeners.base import Context, NotDurable, Peer, Port, printable
+from listeners.guard import ConnectionGuard, Slot, StreamOptions
+from store.ledger import Event
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 10
+MAX_CANDIDATES = 8
+VALUE_KEPT = 256
+# What OpenSSH on Debian says first: a honeypot should not announce itself.
+SERVER_VERSION = "OpenSSH_9.2p1 Debian-2+deb12u3"
+
+
+class SshOptions(StreamOptions):
+    """`[ssh]`: where it binds (22 in production)."""
+
+    enabled: bool = False
+    port: Port = 2222
+
+
+def host_key() -> bytes:
+    """A new host key, as OpenSSH's private key format (kept in the store, shared by nodes)."""
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    exported: bytes = key.export_private_key()
+    return exported
+
+
+class SshListener:
+    """Takes SSH connections as far as authentication, and refuses every attempt."""
+
+    name = "ssh"
+
+    def __init__(self, context: Context, options: SshOptions) -> None:
+        if context.ssh_host_key is None:
+            raise ValueError("the SSH listener needs the node's host key (context.ssh_host_key)")
+        self._context = context
+        self._options = options
+        self._key = asyncssh.import_private_key(context.ssh_host_key)
+        context.connections = self._guard = ConnectionGuard.of(options)
+        self._server: asyncssh.SSHAcceptor | None = None
+        # Fingerprint -> token of the ssh-key canaries known, rebuilt when the index grows.
+        self._fingerprints: dict[str, str] = {}
+        self._indexed = -1
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        if self._server is None:
+            return []
+        return [(self._options.listen, self._server.get_port())]
+
+    async def start(self) -> None:
+        self._server = await asyncssh.create_server(
+            lambda: _Session(self),
+            self._options.listen,
+            self._options.port,
+            server_host_keys=[self._key],
+            server_version=SERVER_VERSION,
+            login_timeout=self._options.timeout,
+            reuse_address=True,
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def admit(self, peer: Peer, close: Any) -> Slot | None:
+        slot = self._guard.admit(str(peer[0]), close)
+        if slot is None:
+            self._context.counters.dropped += 1
+        return slot
+
+    def token_of(self, fingerprint: str) -> str | None:
+        """The token of the ssh-key canary whose key has `fingerprint`, if one is known."""
+        index = self._context.index
+        if len(index) != self._indexed:
+            self._indexed = len(index)
+            self._fingerprints = {
+                ssh_fingerprint(canary.token): canary.token
+                for canary in index.canaries()
+                if canary.format == "ssh-key"
+            }
+        return self._fingerprints.get(fingerprint)
+
+    async def attempt(
+        self, session: "_Session", method: str, found: dict[str, list[str]], facts: dict[str, Any]
+    ) -> None:
+        """Record the hits one authentication attempt carries; it is refused either way."""
+        context = self._context
+        context.counters.received += 1
+        hits: list[tuple[Canary, list[str]]] = []
+        try:
+            hits = await context.index.among(found, str(session.peer[0]), MAX_CANDIDATES)
+            events: Sequence[Event] = [
+                context.hit(
+                    canary,
+                    "ssh",
+                    session.peer,
+                    {**session.facts(), **facts, "method": method, "found_in": where},
+                )
+                for canary, where in hits
+            ]
+            await context.record(*events)
+        except (NotDurable, Unknowable):
+            # Not recorded, or not known: the attempt is refused as every other is.
+            context.counters.record_failures += 1
+        if not hits:
+            context.counters.junk += 1
+
+
+class _Session(asyncssh.SSHServer):
+    """One connection's authentication, held to the caps and an attempt bound."""
+
+    def __init__(self, listener: SshListener) -> None:
+        self._listener = listener
+        self._connection: asyncssh.SSHServerConnection | None = None
+        self._slot: Slot | None = None
+        self._attempts = 0
+        self.peer: Peer = ("?", 0)
+
+    def connection_made(self, connection: asyncssh.SSHServerConnection) -> None:
+        self._connection = connection
+        self.peer = connection.get_extra_info("peername") or ("?", 0)
+        self._slot = self._listener.admit(self.peer, connection.abort)
+        if self._slot is None:
+            connection.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._slot is not None:
+            self._slot.release()
+
+    def facts(self) -> dict[str, Any]:
+        connection = self._connection
+        version = connection.get_extra_info("client_version") if connection else None
+        return {"client_version": printable(str(version or ""), VALUE_KEPT)}
+
+    def _counted(self) -> bool:
+        """One more attempt; False (and the connection closed) past the bound."""
+        self._attempts += 1
+        if self._slot is not None:
+            self._slot.touch()
+        if self._attempts > MAX_ATTEMPTS and self._connection is not None:
+            self._connection.close()
+            return False
+        return True
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def kbdint_auth_supported(self) -> bool:
+        return True
+
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        if self._counted():
+            fingerprint = key.get_fingerprint("sha256")
+            found = _in_username(username)
+            token = self._listener.token_of(fingerprint)
+            if token is not None:
+                found.setdefault(token, []).append("public_key")
+            facts = {
+                "username": printable(username, VALUE_KEPT),
+                "key_type": printable(key.get_algorithm(), VALUE_KEPT),
+                "key_fingerprint": fingerprint,
+            }
+            await self._listener.attempt(self, "publickey", found, facts)
+        return False
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        if self._counted():
+            found = _in_username(username)
+            for token in scan(password):
+                found.setdefault(token, []).append("password")
+            facts = {"username": printable(username, VALUE_KEPT), "password_length": len(password)}
+            await self._listener.attempt(self, "password", found, facts)
+        return False
+
+    def get_kbdint_challenge(
+        self, username: str, lang: str, submethods: str
+    ) -> tuple[str, str, str, list[tuple[str, bool]]]:
+        return "", "", "", [("Password: ", False)]
+
+    async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
+        if self._counted():
+            found = _in_username(username)
+            for answer in responses[:4]:
+                for token in scan(answer):
+                    found.setdefault(token, []).append("keyboard_interactive")
+            facts = {
+                "username": printable(username, VALUE_KEPT),
+                "answers": len(responses),
+            }
+            await self._listener.attempt(self, "keyboard-interactive", found, facts)
+        return False
+
+
+def _in_username(username: str) -> dict[str, list[str]]:
+    return {token: ["username"] for token in scan(username)}
