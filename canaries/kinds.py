@@ -208,9 +208,9 @@ def _mcp(token: str, zone: str, web: Web) -> dict[str, str]:
         "url": web.base(f"mcp.{token}.{zone}", token, zone) + "/mcp",
         "headers": {"Authorization": f"Bearer {token}"},
     }
-    return {
-        "project/.mcp.json": json.dumps({"mcpServers": {"internal-tools": server}}, indent=2) + "\n"
-    }
+    config = json.dumps({"mcpServers": {"internal-tools": server}}, indent=2) + "\n"
+    # Where clients read it: Claude Code a project's .mcp.json, Cursor ~/.cursor/mcp.json.
+    return {"project/.mcp.json": config, ".cursor/mcp.json": config}
 
 
 _KEY_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"

@@ -113,27 +113,50 @@ class SshListener:
     async def attempt(
         self, session: "_Session", method: str, found: dict[str, list[str]], facts: dict[str, Any]
     ) -> None:
-        """Record the hits one authentication attempt carries; it is refused either way."""
+        """Record what one authentication attempt carries; it is refused either way.
+
+        An attempt naming a canary is a hit, with the connection's attempts before it; once a
+        connection has a hit, each attempt after it is that hit's evidence (every key offered,
+        every password's length), so the record holds all the connection tried.
+        """
         context = self._context
         context.counters.received += 1
-        hits: list[tuple[Canary, list[str]]] = []
+        tried = {**facts, "method": method}
         try:
             hits = await context.index.among(found, str(session.peer[0]), MAX_CANDIDATES)
-            events: Sequence[Event] = [
+            events: list[Event] = [
                 context.hit(
                     canary,
                     "ssh",
                     session.peer,
-                    {**session.facts(), **facts, "method": method, "found_in": where},
+                    {
+                        **session.facts(),
+                        **tried,
+                        "found_in": where,
+                        "attempts_before": session.tried[:MAX_ATTEMPTS],
+                    },
                 )
                 for canary, where in hits
+                if canary.id not in session.hits
             ]
-            await context.record(*events)
+            events += [
+                context.observation(
+                    "evidence", canary, "ssh", session.peer, {"hit_seq": seq, **tried}
+                )
+                for canary, seq in session.hits.values()
+            ]
+            entries = await context.record(*events)
         except (NotDurable, Unknowable):
             # Not recorded, or not known: the attempt is refused as every other is.
             context.counters.record_failures += 1
-        if not hits:
+            return
+        for entry in entries:
+            if entry.type == "hit" and entry.canary_id is not None:
+                canary = next(c for c, _ in hits if c.id == entry.canary_id)
+                session.hits[canary.id] = (canary, entry.seq)
+        if not session.hits:
             context.counters.junk += 1
+        session.tried.append(tried)
 
 
 class _Session(asyncssh.SSHServer):
@@ -145,6 +168,9 @@ class _Session(asyncssh.SSHServer):
         self._slot: Slot | None = None
         self._attempts = 0
         self.peer: Peer = ("?", 0)
+        # What this connection tried, and the hits it made (by canary id: the canary, its row).
+        self.tried: list[dict[str, Any]] = []
+        self.hits: dict[str, tuple[Canary, int]] = {}
 
     def connection_made(self, connection: asyncssh.SSHServerConnection) -> None:
         self._connection = connection

@@ -60,6 +60,7 @@ def test_plant_writes_the_bundle_and_records_it(sqlite_engine: Engine, tmp_path:
         ".docker/config.json",
         "project/.env",
         "project/.mcp.json",
+        ".cursor/mcp.json",
         "project/.env.local",
         ".claude/settings.json",
         ".config/gh/hosts.yml",

@@ -31,6 +31,10 @@ async def test_openssh_with_the_planted_config_and_key_is_known_by_the_key(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         path.chmod(0o600)
+    # A key of the agent's own, offered too: it is on the record with the hit.
+    own = tmp_path / "own_key"
+    own.write_bytes(asyncssh.generate_private_key("ssh-ed25519").export_private_key())
+    own.chmod(0o600)
     async with run_ssh(engine) as node:
         # The agent changes the host and port (and would the user): the key still names it.
         done = await asyncio.to_thread(
@@ -39,6 +43,10 @@ async def test_openssh_with_the_planted_config_and_key_is_known_by_the_key(
                 "ssh",
                 "-F",
                 str(tmp_path / ".ssh/config"),
+                "-o",
+                "IdentitiesOnly=yes",
+                "-i",
+                str(own),
                 "-i",
                 str(tmp_path / ".ssh/id_ed25519_prod"),
                 "-o",
@@ -78,6 +86,10 @@ async def test_openssh_with_the_planted_config_and_key_is_known_by_the_key(
     assert hit.evidence["username"] == "deploy"
     assert hit.evidence["method"] == "publickey"
     assert hit.evidence["client_version"].startswith("SSH-2.0-OpenSSH")
+    # Every key the connection offered is on the record: before the hit, or as its evidence.
+    offered = [attempt["key_fingerprint"] for attempt in hit.evidence["attempts_before"]]
+    offered += [e.evidence["key_fingerprint"] for e in hits(engine, "evidence")]
+    assert asyncssh.read_private_key(own).get_fingerprint("sha256") in offered
 
 
 async def test_a_password_with_a_token_is_refused_and_recorded(engine: Engine) -> None:
