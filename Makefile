@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # PostgreSQL (tests start their own server), pebble (a real ACME server), dig, git, curl and
-# openssl (real clients in tests), when missing; kubectl too, where no other package has it.
+# openssl (real clients in tests), when missing; kubectl and gh too, where they install.
 system-deps:
 	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
 	   || ! command -v dig >/dev/null 2>&1 || ! command -v git >/dev/null 2>&1 \
@@ -30,6 +30,10 @@ system-deps:
 	@if ! command -v kubectl >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null \
 	    || echo "kubernetes-client did not install: the kubectl test is skipped"; \
+	fi
+	@if ! command -v gh >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gh >/dev/null \
+	    || echo "gh did not install: the gh test is skipped"; \
 	fi
 
 demo: $(STAMP)

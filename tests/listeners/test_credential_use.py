@@ -318,3 +318,70 @@ async def test_kubectl_trusts_the_planted_ca_and_sends_its_bearer_token(
     assert {entry.canary_id for entry in recorded} == {canary.id}
     assert "header:authorization" in https[0].evidence["found_in"]
     assert "kubectl" in (https[0].evidence["user_agent"] or "")
+
+
+@contextlib.asynccontextmanager
+async def connect_proxy(port: int) -> AsyncIterator[tuple[int, list[str]]]:
+    """An HTTP CONNECT proxy on 127.0.0.1 that tunnels every request to `port`: how a client
+    that resolves names itself (Go's, as gh is) reaches a planted host here. Yields its port
+    and the targets it was asked for."""
+    asked: list[str] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        asked.append(head.split()[1].decode())
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    server = await asyncio.start_server(tunnel, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], asked
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(shutil.which("gh") is None, reason="gh is not installed")
+async def test_gh_with_the_planted_hosts_file_sends_its_token(
+    engine: Engine, tmp_path: Path
+) -> None:
+    async with run_tls(engine) as node, connect_proxy(node.port) as (proxy, asked):
+        # As in production, on 443 (gh takes no port in a host name): the proxy brings
+        # the connection to the test listener's port.
+        canary = plant_canary(
+            engine, "credential", fmt="github", web=Web(https_port=443, ca_pem="unused")
+        )
+        config = tmp_path / "gh"
+        config.mkdir()
+        (config / "hosts.yml").write_text(canary.value)
+        [host] = yaml.safe_load(canary.value)
+        (tmp_path / "ca.pem").write_text(served_ca())
+        _, output = await run(
+            "gh",
+            "api",
+            "--hostname",
+            host,
+            "user",
+            env={
+                "PATH": "/usr/bin:/bin",
+                "HOME": str(tmp_path),
+                "GH_CONFIG_DIR": str(config),
+                "GH_NO_UPDATE_NOTIFIER": "1",
+                "HTTPS_PROXY": f"http://127.0.0.1:{proxy}",
+                "SSL_CERT_FILE": str(tmp_path / "ca.pem"),
+            },
+        )
+    assert asked == [f"{host}:443"], output
+    recorded = hits(engine)
+    assert {entry.canary_id for entry in recorded} == {canary.id}, output
+    [request] = [entry for entry in recorded if entry.protocol == "https"]
+    assert request.evidence["target"] == "/api/v3/user"
+    assert "header:authorization" in request.evidence["found_in"]
+    assert request.evidence["user_agent"].startswith("GitHub CLI")
