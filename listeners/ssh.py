@@ -8,7 +8,8 @@ password or a keyboard-interactive answer counts too. Each is committed before
 the server answers that attempt, and every attempt is refused, so the client
 sees "Permission denied". Evidence: the client's version string, the username,
 the key's type and fingerprint (as `ssh-keygen -lf` prints it), which method
-was tried, the password's length (never the password).
+was tried, the password's length, and a password or answer itself only when it
+carries a token (a planted secret; any other may be a real one, mistakenly sent).
 
 Bounds: the guard's connection caps (a refused connection is closed before the
 version exchange), asyncssh's login timeout (`timeout`), and at most
@@ -230,7 +231,11 @@ class _Session(asyncssh.SSHServer):
             found = _in_username(username)
             for token in scan(password):
                 found.setdefault(token, []).append("password")
-            facts = {"username": printable(username, VALUE_KEPT), "password_length": len(password)}
+            facts = {
+                "username": printable(username, VALUE_KEPT),
+                "password_length": len(password),
+                **_planted(password),
+            }
             await self._listener.attempt(self, "password", found, facts)
         return False
 
@@ -242,15 +247,23 @@ class _Session(asyncssh.SSHServer):
     async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
         if self._counted():
             found = _in_username(username)
-            for answer in responses[:4]:
+            planted = [answer for answer in responses[:4] if scan(answer)]
+            for answer in planted:
                 for token in scan(answer):
                     found.setdefault(token, []).append("keyboard_interactive")
             facts = {
                 "username": printable(username, VALUE_KEPT),
                 "answers": len(responses),
+                "planted_answers": [printable(answer, VALUE_KEPT) for answer in planted],
             }
             await self._listener.attempt(self, "keyboard-interactive", found, facts)
         return False
+
+
+def _planted(password: str) -> dict[str, str]:
+    """A password that carries a token is a planted secret, kept; any other is only its length
+    (it may be a real one, mistakenly sent)."""
+    return {"password": printable(password, VALUE_KEPT)} if scan(password) else {}
 
 
 def _in_username(username: str) -> dict[str, list[str]]:
