@@ -12,10 +12,12 @@ was tried, the password's length, and a password or answer itself only when it
 carries a token (a planted secret; any other may be a real one, mistakenly sent).
 
 Bounds: the guard's connection caps (a refused connection is closed before the
-version exchange), asyncssh's login timeout (`timeout`), and at most
-MAX_ATTEMPTS authentication attempts a connection.
+version exchange), the login timeout, at most MAX_ATTEMPTS authentication
+attempts a connection, and key exchange by elliptic curves only (cheap for
+the server, as every handshake's is on the shared loop).
 """
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -27,23 +29,56 @@ from canaries.index import Unknowable
 from canaries.kinds import ssh_fingerprint
 from canaries.model import Canary
 from listeners.base import Context, NotDurable, Peer, Port, printable
-from listeners.guard import ConnectionGuard, Slot, StreamOptions
+from listeners.guard import ConnectionGuard, Seconds, Slot, StreamOptions
 from store.ledger import Event
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 10
+# OpenSSH's MaxAuthTries.
+MAX_ATTEMPTS = 6
 MAX_CANDIDATES = 8
 VALUE_KEPT = 256
-# What OpenSSH on Debian says first: a honeypot should not announce itself.
+# What OpenSSH 9.2 on Debian says and offers (its defaults, less what asyncssh lacks): a
+# honeypot should not announce itself. Only elliptic-curve key exchange: a client may not
+# make the node generate an RSA key (rsa2048-sha256) or a large DH group for each handshake,
+# on the loop every listener shares.
 SERVER_VERSION = "OpenSSH_9.2p1 Debian-2+deb12u3"
+KEX = (
+    "curve25519-sha256",
+    "curve25519-sha256@libssh.org",
+    "ecdh-sha2-nistp256",
+    "ecdh-sha2-nistp384",
+    "ecdh-sha2-nistp521",
+)
+CIPHERS = (
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+)
+MACS = (
+    "umac-64-etm@openssh.com",
+    "umac-128-etm@openssh.com",
+    "hmac-sha2-256-etm@openssh.com",
+    "hmac-sha2-512-etm@openssh.com",
+    "hmac-sha1-etm@openssh.com",
+    "umac-64@openssh.com",
+    "umac-128@openssh.com",
+    "hmac-sha2-256",
+    "hmac-sha2-512",
+    "hmac-sha1",
+)
 
 
 class SshOptions(StreamOptions):
-    """`[ssh]`: where it binds (22 in production)."""
+    """`[ssh]`: where it binds (22 in production), and how long a client has to log in (a
+    person reads a host-key prompt and types a password: OpenSSH allows 120 s)."""
 
     enabled: bool = False
     port: Port = 2222
+    login_timeout: Seconds = 60.0
 
 
 def host_key() -> bytes:
@@ -66,9 +101,10 @@ class SshListener:
         self._key = asyncssh.import_private_key(context.ssh_host_key)
         context.connections = self._guard = ConnectionGuard.of(options)
         self._server: asyncssh.SSHAcceptor | None = None
-        # Fingerprint -> token of the ssh-key canaries known, rebuilt when the index grows.
+        # Fingerprint -> token of the ssh-key canaries known, added to when the index grows.
         self._fingerprints: dict[str, str] = {}
         self._indexed = -1
+        self._attempts: set[asyncio.Future[None]] = set()
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -83,7 +119,10 @@ class SshListener:
             self._options.port,
             server_host_keys=[self._key],
             server_version=SERVER_VERSION,
-            login_timeout=self._options.timeout,
+            kex_algs=list(KEX),
+            encryption_algs=list(CIPHERS),
+            mac_algs=list(MACS),
+            login_timeout=self._options.login_timeout,
             reuse_address=True,
         )
 
@@ -92,6 +131,8 @@ class SshListener:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        # Attempts being recorded are let finish: each is one commit at most.
+        await asyncio.gather(*self._attempts, return_exceptions=True)
 
     def admit(self, peer: Peer, close: Any) -> Slot | None:
         slot = self._guard.admit(str(peer[0]), close)
@@ -99,19 +140,36 @@ class SshListener:
             self._context.counters.dropped += 1
         return slot
 
-    def token_of(self, fingerprint: str) -> str | None:
-        """The token of the ssh-key canary whose key has `fingerprint`, if one is known."""
+    async def token_of(self, fingerprint: str) -> str | None:
+        """The token of the ssh-key canary whose key has `fingerprint`, if one is known.
+
+        The fingerprints of canaries new to the index are derived off the loop, once each.
+        """
         index = self._context.index
         if len(index) != self._indexed:
             self._indexed = len(index)
-            self._fingerprints = {
-                ssh_fingerprint(canary.token): canary.token
+            known = set(self._fingerprints.values())
+            new = [
+                canary.token
                 for canary in index.canaries()
-                if canary.format == "ssh-key"
-            }
+                if canary.format == "ssh-key" and canary.token not in known
+            ]
+            if new:
+                derived = await asyncio.to_thread(lambda: {ssh_fingerprint(t): t for t in new})
+                self._fingerprints.update(derived)
         return self._fingerprints.get(fingerprint)
 
     async def attempt(
+        self, session: "_Session", method: str, found: dict[str, list[str]], facts: dict[str, Any]
+    ) -> None:
+        """`_attempt`, carried on even when asyncssh cancels the attempt (the client hung up,
+        or sent its next one): the hit it carries is recorded all the same."""
+        task = asyncio.ensure_future(self._attempt(session, method, found, facts))
+        self._attempts.add(task)
+        task.add_done_callback(self._attempts.discard)
+        await asyncio.shield(task)
+
+    async def _attempt(
         self, session: "_Session", method: str, found: dict[str, list[str]], facts: dict[str, Any]
     ) -> None:
         """Record what one authentication attempt carries; it is refused either way.
@@ -215,7 +273,7 @@ class _Session(asyncssh.SSHServer):
         if self._counted():
             fingerprint = key.get_fingerprint("sha256")
             found = _in_username(username)
-            token = self._listener.token_of(fingerprint)
+            token = await self._listener.token_of(fingerprint)
             if token is not None:
                 found.setdefault(token, []).append("public_key")
             facts = {

@@ -118,7 +118,7 @@ async def test_a_password_with_a_token_is_refused_and_recorded(engine: Engine) -
 
 async def test_bytes_that_are_not_ssh_and_silent_clients_are_cut_off(engine: Engine) -> None:
     canary = plant_canary(engine, "credential", fmt="netrc")
-    async with run_ssh(engine, timeout=1.0, max_connections_per_source=4) as node:
+    async with run_ssh(engine, login_timeout=1.0, max_connections_per_source=4) as node:
         guard = node.context.connections
         assert guard is not None
         junk = socket.create_connection(("127.0.0.1", node.port), timeout=5)
@@ -143,3 +143,15 @@ async def test_bytes_that_are_not_ssh_and_silent_clients_are_cut_off(engine: Eng
                 client_keys=None,
             )
     assert [hit.canary_id for hit in hits(engine)] == [canary.id]
+
+
+@pytest.mark.parametrize("kex", ["rsa2048-sha256", "diffie-hellman-group18-sha512"])
+async def test_key_exchanges_costly_for_the_server_are_not_offered(
+    engine: Engine, kex: str
+) -> None:
+    """A client cannot make the node generate an RSA key or a large DH group per handshake."""
+    async with run_ssh(engine) as node:
+        with pytest.raises(asyncssh.KeyExchangeFailed):
+            await asyncssh.connect(
+                "127.0.0.1", node.port, kex_algs=[kex], known_hosts=None, username="x"
+            )
