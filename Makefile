@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # PostgreSQL (tests start their own server), pebble (a real ACME server), dig, git, curl and
-# openssl (real clients in tests), when missing; kubectl and gh too, where they install.
+# openssl (real clients in tests), when missing; kubectl, gh and skopeo too, where they install.
 system-deps:
 	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
 	   || ! command -v dig >/dev/null 2>&1 || ! command -v git >/dev/null 2>&1 \
@@ -31,10 +31,12 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null \
 	    || echo "kubernetes-client did not install: the kubectl test is skipped"; \
 	fi
-	@if ! command -v gh >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gh >/dev/null \
-	    || echo "gh did not install: the gh test is skipped"; \
-	fi
+	@for tool in gh skopeo; do \
+	  if ! command -v $$tool >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$tool >/dev/null \
+	      || echo "$$tool did not install: its test is skipped"; \
+	  fi; \
+	done
 
 demo: $(STAMP)
 	$(PY) deploy/demo.py

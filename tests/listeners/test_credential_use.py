@@ -385,3 +385,35 @@ async def test_gh_with_the_planted_hosts_file_sends_its_token(
     assert request.evidence["target"] == "/api/v3/user"
     assert "header:authorization" in request.evidence["found_in"]
     assert request.evidence["user_agent"].startswith("GitHub CLI")
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed")
+async def test_a_registry_client_with_the_planted_docker_config_sends_its_auth(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """skopeo (containers/image, which reads ~/.docker/config.json as docker does) asks the
+    planted registry, is challenged, and answers with the planted credential."""
+    async with run_tls(engine) as node, connect_proxy(node.port) as (proxy, asked):
+        canary = plant_canary(
+            engine, "credential", fmt="docker-config", web=Web(https_port=443, ca_pem="unused")
+        )
+        (tmp_path / ".docker").mkdir()
+        (tmp_path / ".docker/config.json").write_text(canary.value)
+        [registry] = json.loads(canary.value)["auths"]
+        (tmp_path / "ca.pem").write_text(served_ca())
+        _, output = await run(
+            "skopeo",
+            "inspect",
+            f"docker://{registry}/platform/api:latest",
+            env={
+                "PATH": "/usr/bin:/bin",
+                "HOME": str(tmp_path),
+                "HTTPS_PROXY": f"http://127.0.0.1:{proxy}",
+                "SSL_CERT_FILE": str(tmp_path / "ca.pem"),
+                "REGISTRY_AUTH_FILE": str(tmp_path / "missing-auth.json"),
+            },
+        )
+    assert f"{registry}:443" in asked, output
+    requests = [entry for entry in hits(engine) if entry.protocol == "https"]
+    assert {entry.canary_id for entry in requests} == {canary.id}, output
+    assert any("header:authorization" in entry.evidence["found_in"] for entry in requests), output
