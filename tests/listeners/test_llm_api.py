@@ -34,9 +34,10 @@ def openai_client(planted: str, **extra: object) -> openai.OpenAI:
     )
 
 
-async def test_the_openai_sdk_with_the_planted_key(engine: Engine) -> None:
+@pytest.mark.parametrize("fmt", ["openai", "env"])
+async def test_the_openai_sdk_with_the_planted_key(engine: Engine, fmt: str) -> None:
     async with run_http(engine) as node:
-        canary = plant_canary(engine, "credential", fmt="openai", web=Web(http_port=node.port))
+        canary = plant_canary(engine, "credential", fmt=fmt, web=Web(http_port=node.port))
 
         def use() -> tuple[str, str]:
             with resolving(ZONE), openai_client(canary.value) as client:
