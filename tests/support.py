@@ -14,6 +14,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -277,6 +278,25 @@ def run_ssh(engine: Engine, **options: Any) -> contextlib.AbstractAsyncContextMa
 def served_pem() -> bytes:
     """One self-signed key and certificate for the test zone, for every test that serves TLS."""
     return self_signed(ZONE)
+
+
+def served_ca() -> str:
+    """The node's self-signed certificate alone (its own CA), as PEM."""
+    pem = served_pem()
+    return pem[pem.index(b"-----BEGIN CERTIFICATE") :].decode()
+
+
+def trusting() -> ssl.SSLContext:
+    """A client context that trusts the node's self-signed certificate (and checks the name)."""
+    return ssl.create_default_context(cadata=served_ca())
+
+
+def trusting_anything() -> ssl.SSLContext:
+    """A client context that takes any certificate, as `curl -k` does."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def node_certificate() -> NodeCertificate:

@@ -24,7 +24,7 @@ from listeners.certificates import (
     server_context,
 )
 from oobwatch.config import ConfigError, load
-from support import ZONE, node_config
+from support import ZONE, node_config, trusting_anything
 
 BEGIN = b"-----BEGIN CERTIFICATE-----"
 
@@ -119,9 +119,7 @@ async def served_by(context: ssl.SSLContext) -> x509.Certificate:
         lambda _reader, writer: writer.close(), "127.0.0.1", 0, ssl=context
     )
     port = server.sockets[0].getsockname()[1]
-    client = ssl.create_default_context()
-    client.check_hostname = False
-    client.verify_mode = ssl.CERT_NONE
+    client = trusting_anything()
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
@@ -199,9 +197,7 @@ async def handshake(context: ssl.SSLContext, client: ssl.SSLContext) -> None:
 async def test_a_certificate_of_another_key_type_replaces_the_old_one_entirely() -> None:
     """Loading an EC chain into a live context would keep its RSA one, still served to clients
     that ask for RSA: a replacement is a new context, so nothing of the old one is left."""
-    rsa_only = ssl.create_default_context()
-    rsa_only.check_hostname = False
-    rsa_only.verify_mode = ssl.CERT_NONE
+    rsa_only = trusting_anything()
     rsa_only.maximum_version = ssl.TLSVersion.TLSv1_2
     rsa_only.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
     node = NodeCertificate(Served(rsa_self_signed(), "file"))

@@ -37,7 +37,7 @@ from support import (
     run_dns,
     run_http,
     run_tls,
-    served_pem,
+    served_ca,
 )
 
 
@@ -253,11 +253,6 @@ async def test_boto3_with_the_planted_aws_files(
     authorization = dict(recorded[0].evidence["headers"])["authorization"]
     # The SigV4 signature names the planted key id: boto3 loaded the planted files.
     assert key_id["default"]["aws_access_key_id"] in authorization
-
-
-def served_ca() -> str:
-    pem = served_pem()
-    return pem[pem.index(b"-----BEGIN CERTIFICATE") :].decode()
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")

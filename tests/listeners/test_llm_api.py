@@ -4,7 +4,6 @@ canary, the endpoint and the model; the SDK raises its own authentication error.
 import asyncio
 import io
 import json
-import ssl
 
 import anthropic
 import httpx
@@ -14,14 +13,9 @@ from dotenv import dotenv_values
 from sqlalchemy import Engine
 
 from canaries.kinds import Web
-from support import ZONE, hits, plant_canary, resolving, run_http, run_tls, served_pem, settle
+from support import ZONE, hits, plant_canary, resolving, run_http, run_tls, settle, trusting
 
 PROMPT = "Summarise the attached /etc/shadow and mail it to ops"
-
-
-def trusting() -> ssl.SSLContext:
-    pem = served_pem()
-    return ssl.create_default_context(cadata=pem[pem.index(b"-----BEGIN CERTIFICATE") :].decode())
 
 
 def openai_client(planted: str, **extra: object) -> openai.OpenAI:

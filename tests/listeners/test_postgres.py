@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import Engine
 
 from listeners import pgwire
-from support import ZONE, hits, plant_canary, run_postgres, settle
+from support import ZONE, hits, plant_canary, run_postgres, settle, trusting_anything
 
 
 def planted_url(value: str) -> str:
@@ -261,9 +261,7 @@ async def test_a_tls_session_is_closed_at_once_after_its_answer(engine: Engine) 
     canary = plant_canary(engine, "credential", fmt="postgres-url")
 
     def client(port: int) -> tuple[bytes, float]:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+        context = trusting_anything()
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         sock.sendall(struct.pack("!ii", 8, 80877103))
         assert sock.recv(1) == b"S"

@@ -6,7 +6,6 @@ import hashlib
 import secrets
 import smtplib
 import socket
-import ssl
 from collections.abc import Callable
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
@@ -20,7 +19,7 @@ from sqlalchemy import Engine
 from canaries.tokens import is_plausible
 from listeners.mailparse import inspect_message
 from store import ledger
-from support import ZONE, hits, plant_canary, run_smtp, served_pem, settle
+from support import ZONE, hits, plant_canary, run_smtp, settle, trusting
 
 T = TypeVar("T")
 
@@ -308,12 +307,6 @@ async def test_a_message_stuffed_with_token_shaped_words_costs_no_lookups(
 
 
 _TO_BASE32 = str.maketrans("0123456789", "abcdefghij")
-
-
-def trusting() -> ssl.SSLContext:
-    """A client context that trusts the node's self-signed certificate (and checks the name)."""
-    pem = served_pem()
-    return ssl.create_default_context(cadata=pem[pem.index(b"-----BEGIN CERTIFICATE") :].decode())
 
 
 class ByName(smtplib.SMTP):

@@ -10,7 +10,16 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
-from support import ZONE, hits, plant_canary, resolving, run_tls, served_pem, settle
+from support import (
+    ZONE,
+    hits,
+    plant_canary,
+    resolving,
+    run_tls,
+    settle,
+    trusting,
+    trusting_anything,
+)
 
 OTHER_SOURCE = "127.0.0.2"
 
@@ -98,9 +107,7 @@ async def test_junk_and_missing_sni_are_counted_not_stored(engine: Engine) -> No
     async with run_tls(engine) as node:
         for name in (f"www.{ZONE}", "example.org", f"{'a' * 26}.{ZONE}"):
             assert await verifying_client(node.port, name) == "refused"
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+        context = trusting_anything()
         _, writer = await asyncio.open_connection("127.0.0.1", node.port, ssl=context)
         writer.close()
         await settle(lambda: node.context.counters.received == 4)
@@ -197,11 +204,6 @@ async def test_a_hello_in_many_tiny_records_is_refused(engine: Engine) -> None:
             assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
         assert node.context.counters.malformed == 1
-
-
-def trusting() -> ssl.SSLContext:
-    pem = served_pem()
-    return ssl.create_default_context(cadata=pem[pem.index(b"-----BEGIN CERTIFICATE") :].decode())
 
 
 async def test_a_request_inside_tls_is_matched_as_plaintext_http_is(engine: Engine) -> None:

@@ -3,7 +3,6 @@ self-signed one, the same at every start, or the `[tls]` files when they are set
 
 import asyncio
 import json
-import ssl
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,13 @@ from oobwatch.operations import LocalOperations
 from oobwatch.serve import Node, start
 from oobwatch.views import MintRequest
 from store import ledger
-from support import Receiver, node_config
+from support import Receiver, node_config, trusting_anything
 
 HTTPS = "[https]\nenabled = true\nport = 0\n[heartbeat]\nenabled = false\n"
 
 
 async def served_certificate(node: Node, name: str) -> x509.Certificate:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = trusting_anything()
     port = node.listeners["https"].addresses[0][1]
     _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname=name)
     der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
@@ -156,9 +153,7 @@ async def test_the_timeline_shows_the_client_hello_and_the_request_inside_tls(
         canary = LocalOperations(config, node.engine).mint(MintRequest(kind="dns", sandbox="sbx-t"))
         await asyncio.to_thread(node.index.refresh)
         port = node.listeners["https"].addresses[0][1]
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+        context = trusting_anything()
         context.set_alpn_protocols(["http/1.1"])
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", port, ssl=context, server_hostname=canary.value
