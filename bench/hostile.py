@@ -66,6 +66,7 @@ from dnsbench import (
     percentile,
     stop,
     tail,
+    trusting_anything,
 )
 from latency import LOAD_CORE, SERVER_CORE, Receiver, pin, query
 
@@ -354,18 +355,11 @@ def short_tcp_dns(port: int, total: int, seconds: float) -> Callable[[threading.
     return work
 
 
-def _trusting_nothing() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 def tls_handshakes(port: int) -> Callable[[threading.Event], None]:
     """Full handshakes, one after another, naming no canary: crypto on the server's loop."""
 
     def work(done: threading.Event) -> None:
-        context = _trusting_nothing()
+        context = trusting_anything()
         while not done.is_set():
             with contextlib.suppress(OSError):
                 raw = socket.create_connection(("127.0.0.1", port), timeout=2)
@@ -377,7 +371,7 @@ def tls_handshakes(port: int) -> Callable[[threading.Event], None]:
 def partial_hello() -> bytes:
     """The first 20 bytes of a real ClientHello."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = _trusting_nothing().wrap_bio(incoming, outgoing, server_hostname=f"www.{ZONE}")
+    client = trusting_anything().wrap_bio(incoming, outgoing, server_hostname=f"www.{ZONE}")
     with contextlib.suppress(ssl.SSLWantReadError):
         client.do_handshake()
     return outgoing.read()[:20]
@@ -449,7 +443,7 @@ def hit_tls(port: int, _qid: int, name: str) -> bool:
         raw = socket.create_connection(
             ("127.0.0.1", port), timeout=HIT_TIMEOUT_SECONDS, source_address=(OTHER_SOURCE, 0)
         )
-        _trusting_nothing().wrap_socket(raw, server_hostname=name).close()
+        trusting_anything().wrap_socket(raw, server_hostname=name).close()
     except OSError:
         return False
     return True

@@ -26,7 +26,6 @@ import asyncio
 import multiprocessing
 import os
 import socket
-import ssl
 import subprocess
 import tempfile
 import time
@@ -45,6 +44,7 @@ from dnsbench import (
     markdown_table,
     running,
     tail,
+    trusting_anything,
 )
 
 from canaries.mint import mint
@@ -98,17 +98,10 @@ def accepting(port: int, timeout: float) -> bool:
     or the kernel's simultaneous open of a port in the ephemeral range with itself)."""
     try:
         raw = socket.create_connection(("127.0.0.1", port), timeout)
-        _client_context().wrap_socket(raw, server_hostname=f"ready.{ZONE}").close()
+        trusting_anything().wrap_socket(raw, server_hostname=f"ready.{ZONE}").close()
     except OSError:
         return False
     return True
-
-
-def _client_context() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def _pin_load() -> None:
@@ -125,7 +118,7 @@ def _handshakes(
 
 async def _handshaking(port: int, name: str, seconds: float) -> tuple[int, int]:
     """HANDSHAKES_IN_FLIGHT connections at a time, each a full handshake, then closed."""
-    context = _client_context()
+    context = trusting_anything()
     end = time.monotonic() + seconds
     done = errors = 0
 
@@ -150,7 +143,7 @@ def _requests(
     port: int, name: str, seconds: float, out: "multiprocessing.Queue[tuple[int, int]]"
 ) -> None:
     _pin_load()
-    context = _client_context()
+    context = trusting_anything()
     connections = [
         HTTPSConnection("127.0.0.1", port, timeout=5, context=context)
         for _ in range(CONNECTIONS_PER_CLIENT)
