@@ -45,19 +45,24 @@ def free_port() -> int:
 
 
 def acme_config(
-    tmp_path: Path, receiver: Receiver, pebble: Pebble, dns_port: int, store_url: str | None = None
+    tmp_path: Path,
+    receiver: Receiver,
+    pebble: Pebble,
+    dns_port: int,
+    store_url: str | None = None,
+    node: str = "n1",
 ) -> Config:
+    """A node ordering from `pebble`, its DNS on `dns_port` (0: any, not the one pebble asks)."""
     extra = (
         "[https]\nenabled = true\nport = 0\n[heartbeat]\nenabled = false\n"
         f"[tls]\nacme_directory = '{pebble.directory}'\n"
         f"acme_ca_bundle = '{pebble.ca_bundle}'\nacme_email = 'security@example.test'\n"
     )
     path = node_config(tmp_path, receiver.url(), extra=extra, store_url=store_url)
-    path.write_text(
-        path.read_text().replace(
-            f'zone = "{ZONE}"\nport = 0', f'zone = "{ZONE}"\nport = {dns_port}'
-        )
+    text = path.read_text().replace(
+        f'zone = "{ZONE}"\nport = 0', f'zone = "{ZONE}"\nport = {dns_port}'
     )
+    path.write_text(text.replace('name = "n1"', f'name = "{node}"'))
     return load(path)
 
 
@@ -234,18 +239,8 @@ async def test_two_nodes_on_one_store_order_once_and_serve_the_same_certificate(
         for folder in ("n1", "n2"):
             (tmp_path / folder).mkdir()
         first = acme_config(tmp_path / "n1", receiver, pebble, dns_port, store_url)
-        second_path = node_config(
-            tmp_path / "n2",
-            receiver.url(),
-            extra=(
-                "[https]\nenabled = true\nport = 0\n[heartbeat]\nenabled = false\n"
-                f"[tls]\nacme_directory = '{pebble.directory}'\n"
-                f"acme_ca_bundle = '{pebble.ca_bundle}'\n"
-            ),
-            store_url=store_url,
-        )
-        second_path.write_text(second_path.read_text().replace('name = "n1"', 'name = "n2"'))
-        nodes = [await start(load(second_path))]
+        second = acme_config(tmp_path / "n2", receiver, pebble, 0, store_url, node="n2")
+        nodes = [await start(second)]
         try:
             engine = nodes[0].engine
             await settle(lambda: acme.state(engine).holder == "n2")
