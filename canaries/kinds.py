@@ -214,12 +214,22 @@ def _mcp(token: str, zone: str, web: Web) -> dict[str, str]:
 
 
 _KEY_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+# Digits outside base32: one at least every _RUN characters keeps any window of
+# the decoration (with a short suffix after it) from reading as a second token.
+_BREAKS = "0189"
+_RUN = 20
 
 
-def _tail(token: str, size: int, alphabet: str = _KEY_CHARS) -> str:
+def _tail(token: str, size: int) -> str:
     """Decoration after a key's token, the same for the same token."""
     draw = random.Random(f"tail:{token}")  # noqa: S311 - decoration, not secrecy
-    return "".join(draw.choice(alphabet) for _ in range(size))
+    chars: list[str] = []
+    run = 0
+    for _ in range(size):
+        char = draw.choice(_BREAKS if run == _RUN else _KEY_CHARS)
+        run = 0 if char in _BREAKS else run + 1
+        chars.append(char)
+    return "".join(chars)
 
 
 def _openai(token: str, zone: str, web: Web) -> dict[str, str]:

@@ -14,10 +14,12 @@ import psycopg.conninfo
 import pytest
 import yaml
 from dotenv import dotenv_values
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from canaries import kinds
 from canaries.find import in_host, scan, split_name
-from canaries.tokens import TokenKey, new_token
+from canaries.tokens import RANDOM_BYTES, TokenKey, new_token
 
 ZONE = "canary.example.test"
 TOKEN = new_token(TokenKey(secrets.token_bytes(32)))
@@ -159,6 +161,14 @@ def test_ssh_key_is_an_openssh_key_known_by_its_fingerprint() -> None:
     # The same key from the same token (OpenSSH's file format has a random check word).
     again = render("ssh-key").files
     assert again[".ssh/id_ed25519_prod.pub"] == planting.files[".ssh/id_ed25519_prod.pub"]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(min_size=RANDOM_BYTES, max_size=RANDOM_BYTES))
+def test_no_key_decoration_reads_as_another_token(random_part: bytes) -> None:
+    token = base64.b32encode(random_part + b"\0\0").decode().rstrip("=").lower()
+    for fmt in ("openai", "anthropic", "github"):
+        assert scan(kinds.credential(fmt, token, ZONE, kinds.Web()).value) == {token}
 
 
 def test_every_format_is_covered() -> None:
