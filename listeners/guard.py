@@ -11,8 +11,13 @@ flood cannot keep another's real hit out), then the idlest connection of all
 (many sources holding one stalled connection each cannot either). A newcomer
 is refused only when the connections it would replace have all been active
 within the grace, so a neighbour behind the same address is never cut off
-while it is talking. A source is an IPv4
-address or an IPv6 /64 (one host is usually given a whole /64).
+while it is talking.
+
+A source is an IPv4 address or an IPv6 /64 (one host is usually given a
+whole /64). Sources add up to networks, an IPv4 /24 or an IPv6 /48 (what one
+site or one cloud tenant is routed): a network has a cap of its own and is
+what yields first at the total cap, so 65,536 /64s of one /48 hold no more
+than one address would.
 
 Every admission, refusal, eviction and timeout is counted for `/metrics`.
 """
@@ -36,6 +41,8 @@ class StreamOptions(ListenerOptions):
 
     max_connections: Annotated[int, Field(ge=1, le=65536)] = 512
     max_connections_per_source: Annotated[int, Field(ge=1, le=65536)] = 32
+    # Per IPv4 /24 or IPv6 /48; None: four times the per-source cap (within the total).
+    max_connections_per_network: Annotated[int, Field(ge=1, le=65536)] | None = None
     # How long one step may take: a request's head, its body, a reply's write.
     timeout: Seconds = 10.0
     # A connection that sent something this recently is never closed to make room.
@@ -45,7 +52,22 @@ class StreamOptions(ListenerOptions):
     def _per_source_within_total(self) -> "StreamOptions":
         if self.max_connections_per_source > self.max_connections:
             raise ValueError("max_connections_per_source cannot exceed max_connections")
+        network = self.max_connections_per_network
+        if network is not None and not (
+            self.max_connections_per_source <= network <= self.max_connections
+        ):
+            raise ValueError(
+                "max_connections_per_network must lie between max_connections_per_source"
+                " and max_connections"
+            )
         return self
+
+    @property
+    def per_network(self) -> int:
+        """The network cap in force."""
+        if self.max_connections_per_network is not None:
+            return self.max_connections_per_network
+        return min(4 * self.max_connections_per_source, self.max_connections)
 
 
 # asyncio accepts up to this many queued connections per wake-up, each a descriptor until
@@ -72,29 +94,36 @@ def addresses_of(listening: socket.socket | None) -> list[tuple[str, int]]:
     return [(host, port)]
 
 
-def source_of(address: str) -> str:
-    """The source a connection counts against: its IPv4 address or its IPv6 /64."""
+def source_of(address: str) -> tuple[str, str]:
+    """The source a connection counts against (its IPv4 address or its IPv6 /64) and the
+    network that source is in (its IPv4 /24 or its IPv6 /48)."""
     try:
         parsed = ip_address(address)
     except ValueError:
-        return address
+        return address, address
+    if isinstance(parsed, IPv6Address) and parsed.ipv4_mapped is not None:
+        parsed = parsed.ipv4_mapped
     if isinstance(parsed, IPv6Address):
-        if parsed.ipv4_mapped is not None:
-            return str(parsed.ipv4_mapped)
-        return str(ip_network(f"{parsed}/64", strict=False))
-    return str(parsed)
+        return (
+            str(ip_network(f"{parsed}/64", strict=False)),
+            str(ip_network(f"{parsed}/48", strict=False)),
+        )
+    return str(parsed), str(ip_network(f"{parsed}/24", strict=False))
 
 
 class Slot:
     """One admitted connection; `release()` it when the connection ends."""
 
-    __slots__ = ("_guard", "_released", "active", "close", "source")
+    __slots__ = ("_guard", "_released", "active", "close", "network", "source")
 
-    def __init__(self, guard: "ConnectionGuard", source: str, close: Callable[[], None]) -> None:
+    def __init__(
+        self, guard: "ConnectionGuard", source: str, network: str, close: Callable[[], None]
+    ) -> None:
         self._guard = guard
         self._released = False
         self.active = time.monotonic()
         self.source = source
+        self.network = network
         self.close = close
 
     def touch(self) -> None:
@@ -111,25 +140,33 @@ class Slot:
 class ConnectionGuard:
     """Admits connections within the caps, evicting for fairness; counts what it does."""
 
-    def __init__(self, total: int, per_source: int, grace: float = 1.0) -> None:
+    def __init__(
+        self, total: int, per_source: int, grace: float = 1.0, per_network: int | None = None
+    ) -> None:
         self.total = total
         self.per_source = per_source
+        self.per_network = per_network if per_network is not None else min(4 * per_source, total)
         self.grace = grace
-        # Newcomers turned away: their source held its cap of young connections ("source"),
-        # or every slot was young ("total").
+        # Newcomers turned away: their source or network held its cap of young connections
+        # ("source", "network"), or every slot was young ("total").
         self.refused: Counter[str] = Counter()
-        # Connections closed for a newcomer: of its own source at its cap ("source"), of a
-        # source holding more than the newcomer's ("fair"), the oldest of all ("oldest").
+        # Connections closed for a newcomer: of its own source or network at its cap ("source",
+        # "network"), of a network holding more than the newcomer's ("fair"), the oldest of
+        # all ("oldest").
         self.evicted: Counter[str] = Counter()
         self.timeouts: Counter[str] = Counter()
         # Ordered by last activity: the first slot of each is the one idle longest.
         self._sources: dict[str, dict[Slot, None]] = {}
+        self._networks: dict[str, dict[Slot, None]] = {}
         self._all: dict[Slot, None] = {}
 
     @classmethod
     def of(cls, options: StreamOptions) -> "ConnectionGuard":
         return cls(
-            options.max_connections, options.max_connections_per_source, options.eviction_grace
+            options.max_connections,
+            options.max_connections_per_source,
+            options.eviction_grace,
+            options.per_network,
         )
 
     @property
@@ -138,18 +175,24 @@ class ConnectionGuard:
 
     def admit(self, address: str, close: Callable[[], None]) -> Slot | None:
         """A slot for a new connection from `address`, or None: refuse it with the protocol's answer."""
-        source = source_of(address)
+        source, network = source_of(address)
         held = self._sources.get(source, {})
+        in_network = self._networks.get(network, {})
         now = time.monotonic()
         if len(held) >= self.per_source:
             if not self._evict(held, now, "source"):
                 self.refused["source"] += 1
                 return None
-        elif len(self._all) >= self.total and not self._make_room(len(held), now):
+        elif len(in_network) >= self.per_network:
+            if not self._evict(in_network, now, "network"):
+                self.refused["network"] += 1
+                return None
+        elif len(self._all) >= self.total and not self._make_room(len(in_network), now):
             self.refused["total"] += 1
             return None
-        slot = Slot(self, source, close)
+        slot = Slot(self, source, network, close)
         self._sources.setdefault(source, {})[slot] = None
+        self._networks.setdefault(network, {})[slot] = None
         self._all[slot] = None
         return slot
 
@@ -157,22 +200,18 @@ class ConnectionGuard:
         if slot not in self._all:
             return
         del self._all[slot]
-        held = self._sources[slot.source]
-        del held[slot]
-        if not held:
-            del self._sources[slot.source]
+        _remove(self._sources, slot.source, slot)
+        _remove(self._networks, slot.network, slot)
 
     def touch(self, slot: Slot) -> None:
         slot.active = time.monotonic()
-        held = self._sources[slot.source]
-        del held[slot]
-        held[slot] = None
-        del self._all[slot]
-        self._all[slot] = None
+        for held in (self._sources[slot.source], self._networks[slot.network], self._all):
+            del held[slot]
+            held[slot] = None
 
     def _make_room(self, count: int, now: float) -> bool:
-        """At the total cap: the busiest source yields first, else the idlest connection of all."""
-        busiest = max(self._sources.values(), key=len)
+        """At the total cap: the busiest network yields first, else the idlest connection of all."""
+        busiest = max(self._networks.values(), key=len)
         if len(busiest) > count + 1 and self._evict(busiest, now, "fair"):
             return True
         return self._evict(self._all, now, "oldest")
@@ -187,3 +226,10 @@ class ConnectionGuard:
         self.evicted[reason] += 1
         idlest.close()
         return True
+
+
+def _remove(groups: dict[str, dict[Slot, None]], key: str, slot: Slot) -> None:
+    held = groups[key]
+    del held[slot]
+    if not held:
+        del groups[key]

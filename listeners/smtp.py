@@ -9,6 +9,7 @@ inside it, are committed too.
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, AnyStr
@@ -21,7 +22,7 @@ from canaries.index import Unknowable
 from canaries.model import Canary
 from listeners.base import Context, DnsName, NotDurable, Peer, Port, format_peer
 from listeners.certificates import Contexts
-from listeners.guard import ConnectionGuard, Seconds, Slot, StreamOptions
+from listeners.guard import ConnectionGuard, Seconds, Slot, StreamOptions, source_of
 from listeners.mailparse import MailDetails, inspect_message
 from listeners.tls import TlsFront
 from store.ledger import Entry, Event
@@ -47,8 +48,10 @@ class SmtpOptions(StreamOptions):
     port: Port = 2525
     domains: list[DnsName] = Field(default_factory=list)
     max_message_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 10 * 1024 * 1024
-    # Each session may hold a message of max_message_bytes (and aiosmtpd copies it): keep
-    # max_connections x max_message_bytes within the memory the node can spare.
+    # What messages being received may hold in all. A message in DATA holds twice its
+    # max_message_bytes (aiosmtpd joins its lines into a copy), so this many bytes let
+    # max_buffered_bytes // (2 x max_message_bytes) sessions be in DATA at once (at least one).
+    max_buffered_bytes: Annotated[int, Field(ge=4096, le=16 * 1024**3)] = 128 * 1024 * 1024
     max_connections: Annotated[int, Field(ge=1, le=65536)] = 64
     max_connections_per_source: Annotated[int, Field(ge=1, le=65536)] = 10
     timeout: Seconds = 30.0
@@ -216,19 +219,45 @@ def _peer(session: Session | None) -> Peer:
     return peer if isinstance(peer, tuple) else (str(peer), 0)
 
 
+class DataBudget:
+    """How many sessions may receive a message at once, and how many of them one source."""
+
+    def __init__(self, options: SmtpOptions) -> None:
+        self.total = max(1, options.max_buffered_bytes // (2 * options.max_message_bytes))
+        # One source cannot take every place: another sender's message still gets in.
+        self.per_source = max(1, self.total // 2)
+        self._held: Counter[str] = Counter()
+
+    def take(self, address: str) -> str | None:
+        """The source a place is held for, or None when there is no room for it."""
+        source = source_of(address)[0]
+        if self._held.total() >= self.total or self._held[source] >= self.per_source:
+            return None
+        self._held[source] += 1
+        return source
+
+    def give_back(self, source: str) -> None:
+        self._held[source] -= 1
+        if not self._held[source]:
+            del self._held[source]
+
+
 class GuardedSMTP(SMTP):
     """aiosmtpd's SMTP with the limits it lacks: the listener's connection bounds, and error floods.
 
     aiosmtpd does not count empty or non-ASCII lines toward its bogus-command
     limit, and answers a buffered flood of them without yielding, stalling
     every other session. Here every reply yields to the loop, and a session
-    that draws too many syntax errors or rejected recipients is closed.
+    that draws too many syntax errors or rejected recipients is closed. DATA
+    waits for room in the listener's `DataBudget`, so the memory messages hold
+    is bounded whatever the number of sessions.
     """
 
     def __init__(
         self,
         *args: Any,
         guard: ConnectionGuard,
+        budget: DataBudget,
         context: Context,
         slot: Slot | None = None,
         **kwargs: Any,
@@ -236,6 +265,7 @@ class GuardedSMTP(SMTP):
         super().__init__(*args, **kwargs)
         self._counters = context.counters
         self._guard = guard
+        self._budget = budget
         self._step = float(kwargs.get("timeout", 30.0))
         # Admitted before, when the connection came in through TLS.
         self._slot = slot
@@ -296,6 +326,25 @@ class GuardedSMTP(SMTP):
             # there) or cut off.
             self._end()
 
+    async def smtp_DATA(self, arg: str) -> None:
+        if self.envelope is None or not self.envelope.rcpt_tos:
+            await super().smtp_DATA(arg)  # refused by aiosmtpd before anything is read
+            return
+        source = self._budget.take(_peer(self.session)[0])
+        if source is None:
+            # The recipients' hits are recorded already; a real sender retries a 4xx later.
+            self._counters.refused += 1
+            log.warning(
+                "%s DATA refused: messages being received hold max_buffered_bytes",
+                format_peer(_peer(self.session)),
+            )
+            await self.push("452 4.3.1 Insufficient system storage, try again later")
+            return
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._budget.give_back(source)
+
     def _timeout_cb(self) -> None:
         """aiosmtpd's idle timeout (it closes the transport), counted and bounded."""
         transport = self.transport
@@ -347,6 +396,7 @@ class SmtpListener:
             context, tuple(split_name(domain) for domain in domains), self._tls
         )
         context.connections = self._guard = ConnectionGuard.of(options)
+        self._budget = DataBudget(options)
         self._front: TlsFront | None = None
         if options.tls_port is not None and self._tls is not None:
             implicit = options.model_copy(update={"port": options.tls_port})
@@ -367,6 +417,7 @@ class SmtpListener:
         return GuardedSMTP(
             self._handler,
             guard=self._guard,
+            budget=self._budget,
             context=self._context,
             slot=slot,
             hostname=f"mail.{self._context.zone}",

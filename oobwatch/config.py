@@ -506,6 +506,7 @@ ttl = 0                               # keep 0 so every lookup reaches this serv
 # Every listener that takes connections (dns over TCP, smtp, http, api) has the same bounds:
 # max_connections = 256               # in all (smtp 64, http 512, api 128)
 # max_connections_per_source = 32     # per IPv4 address or IPv6 /64 (smtp 10, api 16)
+# max_connections_per_network = 128   # per IPv4 /24 or IPv6 /48; default 4 x per source
 # timeout = 10.0                      # seconds for a frame, head or body to arrive, a reply to be read
 # eviction_grace = 1.0                # a connection silent this long may be closed for a newcomer (smtp 10)
 
@@ -514,7 +515,8 @@ ttl = 0                               # keep 0 so every lookup reaches this serv
 listen = "127.0.0.1"                  # 0.0.0.0 or :: in production
 port = 2525                           # 25 in production (point the zone's MX here)
 domains = []                          # default: the DNS zone and every name under it
-max_message_bytes = 10485760          # x max_connections bounds the memory mail can take
+max_message_bytes = 10485760          # advertised as SIZE; larger messages get 552
+max_buffered_bytes = 134217728        # messages being received hold at most this (2 x each)
 max_connections = 64
 max_connections_per_source = 10
 timeout = 30.0                        # seconds of silence before a session is dropped

@@ -166,13 +166,14 @@ class NodeCollector(Collector):
         refused = CounterMetricFamily(
             "oobwatch_connections_refused",
             "Connections refused because the ones they would replace were all active within "
-            "the eviction grace (source: of their own source at its cap; total: of the listener)",
+            "the eviction grace (source, network: of their own source or network at its cap; "
+            "total: of the listener)",
             labels=["listener", "reason"],
         )
         evicted = CounterMetricFamily(
             "oobwatch_connections_evicted",
-            "Idle connections closed for a newcomer (source: of its own source at its cap; "
-            "fair: of the busiest source; oldest: the idlest of all)",
+            "Idle connections closed for a newcomer (source, network: of its own source or "
+            "network at its cap; fair: of the busiest network; oldest: the idlest of all)",
             labels=["listener", "reason"],
         )
         timeouts = CounterMetricFamily(
@@ -182,9 +183,9 @@ class NodeCollector(Collector):
         )
         for name, guard in guards.items():
             opened.add_metric([name], guard.open)
-            for reason in ("source", "total"):
+            for reason in ("source", "network", "total"):
                 refused.add_metric([name, reason], guard.refused[reason])
-            for reason in ("source", "fair", "oldest"):
+            for reason in ("source", "network", "fair", "oldest"):
                 evicted.add_metric([name, reason], guard.evicted[reason])
             for phase, count in sorted(guard.timeouts.items()):
                 timeouts.add_metric([name, phase], count)

@@ -18,17 +18,17 @@ from canaries import index as index_module
 from support import ZONE, Node, hits, plant_canary, run_dns, send_without_reading, settle
 
 OTHER_SOURCE = "127.0.0.2"
+# Outside 127.0.0.0/24, the network of both sources above.
+OTHER_NETWORK = "127.0.1.2"
 
 
 def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def real_hit(node: Node, name: str) -> dns.message.Message:
+async def real_hit(node: Node, name: str, source: str = OTHER_SOURCE) -> dns.message.Message:
     query = dns.message.make_query(f"data.{name}", "A")
-    return await dns.asyncquery.tcp(
-        query, "127.0.0.1", port=node.port, timeout=10, source=OTHER_SOURCE
-    )
+    return await dns.asyncquery.tcp(query, "127.0.0.1", port=node.port, timeout=10, source=source)
 
 
 async def test_unanswerable_last_frames_do_not_hold_sockets(sqlite_engine: Engine) -> None:
@@ -97,20 +97,20 @@ async def test_one_source_cannot_take_every_connection(sqlite_engine: Engine) ->
         assert guard.open == 12
         # The newest connection wins: the source lost its own oldest eight.
         assert guard.evicted["source"] == 8
-        # Four more sources fill the total; then a fifth takes the place of the busiest's oldest.
+        # Four more networks fill the total; then a fifth takes the place of the busiest's oldest.
         others = [
-            await asyncio.open_connection("127.0.0.1", node.port, local_addr=(f"127.0.0.{n}", 0))
+            await asyncio.open_connection("127.0.0.1", node.port, local_addr=(f"127.0.{n}.1", 0))
             for n in range(3, 7)
         ]
         await asyncio.sleep(0.05)
         assert guard.open == 16
-        reply = await real_hit(node, canary.value)
+        reply = await real_hit(node, canary.value, OTHER_NETWORK)
         assert reply.rcode() == dns.rcode.NOERROR
         assert guard.evicted["fair"] == 1
         for _, writer in idle + others:
             writer.close()
     [hit] = hits(sqlite_engine)
-    assert hit.source == OTHER_SOURCE
+    assert hit.source == OTHER_NETWORK
 
 
 async def test_half_closed_sessions_still_get_their_answers(sqlite_engine: Engine) -> None:

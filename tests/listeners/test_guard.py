@@ -1,5 +1,7 @@
 """The connection guard's admission rules, as pure logic (the listeners' tests drive real sockets)."""
 
+from collections import Counter
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -32,12 +34,13 @@ def admit_many(guard: ConnectionGuard, address: str, count: int, closed: list[st
     return slots
 
 
-def test_sources_are_addresses_and_ipv6_networks() -> None:
-    assert source_of("192.0.2.7") == "192.0.2.7"
+def test_sources_are_addresses_and_ipv6_64s_in_networks_of_24s_and_48s() -> None:
+    assert source_of("192.0.2.7") == ("192.0.2.7", "192.0.2.0/24")
     assert source_of("2001:db8:1:2:aaaa::1") == source_of("2001:db8:1:2:bbbb::9")
-    assert source_of("2001:db8:1:2::1") != source_of("2001:db8:1:3::1")
-    assert source_of("::ffff:192.0.2.7") == "192.0.2.7"
-    assert source_of("not an address") == "not an address"
+    assert source_of("2001:db8:1:2::1")[0] != source_of("2001:db8:1:3::1")[0]
+    assert source_of("2001:db8:1:2::1")[1] == source_of("2001:db8:1:3::1")[1] == "2001:db8:1::/48"
+    assert source_of("::ffff:192.0.2.7") == ("192.0.2.7", "192.0.2.0/24")
+    assert source_of("not an address") == ("not an address", "not an address")
 
 
 def test_a_source_at_its_cap_loses_its_own_oldest_once_it_is_old(clock: Clock) -> None:
@@ -54,30 +57,51 @@ def test_a_source_at_its_cap_loses_its_own_oldest_once_it_is_old(clock: Clock) -
     assert guard.open == 3
 
 
-def test_the_busiest_source_yields_first(clock: Clock) -> None:
+def test_the_busiest_network_yields_first(clock: Clock) -> None:
     closed: list[str] = []
     guard = ConnectionGuard(total=6, per_source=6, grace=1.0)
-    admit_many(guard, "192.0.2.2", 2, closed)
-    admit_many(guard, "192.0.2.1", 4, closed)
+    admit_many(guard, "198.51.100.2", 2, closed)
+    admit_many(guard, "192.0.2.1", 3, closed)
+    admit_many(guard, "192.0.2.7", 1, closed)
     clock.now += 2
-    assert guard.admit("192.0.2.9", lambda: None) is not None
-    # Not the oldest of all (192.0.2.2's), but the busiest source's oldest.
+    assert guard.admit("203.0.113.9", lambda: None) is not None
+    # Not the oldest of all (198.51.100.2's), but the oldest of the busiest network.
     assert closed == ["192.0.2.1#0"]
     assert guard.evicted["fair"] == 1
 
 
-def test_many_sources_with_one_stalled_connection_each_cannot_lock_out_a_newcomer(
+def test_a_network_of_many_sources_holds_no_more_than_its_cap(clock: Clock) -> None:
+    """One /48 holds 65,536 /64s, each with one stalled connection its fair share as a source:
+    the /48 still holds at most its network cap, and a newcomer from elsewhere gets in at once."""
+    closed: list[str] = []
+    guard = ConnectionGuard(total=512, per_source=32, grace=1.0)
+    assert guard.per_network == 128
+    for n in range(128):
+        admit_many(guard, f"2001:db8:1:{n:x}::99", 1, closed)
+    for n in range(128, 600):
+        assert guard.admit(f"2001:db8:1:{n:x}::99", lambda: None) is None
+    assert guard.refused["network"] == 600 - 128
+    assert guard.admit("198.51.100.7", lambda: None) is not None
+    assert guard.admit("2001:db8:2::1", lambda: None) is not None
+    # Once its connections are old, the network makes room for its own newcomer.
+    clock.now += 2
+    assert guard.admit("2001:db8:1:ffff::99", lambda: None) is not None
+    assert closed == ["2001:db8:1:0::99#0"]
+    assert guard.evicted["network"] == 1
+    assert guard.open == 130
+
+
+def test_many_networks_with_one_stalled_connection_each_cannot_lock_out_a_newcomer(
     clock: Clock,
 ) -> None:
-    """One /48 holds 65,536 /64s: each one connection is its fair share, and the cap still holds."""
     closed: list[str] = []
     guard = ConnectionGuard(total=512, per_source=32, grace=1.0)
     for n in range(512):
-        admit_many(guard, f"2001:db8:1:{n:x}::99", 1, closed)
+        admit_many(guard, f"2001:db8:{n:x}::99", 1, closed)
     clock.now += 2
     assert guard.admit("198.51.100.7", lambda: None) is not None
-    assert guard.admit("2001:db8:1:5::99", lambda: None) is not None
-    assert closed == ["2001:db8:1:0::99#0", "2001:db8:1:1::99#0"]
+    assert guard.admit("2001:db8:5::98", lambda: None) is not None
+    assert closed == ["2001:db8:0::99#0", "2001:db8:1::99#0"]
     assert guard.evicted["oldest"] == 2
     assert guard.open == 512
 
@@ -96,7 +120,7 @@ def test_a_connection_that_keeps_talking_is_not_the_one_closed(clock: Clock) -> 
 def test_a_full_listener_of_young_connections_refuses(clock: Clock) -> None:
     guard = ConnectionGuard(total=4, per_source=4, grace=1.0)
     admit_many(guard, "192.0.2.1", 4, [])
-    assert guard.admit("192.0.2.2", lambda: None) is None
+    assert guard.admit("198.51.100.2", lambda: None) is None
     assert guard.refused["total"] == 1
 
 
@@ -124,7 +148,7 @@ def test_the_caps_hold_whatever_the_order(steps: list[tuple[str, int]]) -> None:
     saved = guard_module.time.monotonic
     guard_module.time.monotonic = lambda: now[0]  # type: ignore[assignment]
     try:
-        guard = ConnectionGuard(total=5, per_source=3, grace=1.0)
+        guard = ConnectionGuard(total=6, per_source=2, grace=1.0, per_network=4)
         live: list[Slot] = []
 
         def closer(slot_box: list[Slot]) -> None:
@@ -133,7 +157,8 @@ def test_the_caps_hold_whatever_the_order(steps: list[tuple[str, int]]) -> None:
         for action, n in steps:
             if action == "admit":
                 box: list[Slot] = []
-                slot = guard.admit(f"192.0.2.{n}", lambda box=box: closer(box))
+                address = f"192.0.{n % 3}.{n % 4}"
+                slot = guard.admit(address, lambda box=box: closer(box))
                 if slot is not None:
                     box.append(slot)
                     live.append(slot)
@@ -141,10 +166,8 @@ def test_the_caps_hold_whatever_the_order(steps: list[tuple[str, int]]) -> None:
                 live.pop(n % len(live)).release()
             else:
                 now[0] += 0.6
-            assert guard.open == len(live) <= 5
-            per_source: dict[str, int] = {}
-            for slot in live:
-                per_source[slot.source] = per_source.get(slot.source, 0) + 1
-            assert all(count <= 3 for count in per_source.values())
+            assert guard.open == len(live) <= 6
+            assert max(Counter(slot.source for slot in live).values(), default=0) <= 2
+            assert max(Counter(slot.network for slot in live).values(), default=0) <= 4
     finally:
         guard_module.time.monotonic = saved  # type: ignore[assignment]

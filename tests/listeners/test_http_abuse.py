@@ -58,7 +58,7 @@ async def test_stalled_heads_cannot_keep_a_real_hit_out(sqlite_engine: Engine) -
         try:
             for n in range(3):
                 for _ in range(40):
-                    reader, writer = await connect(node.port, f"127.0.0.{10 + n}")
+                    reader, writer = await connect(node.port, f"127.0.{10 + n}.1")
                     writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n")
                     stalled.append(writer)
             await asyncio.sleep(0.1)
@@ -69,7 +69,7 @@ async def test_stalled_heads_cannot_keep_a_real_hit_out(sqlite_engine: Engine) -
             assert guard.open == 64
             assert guard.refused["source"] == 2 * (40 - 32)
             assert guard.refused["total"] == 40
-            reader, writer = await connect(node.port, "127.0.0.10")
+            reader, writer = await connect(node.port, "127.0.10.1")
             stalled.append(writer)
             assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 503 ")
             # Once they are older than the grace, a newcomer takes a stalled one's place.

@@ -150,6 +150,45 @@ async def test_oversize_message_is_refused_with_552(sqlite_engine: Engine) -> No
     assert len(hits(sqlite_engine)) == 1
 
 
+async def test_messages_in_flight_are_bounded_and_one_source_cannot_take_every_place(
+    sqlite_engine: Engine,
+) -> None:
+    """Room for two messages of 4 KiB (each held twice): one source gets one of them at a time."""
+    canary = plant_canary(sqlite_engine, "email")
+    async with run_smtp(
+        sqlite_engine, max_message_bytes=4096, max_buffered_bytes=16 * 1024
+    ) as node:
+
+        def stall_then_send() -> tuple[int, int, int, int]:
+            def in_data(source: str) -> smtplib.SMTP:
+                client = smtplib.SMTP(
+                    "127.0.0.1", node.port, timeout=10, source_address=(source, 0)
+                )
+                client.ehlo("x")
+                client.mail("a@b.c")
+                client.rcpt(canary.value)
+                return client
+
+            stalled = in_data("127.0.0.1")
+            assert stalled.docmd("DATA")[0] == 354
+            stalled.send(b"Subject: half a message\r\n")
+            second = in_data("127.0.0.1")
+            refused = second.docmd("DATA")[0]
+            other = in_data("127.0.1.9")
+            other_code, _ = other.data(message(canary.value).as_bytes())
+            stalled.send(b"\r\nbody\r\n.\r\n")
+            finished = stalled.getreply()[0]
+            retried = second.docmd("DATA")[0]
+            for client in (stalled, second, other):
+                client.close()
+            return refused, other_code, finished, retried
+
+        refused, other_code, finished, retried = await blocking(stall_then_send)
+        assert (refused, other_code, finished, retried) == (452, 250, 250, 354)
+    # Every RCPT was recorded, the refused DATA's included.
+    assert len([h for h in hits(sqlite_engine) if h.evidence["trigger"] == "rcpt"]) == 3
+
+
 async def test_a_token_inside_the_message_records_a_leaked_hit(sqlite_engine: Engine) -> None:
     inbox = plant_canary(sqlite_engine, "email")
     secret = plant_canary(sqlite_engine, "credential", sandbox="sbx-2", fmt="env")
@@ -209,7 +248,7 @@ async def test_connections_per_source_are_capped(sqlite_engine: Engine) -> None:
     assert len(hits(sqlite_engine)) == 1
 
 
-async def test_idle_sessions_of_one_source_make_room_for_another(sqlite_engine: Engine) -> None:
+async def test_idle_sessions_of_one_network_make_room_for_another(sqlite_engine: Engine) -> None:
     canary = plant_canary(sqlite_engine, "email")
     async with run_smtp(
         sqlite_engine, max_connections=6, max_connections_per_source=6, eviction_grace=0
@@ -220,7 +259,7 @@ async def test_idle_sessions_of_one_source_make_room_for_another(sqlite_engine: 
             for sock in hogs:
                 assert sock.recv(100).startswith(b"220")
             with smtplib.SMTP(
-                "127.0.0.1", node.port, timeout=10, source_address=("127.0.0.2", 0)
+                "127.0.0.1", node.port, timeout=10, source_address=("127.0.1.2", 0)
             ) as client:
                 client.ehlo("sandbox-7")
                 refused = client.send_message(
@@ -243,7 +282,7 @@ async def test_idle_sessions_of_one_source_make_room_for_another(sqlite_engine: 
         assert guard is not None
         assert guard.evicted["fair"] == 1
     [hit] = hits(sqlite_engine)
-    assert hit.source == "127.0.0.2"
+    assert hit.source == "127.0.1.2"
 
 
 async def test_floods_are_cut_off_and_do_not_stall_a_real_hit(sqlite_engine: Engine) -> None:

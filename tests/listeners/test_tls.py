@@ -179,7 +179,7 @@ async def test_evicted_sessions_end_so_the_caps_bound_descriptors(engine: Engine
         most = 0
         for number in range(200):
             raw = socket.socket()
-            raw.bind((f"127.0.0.{10 + number % 8}", 0))
+            raw.bind((f"127.0.{10 + number % 8}.1", 0))
             raw.connect(("127.0.0.1", node.port))
             raw.sendall(real_hello(canary.value)[:20])
             opened.append(raw)
