@@ -1,8 +1,10 @@
 """Pages about oobwatch itself: a listener failing its self-test or recovering, ledger heads
-sent away as anchors, a ledger that fails verification, a delivery given up undelivered.
+sent away as anchors, a ledger that fails verification, a delivery given up undelivered,
+the store away and hits spooled.
 
 Each notice is queued in the outbox like an alert's page, so it is retried
-and recorded the same way; it has no alert of its own.
+and recorded the same way; it has no alert of its own. The store's own
+notices cannot be: they are sent directly, once.
 """
 
 from collections.abc import Mapping
@@ -152,3 +154,35 @@ def undelivered(
         },
     )
     return enqueue(connection, route, notice, now_us)
+
+
+def spool_change(change: str, *, node: str, count: int, path: str, now_us: int) -> dict[str, Any]:
+    """The store went away and hits are spooled ("spooling"), the spool is full and hits go
+    unrecorded ("full"), or the store is back and the spool replayed ("replayed")."""
+    at = to_iso(now_us)
+    if change == "spooling":
+        title = f"oobwatch: store UNREACHABLE on node {node}, spooling hits"
+        headline = (
+            f"The store does not take hits on node {node} since {at}: they are spooled to "
+            f"{path} and answered, and reach the ledger (and page) when it is back"
+        )
+        severity = "critical"
+    elif change == "full":
+        title = f"oobwatch: spool FULL on node {node}, hits NOT RECORDED"
+        headline = (
+            f"The spool at {path} on node {node} is full since {at} and the store is still away: "
+            f"{plural(count, 'event')} and every hit after them go unrecorded and unanswered"
+        )
+        severity = "critical"
+    else:
+        title = f"oobwatch: store back on node {node}"
+        headline = f"{plural(count, 'spooled event')} reached the ledger on node {node} at {at}"
+        severity = "low"
+    message = Message(title, headline, [Line("node", node), Line("spool", path)])
+    return delivery_payload(
+        f"spool-{change}",
+        node=node,
+        dedup_key=f"spool-{node}",
+        message=message,
+        severity=severity,
+    )

@@ -252,6 +252,24 @@ class Outbox:
             return Outcome(row, f"{type(failure).__name__}")
         return Outcome(row, None)
 
+    async def page_directly(self, route_name: str, payload: dict[str, Any]) -> int:
+        """Send `payload` through each sink of the route now, once, without the store (for
+        when the store is what failed, so nothing can be queued); how many sinks took it."""
+        route = self._policy.routes.get(route_name)
+        taken = 0
+        for sink in () if route is None else route.sinks:
+            sender = self._sender(route_name, sink.key)
+            if sender is None:
+                continue
+            try:
+                async with asyncio.timeout(ATTEMPT_SECONDS):
+                    await sender.send(0, {**payload, "route": route_name})
+            except Exception as error:
+                log.error("direct page via %s/%s failed: %s", route_name, sink.key, error)
+            else:
+                taken += 1
+        return taken
+
     def _sender(self, route_name: str, key: str) -> Sender | None:
         if (route_name, key) not in self._senders:
             route = self._policy.routes.get(route_name)

@@ -18,6 +18,7 @@ from typing import Any
 from alerts.outbox import Outbox
 from alerts.state import BATCH, AlertState
 from store.ledger import Entry
+from store.writer import NotDurable
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,12 @@ class Pager:
     async def timed_work(self) -> None:
         """Digests and escalations that have come due."""
         moment = self._clock()
-        queued = await self._store_work(functools.partial(self.state.digests, moment))
-        queued += await self._store_work(functools.partial(self.state.escalations, moment))
+        try:
+            queued = await self._store_work(functools.partial(self.state.digests, moment))
+            queued += await self._store_work(functools.partial(self.state.escalations, moment))
+        except NotDurable as away:
+            log.warning("digests and escalations wait: %s", away)
+            return
         if queued:
             self.send_soon()
 
@@ -100,6 +105,10 @@ class Pager:
                     self._dispatch_due.set()
                 elif self.state.last_dispatched >= BUSY_DISPATCH:
                     await asyncio.sleep(BUSY_PAUSE_SECONDS)
+            except NotDurable as away:
+                log.warning("alert dispatch waits: %s", away)
+                await asyncio.sleep(RETRY_SECONDS)
+                self._dispatch_due.set()
             except Exception:
                 log.exception("alert dispatch failed; retrying")
                 await asyncio.sleep(RETRY_SECONDS)

@@ -60,6 +60,7 @@ _PATH_KEYS = (
     ("tls", "cert"),
     ("tls", "key"),
     ("tls", "acme_ca_bundle"),
+    ("spool", "path"),
 )
 
 
@@ -247,6 +248,15 @@ class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class SpoolConfig(Section):
+    """`[spool]`: where a node journals the hits its store cannot take while it is away."""
+
+    # Default: beside the SQLite database; with PostgreSQL, in $STATE_DIRECTORY (systemd)
+    # or the config file's folder.
+    path: Path | None = None
+    max_bytes: Annotated[int, Field(ge=1024 * 1024, le=1024**4)] = 256 * 1024 * 1024
+
+
 class TimelineConfig(Section):
     incident_gap: Duration = _duration_us("30m")
 
@@ -273,6 +283,7 @@ class Config(Section):
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     ledger: LedgerConfig = LedgerConfig()
     timeline: TimelineConfig = TimelineConfig()
+    spool: SpoolConfig = SpoolConfig()
     api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
     _source: Path | None = PrivateAttr(default=None)
@@ -281,6 +292,19 @@ class Config(Section):
     def source(self) -> Path | None:
         """The file this configuration was read from."""
         return self._source
+
+    @property
+    def spool_path(self) -> Path:
+        """Where this node's spool is."""
+        if self.spool.path is not None:
+            return self.spool.path
+        url = make_url(self.store.url)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            return Path(f"{url.database}.spool")
+        folder = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if folder:
+            return Path(folder) / "oobwatch.spool"
+        return (self._source.parent if self._source else Path.cwd()) / "oobwatch.spool"
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "Config":
@@ -613,6 +637,12 @@ max_attempts = 12                     # each 50-100% of that; then escalated or 
 # anchor_route = "audit"              # a route (apprise URLs, webhooks) that receives the head
 anchor_every = "1h"
 verify_every = "1h"                   # a broken chain pages heartbeat.route
+
+[spool]
+# Hits the store cannot take (PostgreSQL away, SQLite locked by another process) are
+# journalled here, fsync'd before they are answered, and replayed once it is back.
+# path = "oobwatch.spool"             # default: beside the SQLite file, else $STATE_DIRECTORY
+max_bytes = 268435456                 # full: hits go unanswered, and heartbeat.route is paged
 
 [api]
 # The admin API (tokens from `oobwatch token create`); never on a listener's port.

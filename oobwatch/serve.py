@@ -21,7 +21,9 @@ from typing import TypeVar
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Engine
 
+from alerts import notices
 from alerts.pager import Pager
+from alerts.policy import DEFAULT_ROUTE
 from canaries.index import TokenIndex
 from listeners.base import Context, Listener, ListenerOptions
 from listeners.burst import BurstFolder
@@ -46,7 +48,8 @@ from store.clock import now_us
 from store.deployment import secret
 from store.engine import checkpoint as engine_checkpoint
 from store.engine import open_store
-from store.writer import LedgerWriter
+from store.spool import Spool
+from store.writer import LedgerWriter, SpoolChange
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -127,6 +130,9 @@ class Node:
     # This node's ACME order, while it runs.
     ordering: "asyncio.Task[None] | None" = None
     stopping: bool = False
+    spool_full_paged: bool = False
+    # Direct pages on their way (kept, so a running task is not collected).
+    paging: set["asyncio.Task[int]"] = field(default_factory=set)
     listeners: dict[str, Listener] = field(default_factory=dict)
     contexts: dict[str, Context] = field(default_factory=dict)
 
@@ -173,6 +179,25 @@ class Node:
             self.scheduler.shutdown(wait=False)
         await self.pager.stop()
         await self.writer.stop()
+
+    def spool_changed(self, change: SpoolChange, count: int) -> None:
+        """Page the heartbeat route directly: the store cannot queue a page while it is away.
+        Once each way per outage, and once when the spool fills."""
+        if change == "full":
+            if self.spool_full_paged:
+                return
+            self.spool_full_paged = True
+        elif change == "replayed":
+            self.spool_full_paged = False
+        spool = self.writer.spool
+        assert spool is not None
+        payload = notices.spool_change(
+            change, node=self.config.node.name, count=count, path=str(spool.path), now_us=now_us()
+        )
+        route = self.config.heartbeat.route or DEFAULT_ROUTE
+        task = asyncio.create_task(self.pager.outbox.page_directly(route, payload))
+        self.paging.add(task)
+        task.add_done_callback(self.paging.discard)
 
     async def anchor_head(self) -> None:
         await asyncio.to_thread(self.integrity.anchor, now_us())
@@ -241,7 +266,8 @@ async def start(config: Config) -> Node:
     _descriptors(config)
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     engine = await asyncio.to_thread(open_store, config.store.url, True)
-    writer = LedgerWriter(engine)
+    spool = Spool(config.spool_path, config.spool.max_bytes)
+    writer = LedgerWriter(engine, spool=spool)
     writer.start()
     index = TokenIndex(engine)
     # One policy for every part: routes and compiled ignore rules, built once.
@@ -259,6 +285,7 @@ async def start(config: Config) -> Node:
         )
     await asyncio.to_thread(pager.outbox.release_own_leases)
     writer.subscribe(pager.committed)
+    writer.watch_spool(node.spool_changed)
     if config.heartbeat.enabled:
         canary = await asyncio.to_thread(
             heartbeat_canary, engine, config.node.name, config.dns.zone

@@ -15,20 +15,29 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # WAL pages past which a commit checkpoints, when a thread of its own does the rest (64 MB).
 OWN_CHECKPOINT_PAGES = 16384
 # The newest migration in migrations/versions; a test checks they agree.
-HEAD_REVISION = "0008"
+HEAD_REVISION = "0009"
+# How long a node waits for SQLite's lock before its writer spools instead.
+NODE_BUSY_MS = 500
+_PG_TIMEOUTS = {"connect_timeout": 3, "tcp_user_timeout": 5000}
 
 
 def open_engine(url: str, own_checkpoints: bool = False) -> Engine:
     """An engine for `url`; SQLite gets WAL, NORMAL sync and a busy timeout.
 
-    With `own_checkpoints`, commits of this engine leave the WAL to a
-    `checkpoint` run from a thread of its own (a node: once a second), and
-    checkpoint it themselves only past OWN_CHECKPOINT_PAGES.
+    With `own_checkpoints` (a node, whose writer spools what the store does
+    not take in time), commits of this engine leave the WAL to a `checkpoint`
+    run from a thread of its own (once a second), and checkpoint it themselves
+    only past OWN_CHECKPOINT_PAGES; and a lock held by another process is
+    waited for NODE_BUSY_MS at most.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    engine = create_engine(url, connect_args={"timeout": 30})
+        # A server that is away or cut off must fail a connection or a query within seconds
+        # (libpq's defaults wait for the kernel: minutes), so a node spools instead.
+        options = {name: value for name, value in _PG_TIMEOUTS.items() if name not in parsed.query}
+        return create_engine(url, pool_pre_ping=True, connect_args=options)
+    busy_ms = NODE_BUSY_MS if own_checkpoints else 30000
+    engine = create_engine(url, connect_args={"timeout": busy_ms / 1000})
 
     @event.listens_for(engine, "connect")
     def _tune(dbapi_connection: Any, _record: Any) -> None:
@@ -37,7 +46,7 @@ def open_engine(url: str, own_checkpoints: bool = False) -> Engine:
         # commits durable across a process crash without an fsync per commit.
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         if own_checkpoints:
             # SQLite runs an automatic checkpoint inside the commit that fills the WAL past

@@ -165,3 +165,12 @@ acme_orders = Table(
     Column("failed_us", BigInteger, nullable=True),
     Column("error", Text, nullable=True),
 )
+
+spool_replays = Table(
+    "spool_replays",
+    metadata,
+    # A node's spooled event ("<spool epoch>:<number>") and the ledger row it became: the
+    # replay that appends it writes this in the same transaction, so it is appended once.
+    Column("key", String(64), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+)

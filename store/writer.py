@@ -11,6 +11,14 @@ turn between batches (`call`): on SQLite, where the whole database has one
 write lock, two threads of one process taking it in turn would otherwise
 meet in SQLite's busy handler, which sleeps 1, 2, 5, 10 ms... between tries,
 and every hit waiting behind would wait that long.
+
+With a `Spool`, a batch the store cannot take (PostgreSQL away, SQLite
+locked by another process) after a short bound goes to the spool instead,
+and its callers get placeholder entries (a negative `seq`, no hash): durable
+locally, so answered. While anything waits there, new batches follow it in,
+to keep their order, and the writer tries the store again every second;
+what it replays reaches the subscribers (the pager) as it is appended. A
+later event that names a placeholder as its `hit_seq` gets the real one.
 """
 
 import asyncio
@@ -18,15 +26,19 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, Literal, TypeVar
 
-from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from store import ledger
+from store.clock import now_us, to_iso
 from store.ledger import Entry, Event
+from store.schema import spool_replays
+from store.spool import Spool, Spooled, SpoolFull
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +48,16 @@ T = TypeVar("T")
 
 _STOP = object()
 _ATTEMPTS = 5
+# With a spool: tries of a batch before it is spooled, so an outage does not hold answers.
+_SPOOL_ATTEMPTS = 2
+_UNAVAILABLE = (OperationalError, InterfaceError)
+# While events wait in the spool: how often the store is tried again, how many per transaction.
+REPLAY_EVERY_SECONDS = 1.0
+REPLAY_BATCH = 500
+# Placeholders whose ledger seq is remembered, for evidence that names them later.
+_SEQS_KEPT = 65536
+
+SpoolChange = Literal["spooling", "full", "replayed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +72,23 @@ class NotDurable(Exception):
     """The ledger could not commit an event: whoever waits on it must not answer as if it had."""
 
 
+class _Unavailable(Exception):
+    """The store did not take a transaction within the tries allowed."""
+
+
 class LedgerWriter:
     """Appends events from any coroutine or callback, many per transaction."""
 
-    def __init__(self, engine: Engine, max_batch: int = 1000) -> None:
+    def __init__(self, engine: Engine, max_batch: int = 1000, spool: Spool | None = None) -> None:
         self._engine = engine
         self._max_batch = max_batch
+        self.spool = spool
+        self._attempts = _ATTEMPTS if spool is None else _SPOOL_ATTEMPTS
+        self._retry_at = 0.0
+        self._seqs: OrderedDict[int, int] = OrderedDict()
+        self._spool_watchers: list[Callable[[SpoolChange, int], None]] = []
+        self.spooled = 0
+        self.replayed = 0
         self._queue: queue.SimpleQueue[tuple[Event, Done | None] | _Job | object] = (
             queue.SimpleQueue()
         )
@@ -74,18 +107,25 @@ class LedgerWriter:
         """Call `subscriber` on the loop with every committed batch."""
         self._subscribers.append(subscriber)
 
+    def watch_spool(self, watcher: Callable[[SpoolChange, int], None]) -> None:
+        """Call `watcher` on the loop when spooling starts (with how many events), when the
+        spool is full (how many were refused) and when it has all been replayed (how many)."""
+        self._spool_watchers.append(watcher)
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
         self._thread.start()
 
     async def stop(self) -> None:
-        """Commit what is queued, then end the thread."""
+        """Commit what is queued, then end the thread (and close the spool)."""
         if self._thread is None:
             return
         self._queue.put(_STOP)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
+        if self.spool is not None:
+            self.spool.close()
 
     def submit(self, event: Event, done: Done | None = None) -> None:
         """Queue `event`; `done` gets its entry once committed, or None if it could not be."""
@@ -111,9 +151,17 @@ class LedgerWriter:
         return self._second_rows if second == self._second + 1 else 0
 
     def _run(self) -> None:
+        self._replay()  # what a previous run left in the spool goes first
         stopping = False
         while not stopping:
-            first = self._queue.get()
+            # Tried on every turn (at most once a second): store work arriving all the time
+            # must not keep what waits in the spool from being replayed.
+            waiting = not self._replay()
+            try:
+                first = self._queue.get(timeout=REPLAY_EVERY_SECONDS if waiting else None)
+            except queue.Empty:
+                self._replay()
+                continue
             if first is _STOP:
                 break
             if isinstance(first, _Job):
@@ -155,6 +203,11 @@ class LedgerWriter:
 
     def _do(self, job: _Job) -> None:
         assert self._loop is not None
+        if not self._replay():
+            # The store is away: the work would only wait out its timeouts in front of hits.
+            error = NotDurable("the store is away; events wait in the spool")
+            self._loop.call_soon_threadsafe(_settle, job.outcome, None, error)
+            return
         try:
             result = job.work()
         except Exception as error:
@@ -163,47 +216,198 @@ class LedgerWriter:
             self._loop.call_soon_threadsafe(_settle, job.outcome, result, None)
 
     def _commit(self, batch: list[tuple[Event, Done | None]]) -> None:
-        entries = self._append([event for event, _ in batch])
-        committed = [entry for entry in entries if entry is not None]
-        self.failed += len(entries) - len(committed)
+        events = [event for event, _ in batch]
+        if self.spool is not None and self.spool.pending and not self._replay():
+            entries = self._to_spool(events)
+        else:
+            try:
+                entries = self._append(events)
+            except _Unavailable:
+                entries = self._to_spool(events)
+        committed = [entry for entry in entries if entry is not None and entry.seq > 0]
+        self.failed += sum(1 for entry in entries if entry is None)
         if committed:
             self.batches += 1
             self.appended += len(committed)
-            second = int(time.monotonic())
-            if second != self._second:
-                rolled = second == self._second + 1
-                self._last_second_rows = self._second_rows if rolled else 0
-                self._second, self._second_rows = second, 0
-            self._second_rows += len(committed)
+            self._count(len(committed))
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, batch, entries)
 
+    def _count(self, rows: int) -> None:
+        second = int(time.monotonic())
+        if second != self._second:
+            rolled = second == self._second + 1
+            self._last_second_rows = self._second_rows if rolled else 0
+            self._second, self._second_rows = second, 0
+        self._second_rows += rows
+
     def _append(self, events: list[Event]) -> list[Entry | None]:
-        """Append in one transaction, retrying while the store is busy or away.
+        """Append in one transaction, retrying while the store is busy or away; _Unavailable
+        when it stays so.
 
         An error that is not about the store's availability is about the data:
         then each event is tried on its own, so one bad event cannot cost the
         others their place in the ledger.
         """
-        for attempt in range(1, _ATTEMPTS + 1):
+        for attempt in range(1, self._attempts + 1):
             try:
                 with self._engine.begin() as connection:
-                    return list(ledger.append(connection, events))
-            except OperationalError:
-                log.exception("ledger append failed (attempt %d of %d)", attempt, _ATTEMPTS)
-                time.sleep(0.05 * 2**attempt)
+                    return list(ledger.append(connection, [self._named(e) for e in events]))
+            except _UNAVAILABLE:
+                log.exception("ledger append failed (attempt %d of %d)", attempt, self._attempts)
+                if attempt < self._attempts:
+                    time.sleep(0.05 * 2**attempt)
             except Exception:
                 log.exception("ledger append of %d events failed", len(events))
                 if len(events) == 1:
                     return [None]
-                return [entry for event in events for entry in self._append([event])]
-        return [None] * len(events)
+                return [entry for event in events for entry in self._one(event)]
+        raise _Unavailable
+
+    def _one(self, event: Event) -> list[Entry | None]:
+        try:
+            return self._append([event])
+        except _Unavailable:
+            return self._to_spool([event])
+
+    def _to_spool(self, events: list[Event]) -> list[Entry | None]:
+        """Journal `events` for a later replay; placeholder entries for them, or None each."""
+        spool = self.spool
+        if spool is None:
+            return [None] * len(events)
+        first = not spool.pending
+        try:
+            numbers = spool.add(events)
+        except SpoolFull:
+            log.error("SPOOL FULL: %d events neither recorded nor spooled", len(events))
+            self._tell("full", len(events))
+            return [None] * len(events)
+        except OSError:
+            log.exception("the spool at %s cannot be written", spool.path)
+            return [None] * len(events)
+        self.spooled += len(events)
+        if first:
+            log.error(
+                "the store is away: spooling events to %s until it is back",
+                spool.path,
+                extra={"fields": {"event.action": "spooling"}},
+            )
+            self._tell("spooling", len(events))
+        return [_placeholder(number, event) for number, event in zip(numbers, events, strict=True)]
+
+    def _replay(self) -> bool:
+        """Append what waits in the spool, in order, if the store takes it; True once empty."""
+        spool = self.spool
+        if spool is None or not spool.pending:
+            return True
+        if time.monotonic() < self._retry_at:
+            return False
+        replayed = 0
+        size = REPLAY_BATCH
+        while spool.pending:
+            chunk = spool.unreplayed(size)
+            try:
+                with self._engine.begin() as connection:
+                    entries, seqs = self._replay_chunk(connection, chunk)
+            except _UNAVAILABLE as error:
+                log.warning("the store is still away (%s); %d events wait", error, spool.pending)
+                self._retry_at = time.monotonic() + REPLAY_EVERY_SECONDS
+                return False
+            except Exception:
+                # About the data, not the store: find the record, so the rest still get in.
+                if size > 1:
+                    log.exception("replay of %d spooled events failed; one by one", len(chunk))
+                    size = 1
+                    continue
+                log.exception(
+                    "spooled event %s cannot be appended; left out", spool.key(chunk[0].number)
+                )
+                self.failed += 1
+                spool.replayed(chunk[0])
+                size = REPLAY_BATCH
+                continue
+            spool.replayed(chunk[-1])
+            for number, seq in seqs:
+                self._remember(number, seq)
+            replayed += len(entries)
+            self.replayed += len(entries)
+            self.appended += len(entries)
+            self._count(len(entries))
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._publish, entries)
+        log.warning(
+            "the store is back: %d spooled events are in the ledger",
+            replayed,
+            extra={"fields": {"event.action": "spool-replayed"}},
+        )
+        self._tell("replayed", replayed)
+        return True
+
+    def _replay_chunk(
+        self, connection: Connection, chunk: list[Spooled]
+    ) -> tuple[list[Entry], list[tuple[int, int]]]:
+        """Append the records of `chunk` not in the ledger yet; their entries, and the ledger
+        seq of every record of it."""
+        spool = self.spool
+        assert spool is not None
+        keys = [spool.key(record.number) for record in chunk]
+        query = select(spool_replays.c.key, spool_replays.c.seq)
+        found = connection.execute(query.where(spool_replays.c.key.in_(keys)))
+        known = {key: seq for key, seq in found}
+        entries, seqs, rows = [], [], []
+        now = now_us()
+        for record, key in zip(chunk, keys, strict=True):
+            if key in known:  # appended by a replay cut off before it could say so
+                seqs.append((record.number, known[key]))
+                continue
+            event = self._named(record.event, connection, dict(seqs))
+            data = {**event.data, "spooled": True, "received_at": to_iso(event.time_us)}
+            [entry] = ledger.append(connection, [replace(event, time_us=now, data=data)])
+            entries.append(entry)
+            seqs.append((record.number, entry.seq))
+            rows.append({"key": key, "seq": entry.seq})
+        if rows:
+            connection.execute(insert(spool_replays), rows)
+        return entries, seqs
+
+    def _named(
+        self,
+        event: Event,
+        connection: Connection | None = None,
+        fresh: dict[int, int] | None = None,
+    ) -> Event:
+        """`event`, with the ledger seq of the placeholder its `hit_seq` names, where known."""
+        named = event.data.get("hit_seq")
+        if not isinstance(named, int) or named >= 0:
+            return event
+        number = -named
+        seq = (fresh or {}).get(number, self._seqs.get(number))
+        if seq is None and connection is not None and self.spool is not None:
+            key = self.spool.key(number)
+            query = select(spool_replays.c.seq).where(spool_replays.c.key == key)
+            seq = connection.execute(query).scalar()
+        if seq is None:
+            return event
+        return replace(event, data={**event.data, "hit_seq": seq})
+
+    def _remember(self, number: int, seq: int) -> None:
+        self._seqs[number] = seq
+        if len(self._seqs) > _SEQS_KEPT:
+            self._seqs.popitem(last=False)
+
+    def _tell(self, change: SpoolChange, count: int) -> None:
+        assert self._loop is not None
+        for watcher in self._spool_watchers:
+            self._loop.call_soon_threadsafe(watcher, change, count)
 
     def _deliver(self, batch: list[tuple[Event, Done | None]], entries: list[Entry | None]) -> None:
         for (_, done), entry in zip(batch, entries, strict=True):
             if done is not None:
                 done(entry)
-        committed = [entry for entry in entries if entry is not None]
+        # Placeholders reach the ledger, and so the subscribers, when they are replayed.
+        self._publish([entry for entry in entries if entry is not None and entry.seq > 0])
+
+    def _publish(self, committed: list[Entry]) -> None:
         if not committed:
             return
         for subscriber in self._subscribers:
@@ -211,6 +415,24 @@ class LedgerWriter:
                 subscriber(committed)
             except Exception:
                 log.exception("ledger subscriber %r failed", subscriber)
+
+
+def _placeholder(number: int, event: Event) -> Entry:
+    """What a spooled event's callers get: its own fields, a seq of minus its spool number."""
+    data = ledger.canonical(event.data)
+    return Entry(
+        -number,
+        event.time_us,
+        event.type,
+        event.canary_id,
+        event.sandbox,
+        event.protocol,
+        event.source,
+        event.node,
+        data,
+        "",
+        "",
+    )
 
 
 def _settle(outcome: "asyncio.Future[Any]", result: Any, error: Exception | None) -> None:

@@ -84,11 +84,15 @@ class PostgresServer:
     def start(self) -> None:
         data = self.root / "data"
         self._run(str(self.bindir / "initdb"), "-D", str(data), "-U", "oobwatch", "--auth=trust")
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server (again, after `halt`), on the same port and data."""
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
         self._run(
             str(self.bindir / "pg_ctl"),
             "-D",
-            str(data),
+            str(self.root / "data"),
             "-o",
             options,
             "-w",
@@ -97,7 +101,8 @@ class PostgresServer:
             "start",
         )
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop the server at once, as a crash would, keeping its data."""
         with contextlib.suppress(subprocess.CalledProcessError):
             self._run(
                 str(self.bindir / "pg_ctl"),
@@ -107,6 +112,9 @@ class PostgresServer:
                 "immediate",
                 "stop",
             )
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def new_database(self) -> str:
