@@ -2,7 +2,8 @@
 
 Served by its own uvicorn server inside `oobwatch serve`, never on a
 listener's port, behind `ApiGate`, which checks the token before any body is
-read. Every endpoint requires a token: `read` for looking,
+read. Every endpoint but the probes (`/healthz`, `/readyz`, which say only
+"ok" or not) requires a token: `read` for looking,
 `mint` for minting, retiring and planting, `ack` for acknowledging and
 resolving alerts, `admin` for everything (tokens, verify, anchor). Each
 handler parses, calls one operation and returns its view; handlers are plain
@@ -61,8 +62,12 @@ _bearer = HTTPBearer(auto_error=False, description="An API token from `oobwatch 
 Filtered = Annotated[Filters, Query()]
 
 
-def build_api(operations: LocalOperations, collector: Collector | None = None) -> FastAPI:
-    """The API app over one node's operations."""
+def build_api(
+    operations: LocalOperations,
+    collector: Collector | None = None,
+    ready: Callable[[], bool] = lambda: True,
+) -> FastAPI:
+    """The API app over one node's operations; `ready` says whether the node records hits."""
     app = FastAPI(
         # The OpenAPI document stays public (it holds no data); the browsable pages do not exist.
         docs_url=None,
@@ -109,6 +114,17 @@ def build_api(operations: LocalOperations, collector: Collector | None = None) -
     Acker = Annotated[tokens.Token, Depends(require("ack"))]
     Admin = Annotated[tokens.Token, Depends(require("admin"))]
     ops = operations
+
+    # For container and load-balancer probes: no token, and nothing said but the verdict.
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        if ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready"}, status_code=503)
 
     @app.get("/health")
     def health(_: Reader) -> HealthView:

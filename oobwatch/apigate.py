@@ -27,7 +27,7 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Served to anyone: the OpenAPI document holds no data.
-PUBLIC_PATHS = frozenset({"/openapi.json"})
+PUBLIC_PATHS = frozenset({"/openapi.json", "/healthz", "/readyz"})
 
 
 class TooLarge(Exception):

@@ -132,6 +132,7 @@ class NodeCollector(Collector):
                 "Ledger rows this node committed in the last whole second",
                 self._writer.rows_per_second,
             )
+            yield from self._spool(self._writer)
         if self._folder is not None:
             folder = self._folder
             yield CounterMetricFamily(
@@ -153,6 +154,29 @@ class NodeCollector(Collector):
             yield GaugeMetricFamily(
                 "oobwatch_burst_canaries", "Canaries whose hits fold now", folder.active
             )
+
+    def _spool(self, writer: LedgerWriter) -> Iterator[Metric]:
+        """What waits in the local spool while the store is away."""
+        spool = writer.spool
+        if spool is None:
+            return
+        yield GaugeMetricFamily(
+            "oobwatch_spool_events", "Events in the spool, not yet in the ledger", spool.pending
+        )
+        yield GaugeMetricFamily("oobwatch_spool_bytes", "Size of the spool file", spool.size)
+        yield CounterMetricFamily(
+            "oobwatch_spooled_events",
+            "Events spooled because the store did not take them",
+            writer.spooled,
+        )
+        yield CounterMetricFamily(
+            "oobwatch_replayed_events", "Spooled events replayed into the ledger", writer.replayed
+        )
+        yield GaugeMetricFamily(
+            "oobwatch_spool_full",
+            "1 while the spool is full and hits go unrecorded",
+            int(writer.spool_full),
+        )
 
     def _connections(self) -> Iterator[Metric]:
         guards = {

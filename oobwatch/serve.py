@@ -344,7 +344,8 @@ async def start(config: Config) -> Node:
             writer,
             node.certificate,
         )
-        node.api = AsgiServer(build_api(operations, collector), config.api, api_guard)
+        api = build_api(operations, collector, lambda: writer.recording and not node.stopping)
+        node.api = AsgiServer(api, config.api, api_guard)
         await _bind(node, "api", config.api, node.api.start)
     _schedule(node)
     if config.ledger.anchored:

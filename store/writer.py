@@ -89,6 +89,8 @@ class LedgerWriter:
         self._spool_watchers: list[Callable[[SpoolChange, int], None]] = []
         self.spooled = 0
         self.replayed = 0
+        # Set while the spool refuses events (the store away, the spool full).
+        self.spool_full = False
         self._queue: queue.SimpleQueue[tuple[Event, Done | None] | _Job | object] = (
             queue.SimpleQueue()
         )
@@ -141,6 +143,12 @@ class LedgerWriter:
         outcome: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put(_Job(work, outcome))
         return await outcome
+
+    @property
+    def recording(self) -> bool:
+        """Whether an event submitted now would be recorded: the thread runs and, if the
+        store is away, the spool takes it."""
+        return self._thread is not None and self._thread.is_alive() and not self.spool_full
 
     @property
     def rows_per_second(self) -> int:
@@ -279,6 +287,7 @@ class LedgerWriter:
         try:
             numbers = spool.add(events)
         except SpoolFull:
+            self.spool_full = True
             log.error("SPOOL FULL: %d events neither recorded nor spooled", len(events))
             self._tell("full", len(events))
             return [None] * len(events)
@@ -335,6 +344,7 @@ class LedgerWriter:
             self._count(len(entries))
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._publish, entries)
+        self.spool_full = False
         log.warning(
             "the store is back: %d spooled events are in the ledger",
             replayed,

@@ -270,7 +270,7 @@ def test_fuzzing_the_openapi_document_finds_no_server_error(
 
         check()
     assert failures == []
-    assert len(set(calls)) == 21  # every operation was exercised
+    assert len(set(calls)) == 23  # every operation was exercised
     assert len(calls) > 100
 
 
@@ -397,3 +397,23 @@ async def test_metrics_show_how_bursts_fold_and_the_ledger_grows(
         >= 5 + samples["oobwatch_burst_aggregates_total"]
     )
     assert "oobwatch_ledger_rows_per_second" in samples
+    # The store never went away: nothing spooled.
+    assert samples["oobwatch_spool_events"] == samples["oobwatch_spooled_events_total"] == 0
+    assert samples["oobwatch_spool_full"] == 0
+
+
+async def test_the_probes_need_no_token_and_say_only_the_verdict(node: Node) -> None:
+    async with await api(node) as client:
+        live = await client.get("/healthz")
+        ready = await client.get("/readyz")
+        assert (live.status_code, live.json()) == (200, {"status": "ok"})
+        assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
+        # Nothing of the node in them: no name, version, zone or counts.
+        for response in (live, ready):
+            assert node.config.node.name not in response.text
+            assert node.config.dns.zone not in response.text
+        # A node whose hits would go unrecorded is not ready.
+        node.writer.spool_full = True
+        not_ready = await client.get("/readyz")
+        assert (not_ready.status_code, not_ready.json()) == (503, {"status": "not ready"})
+        node.writer.spool_full = False
