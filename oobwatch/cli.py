@@ -183,6 +183,17 @@ def serve_command(state: State) -> None:
         sys.exit(2)
 
 
+@main.command(name="migrate")
+@pass_state
+def migrate_command(state: State) -> None:
+    """Bring the store's schema to this version's (serve does too; this is for a one-shot)."""
+    from store.engine import HEAD_REVISION, open_store
+
+    state.local_only("migrate")
+    open_store(state.config.store.url).dispose()
+    click.echo(f"store at revision {HEAD_REVISION}")
+
+
 def _labels(
     _context: click.Context, _param: click.Parameter, values: tuple[str, ...]
 ) -> dict[str, str]:

@@ -469,11 +469,21 @@ def _resolve_paths(raw: dict[str, Any], folder: Path) -> None:
 
 
 def _environment(environ: Mapping[str, str]) -> dict[str, Any]:
-    """`OOBWATCH_<SECTION>__<KEY>=value` as nested keys; JSON for lists and tables."""
+    """`OOBWATCH_<SECTION>__<KEY>=value` as nested keys; JSON for lists and tables.
+
+    `OOBWATCH_<SECTION>__<KEY>_FILE=path` reads the value from a file (a
+    container's secret), its final newline dropped.
+    """
     found: dict[str, Any] = {}
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
+        if name.endswith("_FILE"):
+            try:
+                value = Path(value).read_text(encoding="utf-8").removesuffix("\n")
+            except (OSError, UnicodeDecodeError) as error:
+                raise ConfigError(f"{name}: cannot read {value}: {error}") from None
+            name = name.removesuffix("_FILE")
         path = name.removeprefix(ENV_PREFIX).lower().split("__")
         parsed: Any = value
         if value.lstrip()[:1] in ("[", "{"):

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from oobwatch.cli import main
 from oobwatch.config import DEFAULT_CONFIG, ConfigError, load
+from store.engine import HEAD_REVISION, open_engine, revision
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -31,6 +32,18 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert config.dns.port == 15353
     assert config.dns.zone == "canary.corp.example"
     assert config.alerts.urls == ["json://127.0.0.1:9/x"]
+
+
+def test_a_secret_comes_from_the_file_a_file_variable_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "store-url"
+    secret.write_text("postgresql+psycopg://oobwatch:s3cret@db/oobwatch\n")
+    monkeypatch.setenv("OOBWATCH_STORE__URL_FILE", str(secret))
+    assert load(write(tmp_path, DEFAULT_CONFIG)).store.url.endswith(":s3cret@db/oobwatch")
+    monkeypatch.setenv("OOBWATCH_STORE__URL_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="OOBWATCH_STORE__URL_FILE: cannot read"):
+        load(write(tmp_path, DEFAULT_CONFIG))
 
 
 @pytest.mark.parametrize(
@@ -139,6 +152,14 @@ def test_init_writes_and_refuses_to_overwrite(tmp_path: Path) -> None:
     again = runner.invoke(main, ["init", "--config", str(target)])
     assert again.exit_code != 0
     assert "exists" in again.output
+
+
+def test_migrate_brings_a_new_store_to_the_newest_schema(tmp_path: Path) -> None:
+    config = write(tmp_path, DEFAULT_CONFIG)
+    result = CliRunner().invoke(main, ["--config", str(config), "migrate"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"store at revision {HEAD_REVISION}\n"
+    assert revision(open_engine(load(config).store.url)) == HEAD_REVISION
 
 
 def test_routes_ignore_rules_and_durations_become_a_policy(tmp_path: Path) -> None:
