@@ -28,10 +28,12 @@ _COUNTERS = {
 
 
 class NodeCollector(Collector):
-    """Listener counters, alert delivery, outbox depth, ledger length, last heartbeat per listener."""
+    """Listener counters, alert delivery, outbox depth, ledger length, last heartbeat per listener;
+    every sample labelled with the node, so the nodes on one store can be told apart."""
 
     def __init__(
         self,
+        node: str,
         contexts: Mapping[str, Context],
         outbox: Outbox,
         engine: Engine,
@@ -42,6 +44,7 @@ class NodeCollector(Collector):
         writer: LedgerWriter | None = None,
         certificate: NodeCertificate | None = None,
     ) -> None:
+        self._node = node
         self._contexts = contexts
         self._certificate = certificate
         self._outbox = outbox
@@ -54,6 +57,14 @@ class NodeCollector(Collector):
         self._writer = writer
 
     def collect(self) -> Iterator[Metric]:
+        for family in self._families():
+            family.samples = [
+                sample._replace(labels={**sample.labels, "node": self._node})
+                for sample in family.samples
+            ]
+            yield family
+
+    def _families(self) -> Iterator[Metric]:
         for name, help_text in _COUNTERS.items():
             family = CounterMetricFamily(
                 f"oobwatch_listener_{name}", help_text, labels=["listener"]

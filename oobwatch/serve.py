@@ -334,6 +334,7 @@ async def start(config: Config) -> Node:
         operations = LocalOperations(config, engine, pager.state, integrity)
         api_guard = ConnectionGuard.of(config.api)
         collector = NodeCollector(
+            config.node.name,
             node.contexts,
             pager.outbox,
             engine,

@@ -413,6 +413,7 @@ def node_config(
     alerts_extra: str = "",
     extra: str = "",
     store_url: str | None = None,
+    node: str = "n1",
 ) -> Path:
     """A node config on 127.0.0.1 with every port 0 and SQLite in `tmp_path` (or `store_url`).
 
@@ -422,7 +423,7 @@ def node_config(
     path.write_text(
         f"""
 [node]
-name = "n1"
+name = "{node}"
 [store]
 url = "{store_url or f"sqlite:///{tmp_path / 'oobwatch.db'}"}"
 [dns]
