@@ -174,6 +174,9 @@ def serve_command(state: State) -> None:
     config = state.config
     try:
         asyncio.run(serve(config))
+    except ConfigError as error:
+        click.echo(f"config error: {error}", err=True)
+        sys.exit(2)
     except BindFailed as error:
         logging.getLogger("oobwatch.serve").error(
             "%s",

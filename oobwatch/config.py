@@ -263,6 +263,8 @@ class TimelineConfig(Section):
 
 class NodeConfig(Section):
     name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
+    # Started as root: the user to become once every port is bound.
+    user: str | None = Field(default=None, min_length=1, max_length=32)
 
 
 class Config(Section):
@@ -522,6 +524,7 @@ DEFAULT_CONFIG = """\
 
 [node]
 # name = "oob-1"                      # recorded with every event; default: the host name
+# user = "oobwatch"                   # started as root: become this user once ports are bound
 
 [store]
 # SQLAlchemy URL. SQLite for one node; PostgreSQL (postgresql+psycopg://...) for several.

@@ -44,6 +44,7 @@ from oobwatch.heartbeat import Heartbeat, heartbeat_canary
 from oobwatch.integrity import Integrity
 from oobwatch.metrics import NodeCollector
 from oobwatch.operations import LocalOperations
+from oobwatch.privileges import become, service_user
 from store.clock import now_us
 from store.deployment import secret
 from store.engine import checkpoint as engine_checkpoint
@@ -262,7 +263,9 @@ GIL_SWITCH_SECONDS = 0.0005
 
 
 async def start(config: Config) -> Node:
-    """Open the store, start the writer, listeners, alert pipeline and scheduler."""
+    """Open the store, start the writer, listeners, alert pipeline and scheduler; started as
+    root with `[node] user`, become that user once every port is bound."""
+    user = service_user(config)
     _descriptors(config)
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     engine = await asyncio.to_thread(open_store, config.store.url, True)
@@ -348,6 +351,8 @@ async def start(config: Config) -> Node:
         api = build_api(operations, collector, lambda: writer.recording and not node.stopping)
         node.api = AsgiServer(api, config.api, api_guard)
         await _bind(node, "api", config.api, node.api.start)
+    if user is not None:
+        become(user, config)
     _schedule(node)
     if config.ledger.anchored:
         # An anchor from the first minute: `verify --anchor` has a head to check from the start.

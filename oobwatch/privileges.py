@@ -1,0 +1,72 @@
+"""Running as root: bind the privileged ports, then become an unprivileged user.
+
+Ports 53, 25, 80 and 443 need root or CAP_NET_BIND_SERVICE. The image and
+the systemd unit give the capability to an unprivileged user; started as
+root instead, `serve` binds every port first and then, with `[node] user`,
+switches to that user for good, before it answers anything; without it, it
+says once that it runs as root. What the node keeps writing (the SQLite
+database and its WAL, the spool, the anchor file) is handed to the user first.
+"""
+
+import logging
+import os
+import pwd
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from oobwatch.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def service_user(config: Config) -> pwd.struct_passwd | None:
+    """The account to become once the ports are bound: None when not root or none is set."""
+    if os.geteuid() != 0:
+        return None
+    if config.node.user is None:
+        log.warning(
+            "running as root: set [node] user to drop to an unprivileged user once the ports "
+            "are bound, or run as that user with CAP_NET_BIND_SERVICE",
+            extra={"fields": {"event.action": "running-as-root"}},
+        )
+        return None
+    try:
+        return pwd.getpwnam(config.node.user)
+    except KeyError:
+        raise ConfigError(f"node.user: there is no user {config.node.user!r}") from None
+
+
+def written_paths(config: Config) -> list[Path]:
+    """What the node writes to while it runs, where it exists now."""
+    paths = [config.spool_path, config.spool_path.with_name(config.spool_path.name + ".state")]
+    url = make_url(config.store.url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        database = Path(str(url.database))
+        paths += [database, *(Path(f"{database}{tail}") for tail in ("-wal", "-shm", "-journal"))]
+    if config.ledger.anchor_file is not None:
+        paths.append(config.ledger.anchor_file)
+    return [path for path in paths if path.exists()]
+
+
+def become(user: pwd.struct_passwd, config: Config) -> None:
+    """Hand the node's files to `user`, then switch to it: groups, group, user, for good."""
+    for path in written_paths(config):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    folders = {path.parent for path in (config.spool_path, *written_paths(config))}
+    for folder in sorted(folders):
+        if folder.stat().st_uid != user.pw_uid:
+            log.warning(
+                "%s is not %s's: the spool and SQLite's journal files may not be creatable there",
+                folder,
+                user.pw_name,
+            )
+    os.setgroups([])
+    os.setgid(user.pw_gid)
+    os.setuid(user.pw_uid)
+    log.warning(
+        "every port is bound; now running as user %s (uid %d), no longer root",
+        user.pw_name,
+        user.pw_uid,
+        extra={"fields": {"event.action": "dropped-privileges"}},
+    )
