@@ -15,17 +15,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# PostgreSQL (tests start their own server), pebble (a real ACME server), dig, git, curl and
-# openssl (real clients in tests), when missing; kubectl, gh and skopeo too, where they install.
+# PostgreSQL (tests start their own server), pebble (a real ACME server), NSD (a parent zone
+# for doctor's delegation check), dig, git, curl and openssl (real clients in tests), when missing; kubectl, gh and skopeo too, where they install.
 system-deps:
 	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
 	   || ! command -v dig >/dev/null 2>&1 || ! command -v git >/dev/null 2>&1 \
 	   || ! command -v curl >/dev/null 2>&1 || ! command -v pebble >/dev/null 2>&1 \
-	   || ! command -v openssl >/dev/null 2>&1; then \
+	   || ! command -v openssl >/dev/null 2>&1 || ! { command -v nsd || ls /usr/sbin/nsd; } >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      postgresql bind9-dnsutils git curl pebble openssl >/dev/null; \
-	  else echo "install postgresql, bind9-dnsutils, git, curl, pebble and openssl (needs root and apt-get)"; fi; \
+	      postgresql bind9-dnsutils git curl pebble openssl nsd >/dev/null; \
+	  else echo "install postgresql, bind9-dnsutils, git, curl, pebble, openssl and nsd (needs root and apt-get)"; fi; \
 	fi
 	@if ! command -v kubectl >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null \

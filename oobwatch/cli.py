@@ -6,6 +6,7 @@ are not imported, so a quick `oobwatch list` stays quick: the server, the
 API framework and the alert sinks load only for the commands that need them.
 """
 
+import json
 import logging
 import os
 import sys
@@ -184,6 +185,36 @@ def serve_command(state: State) -> None:
             extra={"fields": {"event.action": "bind-failed", "oobwatch.listener": error.name}},
         )
         sys.exit(2)
+
+
+@main.command(name="doctor")
+@click.option(
+    "--resolver",
+    default=None,
+    metavar="IP[:PORT]",
+    help="Whom to ask about the zone's delegation (default: the system's resolver).",
+)
+@click.option("--send-test-page", is_flag=True, help="Send a test page through every sink.")
+@click.option("--json", "as_json", is_flag=True, help="A list of {check, ok, detail}.")
+@pass_state
+def doctor_command(state: State, resolver: str | None, send_test_page: bool, as_json: bool) -> None:
+    """Check this node before canaries rely on it: exit 0 when every check passes, else 1."""
+    from oobwatch import doctor
+
+    state.local_only("doctor")
+    try:
+        config = load(find(state.path))
+    except ConfigError as error:
+        checks = [doctor.Check("config", False, str(error).replace("\n", "; "))]
+    else:
+        address = None if resolver is None else doctor.parse_resolver(resolver)
+        checks = doctor.run(config, address, send_test_page)
+    if as_json:
+        click.echo(json.dumps([check.as_dict() for check in checks], indent=2))
+    else:
+        for check in checks:
+            click.echo(doctor.line(check))
+    sys.exit(0 if all(check.ok for check in checks) else 1)
 
 
 @main.command(name="migrate")
