@@ -220,26 +220,38 @@ def _peer(session: Session | None) -> Peer:
 
 
 class DataBudget:
-    """How many sessions may receive a message at once, and how many of them one source."""
+    """How many sessions may receive a message at once, and how many of them one source, or
+    one network (an IPv4 /24, an IPv6 /48), may hold."""
 
     def __init__(self, options: SmtpOptions) -> None:
         self.total = max(1, options.max_buffered_bytes // (2 * options.max_message_bytes))
-        # One source cannot take every place: another sender's message still gets in.
+        # One source or network cannot take every place: another sender's message gets in.
         self.per_source = max(1, self.total // 2)
-        self._held: Counter[str] = Counter()
+        self.held = 0
+        self._sources: Counter[str] = Counter()
+        self._networks: Counter[str] = Counter()
 
-    def take(self, address: str) -> str | None:
-        """The source a place is held for, or None when there is no room for it."""
-        source = source_of(address)[0]
-        if self._held.total() >= self.total or self._held[source] >= self.per_source:
+    def take(self, address: str) -> tuple[str, str] | None:
+        """The source and network a place is held for, or None when there is no room."""
+        source, network = source_of(address)
+        if (
+            self.held >= self.total
+            or self._sources[source] >= self.per_source
+            or self._networks[network] >= self.per_source
+        ):
             return None
-        self._held[source] += 1
-        return source
+        self.held += 1
+        self._sources[source] += 1
+        self._networks[network] += 1
+        return source, network
 
-    def give_back(self, source: str) -> None:
-        self._held[source] -= 1
-        if not self._held[source]:
-            del self._held[source]
+    def give_back(self, holder: tuple[str, str]) -> None:
+        source, network = holder
+        self.held -= 1
+        for counts, key in ((self._sources, source), (self._networks, network)):
+            counts[key] -= 1
+            if not counts[key]:
+                del counts[key]
 
 
 class GuardedSMTP(SMTP):
@@ -330,8 +342,8 @@ class GuardedSMTP(SMTP):
         if self.envelope is None or not self.envelope.rcpt_tos:
             await super().smtp_DATA(arg)  # refused by aiosmtpd before anything is read
             return
-        source = self._budget.take(_peer(self.session)[0])
-        if source is None:
+        holder = self._budget.take(_peer(self.session)[0])
+        if holder is None:
             # The recipients' hits are recorded already; a real sender retries a 4xx later.
             self._counters.refused += 1
             log.warning(
@@ -343,7 +355,7 @@ class GuardedSMTP(SMTP):
         try:
             await super().smtp_DATA(arg)
         finally:
-            self._budget.give_back(source)
+            self._budget.give_back(holder)
 
     def _timeout_cb(self) -> None:
         """aiosmtpd's idle timeout (it closes the transport), counted and bounded."""

@@ -300,13 +300,16 @@ class Config(Section):
         """Where this node's spool is."""
         if self.spool.path is not None:
             return self.spool.path
+        # Named for the node: two nodes sharing a folder (or a SQLite file) never share one.
+        node = re.sub(r"[^A-Za-z0-9._-]", "_", self.node.name)
         url = make_url(self.store.url)
         if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-            return Path(f"{url.database}.spool")
+            return Path(f"{url.database}.{node}.spool")
         folder = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        name = f"oobwatch-{node}.spool"
         if folder:
-            return Path(folder) / "oobwatch.spool"
-        return (self._source.parent if self._source else Path.cwd()) / "oobwatch.spool"
+            return Path(folder) / name
+        return (self._source.parent if self._source else Path.cwd()) / name
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "Config":
@@ -480,15 +483,19 @@ def _environment(environ: Mapping[str, str]) -> dict[str, Any]:
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
-        if name.endswith("_FILE"):
+        path = name.removeprefix(ENV_PREFIX).lower().split("__")
+        from_file = name.endswith("_FILE") and not _is_key(path)
+        if from_file:
+            path[-1] = path[-1].removesuffix("_file")
+            if name.removesuffix("_FILE") in environ:
+                raise ConfigError(f"{name} and {name.removesuffix('_FILE')} are both set")
             try:
                 value = Path(value).read_text(encoding="utf-8").removesuffix("\n")
             except (OSError, UnicodeDecodeError) as error:
                 raise ConfigError(f"{name}: cannot read {value}: {error}") from None
-            name = name.removesuffix("_FILE")
-        path = name.removeprefix(ENV_PREFIX).lower().split("__")
         parsed: Any = value
-        if value.lstrip()[:1] in ("[", "{"):
+        # A secret read from a file is text, whatever it starts with.
+        if not from_file and value.lstrip()[:1] in ("[", "{"):
             # Not JSON: left as text, and the validator names the key.
             with contextlib.suppress(ValueError, RecursionError):
                 parsed = json.loads(value)
@@ -500,6 +507,18 @@ def _environment(environ: Mapping[str, str]) -> dict[str, Any]:
         else:
             target[path[-1]] = parsed
     return found
+
+
+def _is_key(path: list[str]) -> bool:
+    """Whether `path` names a setting itself (`ledger.anchor_file` does), so that a `_FILE`
+    ending is its name, not a request to read it from a file."""
+    model: Any = Config
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return False
+        model = fields[part].annotation
+    return True
 
 
 def _overlay(base: dict[str, Any], over: Mapping[str, Any]) -> None:
@@ -654,7 +673,7 @@ verify_every = "1h"                   # a broken chain pages heartbeat.route
 [spool]
 # Hits the store cannot take (PostgreSQL away, SQLite locked by another process) are
 # journalled here, fsync'd before they are answered, and replayed once it is back.
-# path = "oobwatch.spool"             # default: beside the SQLite file, else $STATE_DIRECTORY
+# path = "oobwatch.spool"             # default: <database>.<node>.spool, else in $STATE_DIRECTORY
 max_bytes = 268435456                 # full: hits go unanswered, and heartbeat.route is paged
 
 [api]

@@ -11,8 +11,10 @@ by default.
 import asyncio
 import errno
 import os
+import pwd
 import smtplib
 import socket
+import stat
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -29,7 +31,7 @@ from alerts.render import Line, Message
 from oobwatch.config import Config, sink_problems
 from store.clock import now_us, to_iso
 from store.engine import HEAD_REVISION, open_engine, revision
-from store.spool import Spool
+from store.spool import inspect
 
 # Clocks further apart than this make times in the ledger misleading.
 CLOCK_SKEW_SECONDS = 5.0
@@ -177,25 +179,41 @@ def _clock_check(store_now: float | None) -> Check:
 
 
 def spool_check(config: Config) -> Check:
+    """Whether the spool could be written by the node, and what waits in it (read only: the
+    node that owns it may be writing)."""
     path = config.spool_path
     folder = path.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        return Check("spool", False, f"{folder} is not a writable folder: nothing could be spooled")
-    if not path.exists():
-        return Check("spool", True, f"{path}: empty")
-    try:
-        spool = Spool(path, config.spool.max_bytes)
-    except (OSError, ValueError) as error:
-        return Check("spool", False, f"{path}: {error}")
-    waiting, size = spool.pending, spool.size
-    spool.close()
-    if waiting:
+    if not _writable(folder, config.node.user):
+        who = f"user {config.node.user}" if config.node.user else "this user"
+        return Check("spool", False, f"{folder} is not writable by {who}: nothing could be spooled")
+    look = inspect(path)
+    if look.pending:
         return Check(
             "spool",
             False,
-            f"{waiting} events in {path} are not in the ledger yet: `serve` replays them",
+            f"{look.pending} events in {path} are not in the ledger yet: `serve` replays them",
         )
-    return Check("spool", True, f"{path}: empty ({size} bytes)")
+    damaged = f", {look.damaged} damaged lines" if look.damaged else ""
+    return Check("spool", not look.damaged, f"{path}: empty ({look.size} bytes{damaged})")
+
+
+def _writable(folder: Path, user: str | None) -> bool:
+    """Whether `folder` can take new files: by `user` when root will become it, else by us."""
+    if not folder.is_dir():
+        return False
+    if user is None or os.geteuid() != 0:
+        return os.access(folder, os.W_OK | os.X_OK)
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        return False
+    mode = folder.stat()
+    groups = {account.pw_gid, *os.getgrouplist(account.pw_name, account.pw_gid)}
+    if mode.st_uid == account.pw_uid:
+        return bool(mode.st_mode & stat.S_IWUSR and mode.st_mode & stat.S_IXUSR)
+    if mode.st_gid in groups:
+        return bool(mode.st_mode & stat.S_IWGRP and mode.st_mode & stat.S_IXGRP)
+    return bool(mode.st_mode & stat.S_IWOTH and mode.st_mode & stat.S_IXOTH)
 
 
 def alert_checks(config: Config, send_test_page: bool) -> list[Check]:

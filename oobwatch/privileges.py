@@ -21,20 +21,26 @@ log = logging.getLogger(__name__)
 
 
 def service_user(config: Config) -> pwd.struct_passwd | None:
-    """The account to become once the ports are bound: None when not root or none is set."""
-    if os.geteuid() != 0:
-        return None
-    if config.node.user is None:
-        log.warning(
-            "running as root: set [node] user to drop to an unprivileged user once the ports "
-            "are bound, or run as that user with CAP_NET_BIND_SERVICE",
-            extra={"fields": {"event.action": "running-as-root"}},
-        )
+    """The account to become once the ports are bound: None when not root or none is set;
+    an unknown one is a config error, before anything is bound."""
+    if os.geteuid() != 0 or config.node.user is None:
         return None
     try:
         return pwd.getpwnam(config.node.user)
     except KeyError:
         raise ConfigError(f"node.user: there is no user {config.node.user!r}") from None
+
+
+def settle(user: pwd.struct_passwd | None, config: Config) -> None:
+    """Every port is bound: become `user`, or say once that the node goes on as root."""
+    if user is not None:
+        become(user, config)
+    elif os.geteuid() == 0:
+        log.warning(
+            "running as root: set [node] user to drop to an unprivileged user once the ports "
+            "are bound, or run as that user with CAP_NET_BIND_SERVICE",
+            extra={"fields": {"event.action": "running-as-root"}},
+        )
 
 
 def written_paths(config: Config) -> list[Path]:
@@ -61,7 +67,8 @@ def become(user: pwd.struct_passwd, config: Config) -> None:
                 folder,
                 user.pw_name,
             )
-    os.setgroups([])
+    # Its own groups (ssl-cert, say, for a renewed key), and no other.
+    os.initgroups(user.pw_name, user.pw_gid)
     os.setgid(user.pw_gid)
     os.setuid(user.pw_uid)
     log.warning(

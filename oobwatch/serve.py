@@ -44,7 +44,7 @@ from oobwatch.heartbeat import Heartbeat, heartbeat_canary
 from oobwatch.integrity import Integrity
 from oobwatch.metrics import NodeCollector
 from oobwatch.operations import LocalOperations
-from oobwatch.privileges import become, service_user
+from oobwatch.privileges import service_user, settle
 from store.clock import now_us
 from store.deployment import secret
 from store.engine import checkpoint as engine_checkpoint
@@ -131,7 +131,6 @@ class Node:
     # This node's ACME order, while it runs.
     ordering: "asyncio.Task[None] | None" = None
     stopping: bool = False
-    spool_full_paged: bool = False
     # Direct pages on their way (kept, so a running task is not collected).
     paging: set["asyncio.Task[int]"] = field(default_factory=set)
     listeners: dict[str, Listener] = field(default_factory=dict)
@@ -183,13 +182,7 @@ class Node:
 
     def spool_changed(self, change: SpoolChange, count: int) -> None:
         """Page the heartbeat route directly: the store cannot queue a page while it is away.
-        Once each way per outage, and once when the spool fills."""
-        if change == "full":
-            if self.spool_full_paged:
-                return
-            self.spool_full_paged = True
-        elif change == "replayed":
-            self.spool_full_paged = False
+        Once each way per outage, and once each time the spool fills."""
         spool = self.writer.spool
         assert spool is not None
         payload = notices.spool_change(
@@ -351,8 +344,7 @@ async def start(config: Config) -> Node:
         api = build_api(operations, collector, lambda: writer.recording and not node.stopping)
         node.api = AsgiServer(api, config.api, api_guard)
         await _bind(node, "api", config.api, node.api.start)
-    if user is not None:
-        become(user, config)
+    settle(user, config)
     _schedule(node)
     if config.ledger.anchored:
         # An anchor from the first minute: `verify --anchor` has a head to check from the start.

@@ -111,7 +111,7 @@ class LedgerWriter:
 
     def watch_spool(self, watcher: Callable[[SpoolChange, int], None]) -> None:
         """Call `watcher` on the loop when spooling starts (with how many events), when the
-        spool is full (how many were refused) and when it has all been replayed (how many)."""
+        spool fills (how many were refused first) and when it has all been replayed (how many)."""
         self._spool_watchers.append(watcher)
 
     def start(self) -> None:
@@ -189,7 +189,14 @@ class LedgerWriter:
                     job = item
                     break
                 batch.append(item)
-            self._commit(batch)  # type: ignore[arg-type]
+            try:
+                self._commit(batch)  # type: ignore[arg-type]
+            except Exception:
+                # Nothing may end this thread: every hit after it would wait for ever.
+                log.exception("ledger writer: a batch of %d events failed", len(batch))
+                assert self._loop is not None
+                lost: list[Entry | None] = [None] * len(batch)
+                self._loop.call_soon_threadsafe(self._deliver, batch, lost)  # type: ignore[arg-type]
             if job is not None:
                 self._do(job)
         self._refuse_the_rest()
@@ -234,6 +241,8 @@ class LedgerWriter:
                 entries = self._to_spool(events)
         committed = [entry for entry in entries if entry is not None and entry.seq > 0]
         self.failed += sum(1 for entry in entries if entry is None)
+        if all(entry is not None for entry in entries):
+            self.spool_full = False  # recorded, in the store or the spool: there is room again
         if committed:
             self.batches += 1
             self.appended += len(committed)
@@ -284,12 +293,15 @@ class LedgerWriter:
         if spool is None:
             return [None] * len(events)
         first = not spool.pending
+        # A hit replayed already is named by its ledger seq from now on.
+        events = [self._named(event) for event in events]
         try:
             numbers = spool.add(events)
         except SpoolFull:
-            self.spool_full = True
             log.error("SPOOL FULL: %d events neither recorded nor spooled", len(events))
-            self._tell("full", len(events))
+            if not self.spool_full:
+                self._tell("full", len(events))
+            self.spool_full = True
             return [None] * len(events)
         except OSError:
             log.exception("the spool at %s cannot be written", spool.path)
@@ -311,10 +323,23 @@ class LedgerWriter:
             return True
         if time.monotonic() < self._retry_at:
             return False
+        try:
+            return self._replay_spool(spool)
+        except Exception:
+            log.exception("replaying the spool at %s failed; trying again", spool.path)
+            self._retry_at = time.monotonic() + REPLAY_EVERY_SECONDS
+            return False
+
+    def _replay_spool(self, spool: Spool) -> bool:
         replayed = 0
         size = REPLAY_BATCH
         while spool.pending:
             chunk = spool.unreplayed(size)
+            if not chunk:
+                log.error("%d spooled events cannot be read back", spool.pending)
+                self.failed += spool.pending
+                spool.set_aside()
+                break
             try:
                 with self._engine.begin() as connection:
                     entries, seqs = self._replay_chunk(connection, chunk)

@@ -153,7 +153,8 @@ async def test_oversize_message_is_refused_with_552(sqlite_engine: Engine) -> No
 async def test_messages_in_flight_are_bounded_and_one_source_cannot_take_every_place(
     sqlite_engine: Engine,
 ) -> None:
-    """Room for two messages of 4 KiB (each held twice): one source gets one of them at a time."""
+    """Room for two messages of 4 KiB (each held twice): one source, or one network, gets one of
+    them at a time."""
     canary = plant_canary(sqlite_engine, "email")
     async with run_smtp(
         sqlite_engine, max_message_bytes=4096, max_buffered_bytes=16 * 1024
@@ -174,6 +175,10 @@ async def test_messages_in_flight_are_bounded_and_one_source_cannot_take_every_p
             stalled.send(b"Subject: half a message\r\n")
             second = in_data("127.0.0.1")
             refused = second.docmd("DATA")[0]
+            # Nor can its network: another address of the /24 is held to the same share.
+            neighbour = in_data("127.0.0.2")
+            assert neighbour.docmd("DATA")[0] == 452
+            neighbour.close()
             other = in_data("127.0.1.9")
             other_code, _ = other.data(message(canary.value).as_bytes())
             stalled.send(b"\r\nbody\r\n.\r\n")
@@ -186,7 +191,7 @@ async def test_messages_in_flight_are_bounded_and_one_source_cannot_take_every_p
         refused, other_code, finished, retried = await blocking(stall_then_send)
         assert (refused, other_code, finished, retried) == (452, 250, 250, 354)
     # Every RCPT was recorded, the refused DATA's included.
-    assert len([h for h in hits(sqlite_engine) if h.evidence["trigger"] == "rcpt"]) == 3
+    assert len([h for h in hits(sqlite_engine) if h.evidence["trigger"] == "rcpt"]) == 4
 
 
 async def test_a_token_inside_the_message_records_a_leaked_hit(sqlite_engine: Engine) -> None:

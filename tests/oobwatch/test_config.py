@@ -44,6 +44,21 @@ def test_a_secret_comes_from_the_file_a_file_variable_names(
     monkeypatch.setenv("OOBWATCH_STORE__URL_FILE", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="OOBWATCH_STORE__URL_FILE: cannot read"):
         load(write(tmp_path, DEFAULT_CONFIG))
+    # Read as text, whatever it starts with.
+    secret.write_text("[not json")
+    monkeypatch.setenv("OOBWATCH_STORE__URL_FILE", str(secret))
+    with pytest.raises(ConfigError, match=r"store\.url: not a SQLAlchemy database URL"):
+        load(write(tmp_path, DEFAULT_CONFIG))
+    monkeypatch.setenv("OOBWATCH_STORE__URL", "sqlite:///x.db")
+    with pytest.raises(ConfigError, match="OOBWATCH_STORE__URL_FILE and OOBWATCH_STORE__URL"):
+        load(write(tmp_path, DEFAULT_CONFIG))
+
+
+def test_a_setting_whose_name_ends_in_file_is_set_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OOBWATCH_LEDGER__ANCHOR_FILE", str(tmp_path / "not-yet.jsonl"))
+    assert load(write(tmp_path, DEFAULT_CONFIG)).ledger.anchor_file == tmp_path / "not-yet.jsonl"
 
 
 @pytest.mark.parametrize(

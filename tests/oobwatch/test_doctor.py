@@ -168,7 +168,7 @@ def test_what_doctor_finds_wrong_without_a_node(
     config = node_config(tmp_path, receiver.url("json", "/page"))
     resolver = f"127.0.0.1:{parent.port}"
     # A spool with events waiting: they are not in the ledger until a node replays them.
-    spool = Spool(tmp_path / "oobwatch.db.spool", 1024 * 1024)
+    spool = Spool(tmp_path / "oobwatch.db.n1.spool", 1024 * 1024)
     spool.add([Event(type="hit", time_us=1, node="n1")])
     spool.close()
     code, checks = doctor(config, "--resolver", resolver)

@@ -1,7 +1,9 @@
 """The local spool: a journal that survives a crash, and a writer that spools when the store is away."""
 
 import asyncio
+import errno
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,10 +15,11 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine
 
 from store import ledger
+from store import spool as spool_module
 from store.clock import now_us
 from store.engine import open_store
 from store.ledger import Entry, Event
-from store.spool import Spool, SpoolFull
+from store.spool import Look, Spool, SpoolBusy, SpoolFull, inspect
 from store.writer import LedgerWriter, NotDurable
 from support import numbered_event, settle
 
@@ -42,7 +45,7 @@ def test_records_come_back_in_order_and_a_finished_journal_is_removed(tmp_path: 
     assert [(r.number, r.event.data["n"]) for r in rest] == [(4, 3), (5, 4)]
     again.replayed(rest[-1])
     assert again.pending == 0
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["oobwatch.spool.lock"]
     # The next outage starts a new journal, with new keys.
     assert again.add(events(1)) == [6]
     assert again.key(6) != spool.key(6)
@@ -70,11 +73,74 @@ def test_a_journal_cut_off_as_it_was_created_is_dropped(tmp_path: Path) -> None:
     assert not path.exists()
 
 
-def test_a_damaged_header_is_an_error_not_an_empty_spool(tmp_path: Path) -> None:
+def test_a_damaged_header_sets_the_journal_aside_and_the_node_starts(tmp_path: Path) -> None:
     path = tmp_path / "oobwatch.spool"
     path.write_bytes(b"garbage\n" + b"x" * 100)
-    with pytest.raises(ValueError, match="not an oobwatch spool"):
+    spool = Spool(path, 1024 * 1024)
+    assert spool.pending == 0
+    assert not path.exists()
+    assert [p.name.split("-")[0] for p in tmp_path.glob("*.damaged-*")] == [
+        "oobwatch.spool.damaged"
+    ]
+    spool.close()
+
+
+def test_a_damaged_record_costs_that_record_only(tmp_path: Path) -> None:
+    path = tmp_path / "oobwatch.spool"
+    spool = Spool(path, 1024 * 1024)
+    spool.add(events(10))
+    spool.close()
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3][:20] + bytes([lines[3][20] ^ 1]) + lines[3][21:]
+    path.write_bytes(b"".join(lines))
+    assert inspect(path).pending == 9
+    again = Spool(path, 1024 * 1024)
+    assert again.pending == 10  # counted by number: the damaged one cannot be read back
+    assert again.damaged == 1
+    assert [r.event.data["n"] for r in again.unreplayed(100)] == [0, 1, 3, 4, 5, 6, 7, 8, 9]
+    again.close()
+
+
+def test_one_process_owns_a_spool_and_inspecting_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "oobwatch.spool"
+    spool = Spool(path, 1024 * 1024)
+    spool.add(events(3))
+    with open(path, "ab") as torn:
+        torn.write(b"0000 half a record")
+    before = path.read_bytes()
+    with pytest.raises(SpoolBusy, match="another process uses the spool"):
         Spool(path, 1024 * 1024)
+    assert inspect(path) == Look(pending=3, size=len(before), damaged=0)
+    assert path.read_bytes() == before
+    spool.close()
+
+
+def test_a_write_that_fails_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "oobwatch.spool"
+    spool = Spool(path, 1024 * 1024)
+    spool.add(events(1))
+    real_fsync = os.fsync
+    failures = iter([OSError(errno.EIO, "I/O error")])
+
+    def failing_once(descriptor: int) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", failing_once)
+    with pytest.raises(OSError, match="I/O error"):
+        spool.add(events(1, 1))  # its caller is told: not recorded
+    assert spool.add(events(1, 2)) == [2]
+    monkeypatch.undo()
+    assert [(r.number, r.event.data["n"]) for r in spool.unreplayed(10)] == [(1, 0), (2, 2)]
+    spool.close()
+    assert [(r.number, r.event.data["n"]) for r in Spool(path, 1024 * 1024).unreplayed(10)] == [
+        (1, 0),
+        (2, 2),
+    ]
 
 
 def test_a_full_spool_refuses(tmp_path: Path) -> None:
@@ -246,3 +312,83 @@ async def test_store_work_is_refused_at_once_while_events_wait_in_the_spool(
     finally:
         lock.release()
     await writer.stop()
+
+
+async def test_a_failing_state_write_does_not_end_the_writer(
+    store: tuple[str, Engine], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, engine = store
+    path = tmp_path / "oobwatch.spool"
+    spool = Spool(path, 64 * 1024 * 1024)
+    spool.add(events(600))
+    failures = iter([OSError(errno.ENOSPC, "No space left on device")])
+    real = spool_module._write_atomically
+
+    def failing_once(where: Path, data: bytes) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        real(where, data)
+
+    monkeypatch.setattr(spool_module, "_write_atomically", failing_once)
+    writer = LedgerWriter(engine, spool=spool)
+    writer.start()
+    await settle(lambda: spool.pending == 0, 30)
+    assert writer.recording
+    [late] = await writer.append(numbered_event(600))
+    await writer.stop()
+    assert late.seq == 601
+    with engine.connect() as connection:
+        assert [e.evidence["n"] for e in ledger.entries(connection)] == list(range(601))
+
+
+async def test_a_batch_too_big_for_the_spool_does_not_leave_the_node_unready(
+    store: tuple[str, Engine], tmp_path: Path
+) -> None:
+    url, engine = store
+    writer = LedgerWriter(engine, spool=Spool(tmp_path / "oobwatch.spool", 1024 * 1024))
+    changes: list[str] = []
+    writer.watch_spool(lambda change, _count: changes.append(change))
+    writer.start()
+    big = Event(type="hit", time_us=now_us(), node="n1", data={"pad": "x" * 2_000_000})
+    lock = Locked(url.removeprefix("sqlite:///"))
+    try:
+        with pytest.raises(NotDurable):
+            await writer.append(big)
+        assert not writer.recording
+    finally:
+        lock.release()
+    await writer.append(numbered_event(1))
+    assert writer.recording
+    await writer.stop()
+    assert changes == ["full"]
+
+
+async def test_evidence_spooled_after_its_hit_was_replayed_names_the_row_across_a_restart(
+    store: tuple[str, Engine], tmp_path: Path
+) -> None:
+    url, engine = store
+    path = tmp_path / "oobwatch.spool"
+    writer = LedgerWriter(engine, spool=Spool(path, 1024 * 1024))
+    writer.start()
+    lock = Locked(url.removeprefix("sqlite:///"))
+    try:
+        [hit] = await writer.append(Event(type="hit", time_us=now_us(), node="n1"))
+    finally:
+        lock.release()
+    await settle(lambda: writer.spool is not None and writer.spool.pending == 0)
+    # The store goes away again before the evidence of that hit comes; then the node restarts.
+    lock = Locked(url.removeprefix("sqlite:///"))
+    try:
+        follow = Event(type="evidence", time_us=now_us(), node="n1", data={"hit_seq": hit.seq})
+        await writer.append(follow)
+        await writer.stop()
+    finally:
+        lock.release()
+    again = LedgerWriter(engine, spool=Spool(path, 1024 * 1024))
+    again.start()
+    await settle(lambda: again.spool is not None and again.spool.pending == 0)
+    await again.stop()
+    with engine.connect() as connection:
+        [real_hit, evidence] = list(ledger.entries(connection))
+    assert evidence.evidence["hit_seq"] == real_hit.seq
