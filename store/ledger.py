@@ -169,25 +169,28 @@ def append(connection: Connection, events: Sequence[Event]) -> list[Entry]:
             data,
             prev,
         )
-        entries.append(
-            Entry(
-                seq,
-                event.time_us,
-                event.type,
-                event.canary_id,
-                event.sandbox,
-                event.protocol,
-                event.source,
-                event.node,
-                data,
-                prev,
-                digest,
-            )
-        )
+        entries.append(entry_of(event, seq, data, prev, digest))
         prev = digest
     connection.execute(_INSERT, [_as_row(entry) for entry in entries])
     connection.execute(_MOVE_HEAD, {"new_seq": entries[-1].seq, "new_hash": entries[-1].hash})
     return entries
+
+
+def entry_of(event: Event, seq: int, data: str, prev_hash: str, digest: str) -> Entry:
+    """The entry `event` becomes at `seq`, with its canonical `data` and its place in the chain."""
+    return Entry(
+        seq,
+        event.time_us,
+        event.type,
+        event.canary_id,
+        event.sandbox,
+        event.protocol,
+        event.source,
+        event.node,
+        data,
+        prev_hash,
+        digest,
+    )
 
 
 def _as_row(entry: Entry) -> dict[str, Any]:

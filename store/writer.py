@@ -453,21 +453,9 @@ class LedgerWriter:
 
 
 def _placeholder(number: int, event: Event) -> Entry:
-    """What a spooled event's callers get: its own fields, a seq of minus its spool number."""
-    data = ledger.canonical(event.data)
-    return Entry(
-        -number,
-        event.time_us,
-        event.type,
-        event.canary_id,
-        event.sandbox,
-        event.protocol,
-        event.source,
-        event.node,
-        data,
-        "",
-        "",
-    )
+    """What a spooled event's callers get: its own fields, a seq of minus its spool number,
+    no place in the chain yet."""
+    return ledger.entry_of(event, -number, ledger.canonical(event.data), "", "")
 
 
 def _settle(outcome: "asyncio.Future[Any]", result: Any, error: Exception | None) -> None:

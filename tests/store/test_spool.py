@@ -23,14 +23,24 @@ from store.spool import Look, Spool, SpoolBusy, SpoolFull, inspect
 from store.writer import LedgerWriter, NotDurable
 from support import numbered_event, settle
 
+MIB = 1024 * 1024
+
 
 def events(count: int, start: int = 0) -> list[Event]:
     return [numbered_event(number) for number in range(start, start + count)]
 
 
+def journal(path: Path, count: int) -> bytes:
+    """A journal of `count` events, left as a stopped node leaves it; its bytes."""
+    spool = Spool(path, MIB)
+    spool.add(events(count))
+    spool.close()
+    return path.read_bytes()
+
+
 def test_records_come_back_in_order_and_a_finished_journal_is_removed(tmp_path: Path) -> None:
     path = tmp_path / "oobwatch.spool"
-    spool = Spool(path, 1024 * 1024)
+    spool = Spool(path, MIB)
     assert spool.add(events(3)) == [1, 2, 3]
     assert spool.add(events(2, 3)) == [4, 5]
     assert spool.pending == 5
@@ -39,7 +49,7 @@ def test_records_come_back_in_order_and_a_finished_journal_is_removed(tmp_path: 
     spool.replayed(first[-1])
     # A restart picks up where the replay got to.
     spool.close()
-    again = Spool(path, 1024 * 1024)
+    again = Spool(path, MIB)
     assert again.pending == 2
     rest = again.unreplayed(10)
     assert [(r.number, r.event.data["n"]) for r in rest] == [(4, 3), (5, 4)]
@@ -54,12 +64,9 @@ def test_records_come_back_in_order_and_a_finished_journal_is_removed(tmp_path: 
 
 def test_a_torn_tail_was_never_answered_and_is_cut(tmp_path: Path) -> None:
     path = tmp_path / "oobwatch.spool"
-    spool = Spool(path, 1024 * 1024)
-    spool.add(events(2))
-    spool.close()
-    whole = path.read_bytes()
+    whole = journal(path, 2)
     path.write_bytes(whole + whole.splitlines(keepends=True)[-1][:-7])
-    again = Spool(path, 1024 * 1024)
+    again = Spool(path, MIB)
     assert again.pending == 2
     assert again.add(events(1, 2)) == [3]
     assert [r.event.data["n"] for r in again.unreplayed(10)] == [0, 1, 2]
@@ -69,14 +76,14 @@ def test_a_torn_tail_was_never_answered_and_is_cut(tmp_path: Path) -> None:
 def test_a_journal_cut_off_as_it_was_created_is_dropped(tmp_path: Path) -> None:
     path = tmp_path / "oobwatch.spool"
     path.write_bytes(b"0000")
-    assert Spool(path, 1024 * 1024).pending == 0
+    assert Spool(path, MIB).pending == 0
     assert not path.exists()
 
 
 def test_a_damaged_header_sets_the_journal_aside_and_the_node_starts(tmp_path: Path) -> None:
     path = tmp_path / "oobwatch.spool"
     path.write_bytes(b"garbage\n" + b"x" * 100)
-    spool = Spool(path, 1024 * 1024)
+    spool = Spool(path, MIB)
     assert spool.pending == 0
     assert not path.exists()
     assert [p.name.split("-")[0] for p in tmp_path.glob("*.damaged-*")] == [
@@ -87,14 +94,11 @@ def test_a_damaged_header_sets_the_journal_aside_and_the_node_starts(tmp_path: P
 
 def test_a_damaged_record_costs_that_record_only(tmp_path: Path) -> None:
     path = tmp_path / "oobwatch.spool"
-    spool = Spool(path, 1024 * 1024)
-    spool.add(events(10))
-    spool.close()
-    lines = path.read_bytes().splitlines(keepends=True)
+    lines = journal(path, 10).splitlines(keepends=True)
     lines[3] = lines[3][:20] + bytes([lines[3][20] ^ 1]) + lines[3][21:]
     path.write_bytes(b"".join(lines))
     assert inspect(path).pending == 9
-    again = Spool(path, 1024 * 1024)
+    again = Spool(path, MIB)
     assert again.pending == 10  # counted by number: the damaged one cannot be read back
     assert again.damaged == 1
     assert [r.event.data["n"] for r in again.unreplayed(100)] == [0, 1, 3, 4, 5, 6, 7, 8, 9]
@@ -103,13 +107,13 @@ def test_a_damaged_record_costs_that_record_only(tmp_path: Path) -> None:
 
 def test_one_process_owns_a_spool_and_inspecting_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "oobwatch.spool"
-    spool = Spool(path, 1024 * 1024)
+    spool = Spool(path, MIB)
     spool.add(events(3))
     with open(path, "ab") as torn:
         torn.write(b"0000 half a record")
     before = path.read_bytes()
     with pytest.raises(SpoolBusy, match="another process uses the spool"):
-        Spool(path, 1024 * 1024)
+        Spool(path, MIB)
     assert inspect(path) == Look(pending=3, size=len(before), damaged=0)
     assert path.read_bytes() == before
     spool.close()
@@ -119,7 +123,7 @@ def test_a_write_that_fails_leaves_nothing_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "oobwatch.spool"
-    spool = Spool(path, 1024 * 1024)
+    spool = Spool(path, MIB)
     spool.add(events(1))
     real_fsync = os.fsync
     failures = iter([OSError(errno.EIO, "I/O error")])
@@ -137,14 +141,14 @@ def test_a_write_that_fails_leaves_nothing_behind(
     monkeypatch.undo()
     assert [(r.number, r.event.data["n"]) for r in spool.unreplayed(10)] == [(1, 0), (2, 2)]
     spool.close()
-    assert [(r.number, r.event.data["n"]) for r in Spool(path, 1024 * 1024).unreplayed(10)] == [
+    assert [(r.number, r.event.data["n"]) for r in Spool(path, MIB).unreplayed(10)] == [
         (1, 0),
         (2, 2),
     ]
 
 
 def test_a_full_spool_refuses(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "oobwatch.spool", 1024 * 1024)
+    spool = Spool(tmp_path / "oobwatch.spool", MIB)
     big = Event(type="hit", time_us=1, node="n1", data={"pad": "x" * 600_000})
     spool.add([big])
     with pytest.raises(SpoolFull):
@@ -160,12 +164,9 @@ def test_whatever_follows_the_good_records_they_are_read_back(
 ) -> None:
     path = tmp_path / "fuzzed.spool"
     path.unlink(missing_ok=True)
-    spool = Spool(path, 1024 * 1024)
-    spool.add(events(3))
-    spool.close()
-    whole = path.read_bytes()
+    whole = journal(path, 3)
     path.write_bytes(whole + (whole[: cut % len(whole)] if cut % 2 else tail))
-    again = Spool(path, 1024 * 1024)
+    again = Spool(path, MIB)
     found = again.unreplayed(100)
     assert [r.event.data["n"] for r in found[:3]] == [0, 1, 2]
     again.close()
@@ -210,7 +211,7 @@ async def test_a_store_locked_by_another_process_spools_then_replays_in_order_on
     store: tuple[str, Engine], tmp_path: Path
 ) -> None:
     url, engine = store
-    spool = Spool(tmp_path / "oobwatch.spool", 64 * 1024 * 1024)
+    spool = Spool(tmp_path / "oobwatch.spool", 64 * MIB)
     writer = LedgerWriter(engine, spool=spool)
     committed: list[Entry] = []
     writer.subscribe(committed.extend)
@@ -248,15 +249,13 @@ async def test_a_replay_cut_off_after_its_commit_appends_nothing_twice(
 ) -> None:
     _, engine = store
     path = tmp_path / "oobwatch.spool"
-    spool = Spool(path, 64 * 1024 * 1024)
-    spool.add(events(30))
-    spool.close()
+    journal(path, 30)
 
     def killed(_self: Spool, _last: object) -> None:
         raise SystemExit("killed between the commit and the state write")
 
     monkeypatch.setattr(Spool, "replayed", killed)
-    writer = LedgerWriter(engine, spool=Spool(path, 64 * 1024 * 1024))
+    writer = LedgerWriter(engine, spool=Spool(path, 64 * MIB))
     with pytest.raises(SystemExit):
         writer._replay()
     monkeypatch.undo()
@@ -264,7 +263,7 @@ async def test_a_replay_cut_off_after_its_commit_appends_nothing_twice(
     writer.spool.close()
     with engine.connect() as connection:
         assert ledger.head(connection)[0] == 30
-    again = LedgerWriter(engine, spool=Spool(path, 64 * 1024 * 1024))
+    again = LedgerWriter(engine, spool=Spool(path, 64 * MIB))
     again.start()
     await settle(lambda: again.spool is not None and again.spool.pending == 0)
     await again.stop()
@@ -277,7 +276,7 @@ async def test_evidence_naming_a_spooled_hit_names_its_ledger_row(
     store: tuple[str, Engine], tmp_path: Path
 ) -> None:
     url, engine = store
-    writer = LedgerWriter(engine, spool=Spool(tmp_path / "oobwatch.spool", 1024 * 1024))
+    writer = LedgerWriter(engine, spool=Spool(tmp_path / "oobwatch.spool", MIB))
     writer.start()
     lock = Locked(url.removeprefix("sqlite:///"))
     try:
@@ -301,7 +300,7 @@ async def test_store_work_is_refused_at_once_while_events_wait_in_the_spool(
     store: tuple[str, Engine], tmp_path: Path
 ) -> None:
     url, engine = store
-    writer = LedgerWriter(engine, spool=Spool(tmp_path / "oobwatch.spool", 1024 * 1024))
+    writer = LedgerWriter(engine, spool=Spool(tmp_path / "oobwatch.spool", MIB))
     writer.start()
     lock = Locked(url.removeprefix("sqlite:///"))
     try:
@@ -319,7 +318,7 @@ async def test_a_failing_state_write_does_not_end_the_writer(
 ) -> None:
     _, engine = store
     path = tmp_path / "oobwatch.spool"
-    spool = Spool(path, 64 * 1024 * 1024)
+    spool = Spool(path, 64 * MIB)
     spool.add(events(600))
     failures = iter([OSError(errno.ENOSPC, "No space left on device")])
     real = spool_module._write_atomically
@@ -346,7 +345,7 @@ async def test_a_batch_too_big_for_the_spool_does_not_leave_the_node_unready(
     store: tuple[str, Engine], tmp_path: Path
 ) -> None:
     url, engine = store
-    writer = LedgerWriter(engine, spool=Spool(tmp_path / "oobwatch.spool", 1024 * 1024))
+    writer = LedgerWriter(engine, spool=Spool(tmp_path / "oobwatch.spool", MIB))
     changes: list[str] = []
     writer.watch_spool(lambda change, _count: changes.append(change))
     writer.start()
@@ -369,7 +368,7 @@ async def test_evidence_spooled_after_its_hit_was_replayed_names_the_row_across_
 ) -> None:
     url, engine = store
     path = tmp_path / "oobwatch.spool"
-    writer = LedgerWriter(engine, spool=Spool(path, 1024 * 1024))
+    writer = LedgerWriter(engine, spool=Spool(path, MIB))
     writer.start()
     lock = Locked(url.removeprefix("sqlite:///"))
     try:
@@ -385,7 +384,7 @@ async def test_evidence_spooled_after_its_hit_was_replayed_names_the_row_across_
         await writer.stop()
     finally:
         lock.release()
-    again = LedgerWriter(engine, spool=Spool(path, 1024 * 1024))
+    again = LedgerWriter(engine, spool=Spool(path, MIB))
     again.start()
     await settle(lambda: again.spool is not None and again.spool.pending == 0)
     await again.stop()
