@@ -484,7 +484,7 @@ def _environment(environ: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         path = name.removeprefix(ENV_PREFIX).lower().split("__")
-        from_file = name.endswith("_FILE") and not _is_key(path)
+        from_file = name.endswith("_FILE") and _field(path) is None
         if from_file:
             path[-1] = path[-1].removesuffix("_file")
             if name.removesuffix("_FILE") in environ:
@@ -494,8 +494,9 @@ def _environment(environ: Mapping[str, str]) -> dict[str, Any]:
             except (OSError, UnicodeDecodeError) as error:
                 raise ConfigError(f"{name}: cannot read {value}: {error}") from None
         parsed: Any = value
-        # A secret read from a file is text, whatever it starts with.
-        if not from_file and value.lstrip()[:1] in ("[", "{"):
+        # A secret for a text setting is text, whatever it starts with.
+        text_setting = from_file and _field(path) is str
+        if not text_setting and value.lstrip()[:1] in ("[", "{"):
             # Not JSON: left as text, and the validator names the key.
             with contextlib.suppress(ValueError, RecursionError):
                 parsed = json.loads(value)
@@ -509,16 +510,16 @@ def _environment(environ: Mapping[str, str]) -> dict[str, Any]:
     return found
 
 
-def _is_key(path: list[str]) -> bool:
-    """Whether `path` names a setting itself (`ledger.anchor_file` does), so that a `_FILE`
-    ending is its name, not a request to read it from a file."""
+def _field(path: list[str]) -> Any:
+    """The type of the setting `path` names, or None when it names none (so that a `_FILE`
+    ending of a setting's own name, `ledger.anchor_file`, is not taken for a file to read)."""
     model: Any = Config
     for part in path:
         fields = getattr(model, "model_fields", None)
         if fields is None or part not in fields:
-            return False
+            return None
         model = fields[part].annotation
-    return True
+    return model
 
 
 def _overlay(base: dict[str, Any], over: Mapping[str, Any]) -> None:

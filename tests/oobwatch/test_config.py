@@ -217,3 +217,12 @@ interval = "2m"
     [rule] = policy.ignore
     assert str(rule.cidr) == "192.0.2.0/24"
     assert rule.expires_us == 1801353600_000_000
+
+
+def test_a_list_setting_from_a_file_is_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    urls = tmp_path / "alert-urls"
+    urls.write_text('["json://127.0.0.1:9/x"]\n')
+    monkeypatch.setenv("OOBWATCH_ALERTS__URLS_FILE", str(urls))
+    assert load(write(tmp_path, DEFAULT_CONFIG)).alerts.urls == ["json://127.0.0.1:9/x"]
