@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 from dnslib import QTYPE, RCODE, DNSRecord
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, func, select, text
 
 from alerts import sinks
 from alerts.deliveries import delivery_payload
@@ -31,6 +31,7 @@ from alerts.render import Line, Message
 from oobwatch.config import Config, sink_problems
 from store.clock import now_us, to_iso
 from store.engine import HEAD_REVISION, open_engine, revision
+from store.schema import ledger as ledger_table
 from store.spool import inspect
 
 # Clocks further apart than this make times in the ledger misleading.
@@ -144,6 +145,7 @@ def store_checks(config: Config) -> list[Check]:
             with engine.connect() as connection:
                 store_now = _store_clock(connection)
             found = revision(engine)
+            newest = _newest_row_us(engine) if found is not None else None
         except Exception as error:  # any driver's way of saying it cannot connect
             return [Check("store", False, f"cannot reach it: {error}".splitlines()[0])]
         checks = [Check("store", True, f"reachable ({engine.dialect.name})")]
@@ -152,7 +154,7 @@ def store_checks(config: Config) -> list[Check]:
             checks.append(Check("schema", False, detail + ": run `oobwatch migrate`"))
         else:
             checks.append(Check("schema", True, f"at {HEAD_REVISION}"))
-        checks.append(_clock_check(store_now))
+        checks.append(_clock_check(store_now, newest))
         return checks
     finally:
         engine.dispose()
@@ -166,13 +168,26 @@ def _store_clock(connection: Connection) -> float | None:
     return float(connection.execute(query).scalar_one())
 
 
-def _clock_check(store_now: float | None) -> Check:
+def _newest_row_us(engine: Engine) -> int | None:
+    with engine.connect() as connection:
+        newest = connection.execute(select(func.max(ledger_table.c.time_us))).scalar()
+    return None if newest is None else int(newest)
+
+
+def _clock_check(store_now: float | None, newest_us: int | None) -> Check:
     here = time.time()
     if store_now is not None and abs(store_now - here) > CLOCK_SKEW_SECONDS:
         return Check(
             "clock",
             False,
             f"this host and the database disagree by {abs(store_now - here):.1f} s (run NTP)",
+        )
+    if newest_us is not None and newest_us / 1e6 - here > CLOCK_SKEW_SECONDS:
+        return Check(
+            "clock",
+            False,
+            f"the ledger's newest row is from {to_iso(newest_us)}, later than this host's "
+            "clock: it is behind (run NTP)",
         )
     detail = "agrees with the database" if store_now is not None else "no database clock (SQLite)"
     return Check("clock", True, f"{to_iso(now_us())}, {detail}")

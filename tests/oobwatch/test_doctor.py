@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from store.clock import now_us
 from store.ledger import Event
 from store.spool import Spool
-from support import Receiver, Serving, node_config
+from support import Receiver, Serving, node_config, store_with
 
 ZONE = "canary.example.test"
 PARENT = "example.test"
@@ -186,3 +187,15 @@ def test_what_doctor_finds_wrong_without_a_node(
     assert checks[0]["check"] == "config"
     assert checks[0]["ok"] is False
     assert "dns.zone" in str(checks[0]["detail"])
+
+
+def test_a_clock_behind_the_ledger_fails(tmp_path: Path, parent: Parent) -> None:
+    parent.serve("canary IN NS ns1.canary\nns1.canary IN A 127.0.0.1\n")
+    ahead = Event(type="hit", time_us=now_us() + 3_600_000_000, node="elsewhere")
+    config, engine = store_with(tmp_path, [ahead], "[dns]\nzone = 'canary.example.test'\n")
+    engine.dispose()
+    code, checks = doctor(config, "--resolver", f"127.0.0.1:{parent.port}")
+    clock = by_name(checks)["clock"]
+    assert code == 1
+    assert clock["ok"] is False
+    assert "behind" in str(clock["detail"])

@@ -172,7 +172,7 @@ def test_a_kill_during_the_replay_loses_and_duplicates_nothing(
     assert "intact" in cli(node.config, "ledger", "verify")
 
 
-def test_sqlite_locked_by_another_process_loses_and_duplicates_no_answered_hit(
+def test_sqlite_locked_for_30_s_by_another_process_loses_and_duplicates_no_answered_hit(
     tmp_path: Path, receiver: Receiver
 ) -> None:
     database = tmp_path / "oobwatch.db"
@@ -181,10 +181,10 @@ def test_sqlite_locked_by_another_process_loses_and_duplicates_no_answered_hit(
     locker = None
     try:
         locker = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
-        names = [f"s{number}.{canary}" for number in range(300)]
+        names = [f"s{number}.{canary}" for number in range(1000)]
         assert ask(node.ports["dns"], f"before.{canary}")
         locker.execute("BEGIN EXCLUSIVE")
-        answered = steadily(node.ports["dns"], names, 10.0)
+        answered = steadily(node.ports["dns"], names, 30.0)
         locker.execute("ROLLBACK")
         wait_until(lambda: rows(url) >= len(answered) + 1)
         time.sleep(1.5)
