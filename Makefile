@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean system-deps
+.PHONY: demo test lint bench clean system-deps test-deploy
 
 $(STAMP): pyproject.toml
 	@# Debian's python3 ships without venv/ensurepip until python3-venv is installed.
@@ -48,6 +48,11 @@ lint: $(STAMP)
 
 test: $(STAMP) system-deps lint
 	$(VENV)/bin/pytest --cov=store --cov=canaries --cov=listeners --cov=alerts --cov=oobwatch --cov-report=term
+
+# The image (deploy/Containerfile) and deploy/compose.yaml end to end under podman: needs root
+# for apt-get and podman; caches a debootstrap base in /var/cache/oobwatch-deploy.
+test-deploy: $(STAMP)
+	$(PY) deploy/test/deploy_test.py
 
 bench: $(STAMP)
 	@if ! command -v dnsperf >/dev/null 2>&1 || ! command -v nsd >/dev/null 2>&1; then \
