@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Connection, Engine, insert, select
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 
 from store import ledger
 from store.clock import now_us, to_iso
@@ -51,6 +51,8 @@ _ATTEMPTS = 5
 # With a spool: tries of a batch before it is spooled, so an outage does not hold answers.
 _SPOOL_ATTEMPTS = 2
 _UNAVAILABLE = (OperationalError, InterfaceError)
+# What a spooled event itself can cause; anything else is retried, never left out.
+_ABOUT_THE_DATA = (IntegrityError, DataError, TypeError, ValueError)
 # While events wait in the spool: how often the store is tried again, how many per transaction.
 REPLAY_EVERY_SECONDS = 1.0
 REPLAY_BATCH = 500
@@ -347,8 +349,8 @@ class LedgerWriter:
                 log.warning("the store is still away (%s); %d events wait", error, spool.pending)
                 self._retry_at = time.monotonic() + REPLAY_EVERY_SECONDS
                 return False
-            except Exception:
-                # About the data, not the store: find the record, so the rest still get in.
+            except _ABOUT_THE_DATA:
+                # Not the store's availability: find the record, so the rest still get in.
                 if size > 1:
                     log.exception("replay of %d spooled events failed; one by one", len(chunk))
                     size = 1
