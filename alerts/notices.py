@@ -170,7 +170,8 @@ def spool_change(change: str, *, node: str, count: int, path: str, now_us: int) 
     elif change == "full":
         title = f"oobwatch: spool FULL on node {node}, hits NOT RECORDED"
         headline = (
-            f"The spool at {path} on node {node} is full since {at} and the store is still away: "
+            f"The spool at {path} on node {node} is full or cannot be written since {at}, and "
+            "the store is still away: "
             f"{plural(count, 'event')} and every hit after them go unrecorded and unanswered"
         )
         severity = "critical"

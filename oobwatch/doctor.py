@@ -32,7 +32,7 @@ from oobwatch.config import Config, sink_problems
 from store.clock import now_us, to_iso
 from store.engine import HEAD_REVISION, open_engine, revision
 from store.schema import ledger as ledger_table
-from store.spool import inspect
+from store.spool import inspect, strays
 
 # Clocks further apart than this make times in the ledger misleading.
 CLOCK_SKEW_SECONDS = 5.0
@@ -201,6 +201,10 @@ def spool_check(config: Config) -> Check:
     if not _writable(folder, config.node.user):
         who = f"user {config.node.user}" if config.node.user else "this user"
         return Check("spool", False, f"{folder} is not writable by {who}: nothing could be spooled")
+    left = strays(path)
+    if left:
+        listed = ", ".join(f"{stray} ({waiting} events)" for stray, waiting in left)
+        return Check("spool", False, f"spools not this node's hold events: {listed}")
     look = inspect(path)
     if look.pending:
         return Check(

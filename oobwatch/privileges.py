@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 
 from oobwatch.config import Config, ConfigError
+from store.spool import lock_path
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ def settle(user: pwd.struct_passwd | None, config: Config) -> None:
 
 def written_paths(config: Config) -> list[Path]:
     """What the node writes to while it runs, where it exists now."""
-    paths = [config.spool_path, config.spool_path.with_name(config.spool_path.name + ".state")]
+    spool = config.spool_path
+    paths = [spool, spool.with_name(spool.name + ".state"), lock_path(spool)]
     url = make_url(config.store.url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         database = Path(str(url.database))

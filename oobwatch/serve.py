@@ -39,7 +39,7 @@ from listeners.tls import TlsListener
 from oobwatch import alerting, logs
 from oobwatch.api import build_api
 from oobwatch.certs import TICK_SECONDS, CertificateKeeper, served
-from oobwatch.config import Config
+from oobwatch.config import Config, ConfigError
 from oobwatch.heartbeat import Heartbeat, heartbeat_canary
 from oobwatch.integrity import Integrity
 from oobwatch.metrics import NodeCollector
@@ -49,7 +49,7 @@ from store.clock import now_us
 from store.deployment import secret
 from store.engine import checkpoint as engine_checkpoint
 from store.engine import open_store
-from store.spool import Spool
+from store.spool import Spool, SpoolBusy, strays
 from store.writer import LedgerWriter, SpoolChange
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,17 @@ async def start(config: Config) -> Node:
     _descriptors(config)
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     engine = await asyncio.to_thread(open_store, config.store.url, True)
-    spool = Spool(config.spool_path, config.spool.max_bytes)
+    try:
+        spool = Spool(config.spool_path, config.spool.max_bytes)
+    except (SpoolBusy, OSError) as error:
+        raise ConfigError(f"spool.path: {error}") from None
+    for stray, waiting in strays(config.spool_path):
+        log.error(
+            "%s holds %d events not in the ledger: point [spool] path at it (or start the "
+            "node it belongs to) to replay them",
+            stray,
+            waiting,
+        )
     writer = LedgerWriter(engine, spool=spool)
     writer.start()
     index = TokenIndex(engine)

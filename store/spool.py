@@ -19,8 +19,8 @@ key (`<epoch>:<number>`) in the transaction that appends it
 write skips what is in already, and nothing is appended twice. A file whose
 records are all in the ledger is removed.
 
-One process owns a spool: it holds an exclusive lock (`<path>.lock`) for its
-life, and a second one is refused. `inspect` reads a spool without
+One process owns a spool: it holds an exclusive lock on `<path>.lock` (which
+stays) for its life, and a second one is refused. `inspect` reads a spool without
 changing it, for `doctor`, beside the node that owns it.
 """
 
@@ -70,6 +70,11 @@ class Look:
 
 def _state_path(path: Path) -> Path:
     return path.with_name(path.name + ".state")
+
+
+def lock_path(path: Path) -> Path:
+    """The file whose lock says which process owns the spool at `path`."""
+    return path.with_name(path.name + ".lock")
 
 
 def _line(payload: dict[str, Any]) -> bytes:
@@ -171,6 +176,18 @@ def inspect(path: Path) -> Look:
         return Look(0, 0, 0)
 
 
+def strays(path: Path) -> list[tuple[Path, int]]:
+    """Other spools beside `path` with events waiting (one a node left behind when its name,
+    and so its default spool path, changed), and how many."""
+    found = []
+    for other in sorted(path.parent.glob("*.spool")):
+        if other != path:
+            waiting = inspect(other).pending
+            if waiting:
+                found.append((other, waiting))
+    return found
+
+
 class Spool:
     """The journal at `path`, at most `max_bytes`; used from one thread (the ledger writer's)."""
 
@@ -185,9 +202,7 @@ class Spool:
         self._offset = 0  # where the first record not in the ledger starts
         self._descriptor: int | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = os.open(
-            self.path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
-        )
+        self._lock = os.open(lock_path(path), os.O_RDONLY | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -222,15 +237,16 @@ class Spool:
                 f"the spool at {self.path} holds {self._size} of {self.max_bytes} bytes"
             )
         try:
+            # At the end of what is recorded, whatever a failed write left after it: the next
+            # write goes over that, so nothing of an unrecorded batch survives between records.
             written = 0
             while written < len(data):
-                written += os.write(self._descriptor, data[written:])
+                written += os.pwrite(self._descriptor, data[written:], self._size + written)
             os.fsync(self._descriptor)
         except OSError:
-            # What was written of it must not stay: its caller is told it is not recorded.
-            os.ftruncate(self._descriptor, self._size)
-            os.lseek(self._descriptor, self._size, os.SEEK_SET)
-            os.fsync(self._descriptor)
+            # Its caller is told it is not recorded: what was written of it must not stay.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._descriptor, self._size)
             raise
         self._size += len(data)
         first = self._last + 1
@@ -260,7 +276,7 @@ class Spool:
     def set_aside(self) -> Path:
         """Records are counted that cannot be read back: keep the file for a person to look
         at, and start afresh. Where it went."""
-        aside = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+        aside = self.path.with_name(f"{self.path.name}.damaged-{time.time_ns()}")
         self.path.replace(aside)
         log.error("the spool at %s is damaged; kept as %s", self.path, aside)
         self._done = self._last
@@ -272,8 +288,7 @@ class Spool:
             os.close(self._descriptor)
             self._descriptor = None
         if self._lock >= 0:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path.with_name(self.path.name + ".lock"))
+            # The lock file stays: unlinked while held, a second owner could lock a new one.
             os.close(self._lock)
             self._lock = -1
 
@@ -302,11 +317,11 @@ class Spool:
             return
         journal = _Journal(self.path)
         if not journal.read_head():
-            if self.path.stat().st_size > 0 and b"\n" in self.path.read_bytes()[:4096]:
+            if self.path.stat().st_size < len(_line({"spool": 1, "epoch": "0" * 16})):
+                self.path.unlink()  # cut off as it was created: no record of it was fsync'd
+            else:
                 self.damaged += 1
                 self.set_aside()
-            else:
-                self.path.unlink()  # cut off as it was created: no record of it was fsync'd
             return
         self.epoch, self._offset = journal.epoch, journal.offset
         end = journal.offset

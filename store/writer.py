@@ -91,7 +91,7 @@ class LedgerWriter:
         self._spool_watchers: list[Callable[[SpoolChange, int], None]] = []
         self.spooled = 0
         self.replayed = 0
-        # Set while the spool refuses events (the store away, the spool full).
+        # Set while the spool refuses events (the store away, the spool full or unwritable).
         self.spool_full = False
         self._queue: queue.SimpleQueue[tuple[Event, Done | None] | _Job | object] = (
             queue.SimpleQueue()
@@ -299,14 +299,14 @@ class LedgerWriter:
         events = [self._named(event) for event in events]
         try:
             numbers = spool.add(events)
-        except SpoolFull:
-            log.error("SPOOL FULL: %d events neither recorded nor spooled", len(events))
+        except (SpoolFull, OSError) as error:
+            # Full, or its disk is (or failing): the same to a client, to /readyz and to on-call.
+            log.error(
+                "SPOOL REFUSES: %d events neither recorded nor spooled: %s", len(events), error
+            )
             if not self.spool_full:
                 self._tell("full", len(events))
             self.spool_full = True
-            return [None] * len(events)
-        except OSError:
-            log.exception("the spool at %s cannot be written", spool.path)
             return [None] * len(events)
         self.spooled += len(events)
         if first:

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 CACHE = Path(os.environ.get("OOBWATCH_DEPLOY_CACHE", "/var/cache/oobwatch-deploy"))
 BIN = Path(sys.executable).parent
-BASE = "localhost/debian-base:bookworm"
+BASE = "localhost/debian-base:bookworm-updates"
 IMAGE = "localhost/oobwatch:deploy-test"
 POSTGRES_IMAGE = "localhost/oobwatch-test-postgres:15"
 PROJECT = "oobwatch-deploy-test"
@@ -139,11 +139,17 @@ def build_base() -> None:
     if image_exists(BASE):
         print(f"   {BASE} exists")
         return
-    tarball = CACHE / "debian-bookworm-minbase.tar"
+    tarball = CACHE / "debian-bookworm-minbase-updates.tar"
     if not tarball.exists():
         root = Path(tempfile.mkdtemp(dir=CACHE, prefix="rootfs."))
         try:
             run("debootstrap", "--variant=minbase", "bookworm", root, timeout=900)
+            # debootstrap writes the release alone: the host's sources bring its updates and
+            # security suites, for the image's `apt-get upgrade`.
+            sources = Path("/etc/apt/sources.list.d/debian.sources")
+            if sources.exists():
+                shutil.copy(sources, root / "etc/apt/sources.list.d" / sources.name)
+                (root / "etc/apt/sources.list").unlink(missing_ok=True)
             for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
                 shutil.rmtree(root / cache)
                 (root / cache).mkdir()
@@ -175,18 +181,30 @@ def build(containerfile: Path, tag: str, context: Path) -> None:
         context,
         timeout=900,
     )
+    # The image the tag named before, and the build stage's, are left untagged: drop them.
+    podman("image", "prune", "--force", timeout=120)
 
 
-def free_port() -> int:
-    """A port free on 127.0.0.1 for both UDP and TCP (DNS publishes both)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1 for both UDP and TCP (DNS publishes both),
+    each held until all are chosen, so none is picked twice."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            tcp = socket.socket()
+            held += [udp, tcp]
             udp.bind(("127.0.0.1", 0))
             try:
                 tcp.bind(("127.0.0.1", udp.getsockname()[1]))
             except OSError:
                 continue
-            return int(udp.getsockname()[1])
+            ports.append(int(udp.getsockname()[1]))
+        return ports
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def write_secrets(folder: Path) -> None:
@@ -432,11 +450,12 @@ def main() -> int:
     with step("build postgres image"):
         build(DEPLOY / "test" / "postgres.Containerfile", POSTGRES_IMAGE, DEPLOY / "test")
 
+    keys = ("dns", "smtp", "http", "api")
+    *picked, pager_port = free_ports(2 * len(keys) + 1)
     ports = {
-        node: {key: free_port() for key in ("dns", "smtp", "http", "api")}
-        for node in ("ns1", "ns2")
+        node: dict(zip(keys, picked[n * len(keys) : (n + 1) * len(keys)], strict=True))
+        for n, node in enumerate(("ns1", "ns2"))
     }
-    pager_port = free_port()
     with tempfile.TemporaryDirectory(prefix="oobwatch-secrets.") as folder:
         write_secrets(Path(folder))
         env = dict(

@@ -19,7 +19,7 @@ from store import spool as spool_module
 from store.clock import now_us
 from store.engine import open_store
 from store.ledger import Entry, Event
-from store.spool import Look, Spool, SpoolBusy, SpoolFull, inspect
+from store.spool import Look, Spool, SpoolBusy, SpoolFull, inspect, strays
 from store.writer import LedgerWriter, NotDurable
 from support import numbered_event, settle
 
@@ -90,6 +90,29 @@ def test_a_damaged_header_sets_the_journal_aside_and_the_node_starts(tmp_path: P
         "oobwatch.spool.damaged"
     ]
     spool.close()
+
+
+def test_a_damaged_header_before_a_large_record_is_set_aside_not_deleted(tmp_path: Path) -> None:
+    path = tmp_path / "oobwatch.spool"
+    spool = Spool(path, MIB)
+    spool.add([Event(type="hit", time_us=1, node="n1", data={"body": "x" * 8000})])
+    spool.close()
+    whole = path.read_bytes()
+    newline = whole.index(b"\n")
+    path.write_bytes(whole[:newline] + b"?" + whole[newline + 1 :])
+    again = Spool(path, MIB)
+    assert again.damaged == 1
+    [aside] = tmp_path.glob("oobwatch.spool.damaged-*")
+    assert aside.read_bytes() == whole[:newline] + b"?" + whole[newline + 1 :]
+    again.close()
+
+
+def test_spools_left_beside_this_one_are_found(tmp_path: Path) -> None:
+    journal(tmp_path / "oobwatch.db.old-name.spool", 2)
+    journal(tmp_path / "oobwatch.db.drained.spool", 0)
+    assert strays(tmp_path / "oobwatch.db.n1.spool") == [
+        (tmp_path / "oobwatch.db.old-name.spool", 2)
+    ]
 
 
 def test_a_damaged_record_costs_that_record_only(tmp_path: Path) -> None:
@@ -241,7 +264,8 @@ async def test_a_store_locked_by_another_process_spools_then_replays_in_order_on
     spooled = [row for row in rows if row.evidence.get("spooled")]
     assert len(spooled) >= 50
     assert all(row.evidence["received_at"].endswith("Z") for row in spooled)
-    assert await asyncio.to_thread(lambda: list(tmp_path.glob("oobwatch.spool*"))) == []
+    left = await asyncio.to_thread(lambda: sorted(p.name for p in tmp_path.glob("oobwatch.spool*")))
+    assert left == ["oobwatch.spool.lock"]
 
 
 async def test_a_replay_cut_off_after_its_commit_appends_nothing_twice(
@@ -391,3 +415,38 @@ async def test_evidence_spooled_after_its_hit_was_replayed_names_the_row_across_
     with engine.connect() as connection:
         [real_hit, evidence] = list(ledger.entries(connection))
     assert evidence.evidence["hit_seq"] == real_hit.seq
+
+
+async def test_a_spool_that_cannot_be_written_refuses_as_a_full_one_does(
+    store: tuple[str, Engine], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, engine = store
+    writer = LedgerWriter(engine, spool=Spool(tmp_path / "oobwatch.spool", MIB))
+    changes: list[str] = []
+    writer.watch_spool(lambda change, _count: changes.append(change))
+    writer.start()
+    real = os.pwrite
+    failures = iter([OSError(errno.ENOSPC, "No space left on device")])
+
+    def full_disk_once(descriptor: int, data: bytes, offset: int) -> int:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real(descriptor, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_disk_once)
+    lock = Locked(url.removeprefix("sqlite:///"))
+    try:
+        with pytest.raises(NotDurable):
+            await writer.append(numbered_event(0))
+        assert not writer.recording
+        [spooled] = await writer.append(numbered_event(1))
+        assert spooled.seq < 0
+        assert writer.recording
+    finally:
+        lock.release()
+    await settle(lambda: writer.spool is not None and writer.spool.pending == 0)
+    await writer.stop()
+    assert changes[:2] == ["full", "spooling"]
+    with engine.connect() as connection:
+        assert [e.evidence["n"] for e in ledger.entries(connection)] == [1]
