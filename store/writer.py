@@ -161,11 +161,10 @@ class LedgerWriter:
         return self._second_rows if second == self._second + 1 else 0
 
     def _run(self) -> None:
-        self._replay()  # what a previous run left in the spool goes first
         stopping = False
         while not stopping:
-            # Tried on every turn (at most once a second): store work arriving all the time
-            # must not keep what waits in the spool from being replayed.
+            # Tried on every turn (at most once a second), first what a previous run left:
+            # store work arriving all the time must not keep the spool from being replayed.
             waiting = not self._replay()
             try:
                 first = self._queue.get(timeout=REPLAY_EVERY_SECONDS if waiting else None)
@@ -234,7 +233,7 @@ class LedgerWriter:
 
     def _commit(self, batch: list[tuple[Event, Done | None]]) -> None:
         events = [event for event, _ in batch]
-        if self.spool is not None and self.spool.pending and not self._replay():
+        if not self._replay():
             entries = self._to_spool(events)
         else:
             try:
@@ -391,21 +390,22 @@ class LedgerWriter:
         query = select(spool_replays.c.key, spool_replays.c.seq)
         found = connection.execute(query.where(spool_replays.c.key.in_(keys)))
         known = {key: seq for key, seq in found}
-        entries, seqs, rows = [], [], []
+        entries, rows = [], []
+        seqs: dict[int, int] = {}
         now = now_us()
         for record, key in zip(chunk, keys, strict=True):
             if key in known:  # appended by a replay cut off before it could say so
-                seqs.append((record.number, known[key]))
+                seqs[record.number] = known[key]
                 continue
-            event = self._named(record.event, connection, dict(seqs))
+            event = self._named(record.event, connection, seqs)
             data = {**event.data, "spooled": True, "received_at": to_iso(event.time_us)}
             [entry] = ledger.append(connection, [replace(event, time_us=now, data=data)])
             entries.append(entry)
-            seqs.append((record.number, entry.seq))
+            seqs[record.number] = entry.seq
             rows.append({"key": key, "seq": entry.seq})
         if rows:
             connection.execute(insert(spool_replays), rows)
-        return entries, seqs
+        return entries, list(seqs.items())
 
     def _named(
         self,
