@@ -118,8 +118,9 @@ def quote(value: Any, limit: int = LIMIT) -> str:
     return defang(truncate(value, limit))
 
 
-def for_hit(entry: Entry, alert_id: str) -> Message:
-    """The first page of an alert: what happened, in one line, then the evidence."""
+def for_hit(entry: Entry, alert_id: str, console_url: str | None = None) -> Message:
+    """The first page of an alert: what happened, in one line, then the evidence, and where
+    the console shows its incident when `console_url` (`[api] public_url`) is set."""
     data = entry.evidence
     protocol = entry.protocol or "?"
     where = f", planted at {data['location']}" if data.get("location") else ""
@@ -149,6 +150,8 @@ def for_hit(entry: Entry, alert_id: str) -> Message:
         carried = [sample.get("data") for sample in burst["data"] if isinstance(sample, dict)]
         lines.append(Line("data", truncate(carried), True))
     lines.append(Line("ledger", f"seq {entry.seq} hash {entry.hash[:16]}"))
+    if console_url is not None:
+        lines.append(Line("incident", f"{console_url}/ui/alerts/{alert_id}"))
     return Message(
         f"oobwatch: {protocol.upper()} canary hit, sandbox {entry.sandbox}", headline, lines
     )

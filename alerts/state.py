@@ -59,11 +59,19 @@ class Timing:
 class AlertState:
     """Alert state in the store, driven by hits and by the clock."""
 
-    def __init__(self, engine: Engine, policy: Policy, timing: Timing, node: str) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        policy: Policy,
+        timing: Timing,
+        node: str,
+        console_url: str | None = None,
+    ) -> None:
         self._engine = engine
         self._policy = policy
         self._timing = timing
         self._node = node
+        self._console_url = console_url
         self.last_dispatched = 0
 
     def dispatch(self, now_us: int, batches: int | None = None) -> int:
@@ -170,7 +178,7 @@ class AlertState:
             alert_id,
             entry.canary_id,
             entry.sandbox,
-            for_hit(entry, alert_id),
+            for_hit(entry, alert_id, self._console_url),
             entry.evidence.get("severity"),
         )
         return alert_id, sum(enqueue(connection, route, payload, now_us) for route in routes)

@@ -16,7 +16,8 @@ from store.writer import LedgerWriter
 def alert_state(config: Config, engine: Engine, policy: Policy | None = None) -> AlertState:
     alerts = config.alerts
     timing = Timing(alerts.dedupe_window, alerts.digest_every)
-    return AlertState(engine, policy or config.policy(), timing, config.node.name)
+    console = config.api.base_url if config.api.public_url is not None else None
+    return AlertState(engine, policy or config.policy(), timing, config.node.name, console)
 
 
 def outbox(config: Config, engine: Engine, policy: Policy) -> Outbox:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
@@ -23,22 +23,27 @@ from prometheus_client.registry import Collector
 from canaries.model import Kind
 from oobwatch import output
 from oobwatch.apigate import ApiGate
+from oobwatch.console.pages import build_console
 from oobwatch.operations import Invalid, LocalOperations, NotFound
 from oobwatch.views import (
     ActorRequest,
     AlertView,
     Bundle,
     CanaryView,
+    ChecksView,
     EventView,
     Filters,
     HeadView,
     HealthView,
     IncidentView,
+    LoginLink,
     MintRequest,
     NewToken,
+    OverviewView,
     PlantRequest,
     Retired,
     Revoked,
+    SandboxView,
     Settled,
     TlsView,
     TokenRequest,
@@ -46,14 +51,6 @@ from oobwatch.views import (
     VerifyView,
 )
 from store import tokens
-
-# Which token scopes may call an endpoint that needs a given scope.
-GRANTS = {
-    "read": {"read", "mint", "ack", "admin"},
-    "mint": {"mint", "admin"},
-    "ack": {"ack", "admin"},
-    "admin": {"admin"},
-}
 
 _bearer = HTTPBearer(auto_error=False, description="An API token from `oobwatch token create`.")
 
@@ -103,7 +100,7 @@ def build_api(
                 raise HTTPException(
                     401, "a valid bearer token is required", {"WWW-Authenticate": "Bearer"}
                 )
-            if token.scope not in GRANTS[scope]:
+            if not token.may(scope):
                 raise HTTPException(403, f"this endpoint needs the {scope} scope")
             return token
 
@@ -126,9 +123,22 @@ def build_api(
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "not ready"}, status_code=503)
 
+    # Browsers ask for it on every console page; there is none.
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)
+
     @app.get("/health")
     def health(_: Reader) -> HealthView:
         return ops.health()
+
+    @app.get("/overview")
+    def overview(_: Reader) -> OverviewView:
+        return ops.overview()
+
+    @app.get("/sandboxes")
+    def sandboxes(_: Reader) -> list[SandboxView]:
+        return ops.sandboxes()
 
     @app.get("/canaries")
     def canaries(
@@ -195,6 +205,18 @@ def build_api(
     def verify(_: Admin) -> VerifyView:
         return ops.verify()
 
+    @app.get("/ledger/checks")
+    def ledger_checks(_: Reader) -> ChecksView:
+        return ops.checks()
+
+    @app.get(
+        "/ledger/export",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"application/x-ndjson": {}}}},
+    )
+    def ledger_export(_: Reader) -> StreamingResponse:
+        return StreamingResponse(ops.ledger_export(), media_type="application/x-ndjson")
+
     @app.post("/ledger/anchor")
     def anchor(_: Admin) -> HeadView:
         return ops.anchor()
@@ -219,6 +241,10 @@ def build_api(
     def revoke_token(token_id: str, _: Admin) -> Revoked:
         return ops.revoke_token(token_id)
 
+    @app.post("/tokens/{token_id}/login-link", status_code=201)
+    def login_link(token_id: str, _: Admin) -> LoginLink:
+        return ops.login_link(token_id)
+
     @app.post("/tokens/{token_id}/rotate")
     def rotate_token(token_id: str, _: Admin) -> NewToken:
         return ops.rotate_token(token_id)
@@ -229,4 +255,5 @@ def build_api(
     def metrics(_: Reader) -> Response:
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(build_console(operations))
     return app

@@ -8,17 +8,25 @@ declaring or sending more than `max_body_bytes` 413, one whose body does not
 arrive within `timeout` 408, each closing the connection without reading the
 rest. A request that passes carries its token in `request.state.token`, so
 the endpoint's scope check does not look it up again.
+
+The web console (`/ui/`) is signed in with a session cookie instead of a
+bearer token, and only with one: a page asked for without a live session is
+sent to the sign-in form, anything else gets 401. Every console answer,
+refusals included, carries the console's security headers.
 """
 
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import Engine
 
 from listeners.http import Headers, head_too_large
-from store import tokens
+from oobwatch.console.render import SECURITY_HEADERS
+from oobwatch.console.signin import COOKIE, cookie_value
+from store import sessions, tokens
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -26,8 +34,17 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# Served to anyone: the OpenAPI document holds no data.
-PUBLIC_PATHS = frozenset({"/openapi.json", "/healthz", "/readyz"})
+# Served to anyone: the OpenAPI document holds no data, the probes say only ok or not, and
+# the favicon is empty.
+PUBLIC_PATHS = frozenset({"/openapi.json", "/healthz", "/readyz", "/favicon.ico"})
+CONSOLE = "/ui"
+# The console's pages for signing in, served without a session.
+SIGN_IN = frozenset({"/ui/login"})
+LINK_PREFIX = "/ui/login/link/"
+
+
+def in_console(path: str) -> bool:
+    return path == CONSOLE or path.startswith(CONSOLE + "/")
 
 
 class TooLarge(Exception):
@@ -44,27 +61,40 @@ class ApiGate:
         self._timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in PUBLIC_PATHS:
             await self._app(scope, receive, send)
             return
         headers: Headers = scope["headers"]
+        console = in_console(path)
+        if console:
+            send = _with_headers(send, SECURITY_HEADERS)
         if head_too_large(headers):
             await _refuse(send, 431, "request head too large")
             return
-        presented = _bearer(headers)
-        token = (
-            None
-            if presented is None
-            else await asyncio.to_thread(tokens.authenticate, self._engine, presented)
-        )
-        if token is None:
-            await _refuse(
-                send,
-                401,
-                "a valid bearer token is required",
-                ((b"www-authenticate", b"Bearer"),),
-            )
+        if path == "/":
+            await _refuse(send, 307, "the console is at /ui/", ((b"location", b"/ui/"),))
             return
+        state = scope.setdefault("state", {})
+        if console:
+            if not await self._signed_in(scope, state, send):
+                return
+        else:
+            presented = _bearer(headers)
+            token = (
+                None
+                if presented is None
+                else await asyncio.to_thread(tokens.authenticate, self._engine, presented)
+            )
+            if token is None:
+                await _refuse(
+                    send,
+                    401,
+                    "a valid bearer token is required",
+                    ((b"www-authenticate", b"Bearer"),),
+                )
+                return
+            state["token"] = token
         if _declared_length(headers) > self._max_body:
             await _refuse(send, 413, f"bodies are limited to {self._max_body} bytes")
             return
@@ -77,8 +107,29 @@ class ApiGate:
         except TimeoutError:
             await _refuse(send, 408, "the request body did not arrive in time")
             return
-        scope.setdefault("state", {})["token"] = token
         await self._app(scope, _replay(body, receive), send)
+
+    async def _signed_in(self, scope: Scope, state: dict[str, Any], send: Send) -> bool:
+        """Whether a console request may go on: a sign-in page, or a live session's."""
+        path = scope["path"]
+        if path in SIGN_IN or path.startswith(LINK_PREFIX):
+            return True
+        value = cookie_value(scope["headers"], COOKIE)
+        session = (
+            None if value is None else await asyncio.to_thread(sessions.find, self._engine, value)
+        )
+        if session is not None:
+            state["session"] = session
+            state["token"] = session.token
+            return True
+        if scope["method"] in ("GET", "HEAD"):
+            query = scope.get("query_string", b"").decode("latin-1")
+            target = quote(path + (f"?{query}" if query else ""), safe="")
+            location = f"/ui/login?next={target}".encode()
+            await _refuse(send, 303, "sign in first", ((b"location", location),))
+        else:
+            await _refuse(send, 401, "sign in first: the session has ended")
+        return False
 
     async def _body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
@@ -148,3 +199,12 @@ async def _refuse(
         }
     )
     await send({"type": "http.response.body", "body": payload})
+
+
+def _with_headers(send: Send, extra: tuple[tuple[bytes, bytes], ...]) -> Send:
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return sending

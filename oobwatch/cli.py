@@ -556,6 +556,20 @@ def token_rotate(state: State, token_id: str, as_json: bool) -> None:
     _print_new_token(state.ops.rotate_token(token_id), as_json)
 
 
+@token_group.command(name="login-link")
+@click.argument("token_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def token_login_link(state: State, token_id: str, as_json: bool) -> None:
+    """A one-time link that signs the web console in as a token (see [api] public_url)."""
+    link = state.ops.login_link(token_id)
+    if as_json:
+        _json(link)
+        return
+    click.echo(link.url)
+    click.echo(f"Open it once, before {link.expires_at}; it signs in as token {link.token_id}.")
+
+
 @main.group(name="tls", cls=Commands)
 def tls_group() -> None:
     """The certificate the TLS listeners serve."""
@@ -705,15 +719,8 @@ def anchor_command(state: State) -> None:
 @pass_state
 def export_command(state: State, output: Path | None) -> None:
     """Write the whole chain as JSON lines, hashes included, for archiving and offline verify."""
-    from oobwatch.operations import LocalOperations
-    from store import ledger
-
-    state.local_only("ledger export")
-    ops = state.ops
-    assert isinstance(ops, LocalOperations)
-    with ops.engine.connect() as connection, click.open_file(str(output or "-"), "w") as handle:
-        for entry in ledger.entries(connection):
-            handle.write(ledger.export_line(entry) + "\n")
+    with click.open_file(str(output or "-"), "w") as handle:
+        handle.writelines(state.ops.ledger_export())
 
 
 if __name__ == "__main__":

@@ -218,6 +218,22 @@ class ApiConfig(StreamOptions):
     max_connections_per_source: Annotated[int, Field(ge=1, le=65536)] = 16
     # Bodies are small JSON documents; nothing is read of one before its token is checked.
     max_body_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    # Where people reach this API and its console (behind a proxy, say): pages link there.
+    public_url: HttpUrl | None = None
+    # How long a console sign-in lasts, and a `token login-link` stays usable.
+    session_lifetime: Duration = _duration_us("8h")
+    login_link_lifetime: Duration = _duration_us("15m")
+
+    @property
+    def base_url(self) -> str:
+        """The console's address as people reach it, without a trailing slash."""
+        if self.public_url is not None:
+            return str(self.public_url).rstrip("/")
+        host = str(self.listen)
+        if host in ("0.0.0.0", "::"):  # noqa: S104 - read, not bound: all addresses
+            host = "127.0.0.1"
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{self.port}"
 
 
 class TlsConfig(Section):

@@ -27,6 +27,7 @@ from canaries.mint import mint
 from canaries.model import HEARTBEAT_SANDBOX, Canary
 from listeners import pgwire
 from store import ledger, registry
+from store.health import PROTOCOL_OF
 from store.ledger import Event
 from store.schema import ledger as ledger_table
 
@@ -133,14 +134,6 @@ async def probe_ssh(address: tuple[str, int], username: str, seconds: float) -> 
 
 
 # The protocol each listener's hits are recorded with.
-_PROTOCOLS = {
-    "dns": "dns",
-    "smtp": "smtp",
-    "http": "http",
-    "https": "tls",
-    "postgres": "postgres",
-    "ssh": "ssh",
-}
 
 
 @dataclass
@@ -166,7 +159,7 @@ class Heartbeat:
 
     async def check(self, addresses: dict[str, list[tuple[str, int]]]) -> dict[str, bool]:
         """Probe every listener in `addresses` (by name); returns which landed their hit."""
-        names = [name for name in _PROTOCOLS if name in addresses]
+        names = [name for name in PROTOCOL_OF if name in addresses]
         results = await asyncio.gather(*(self._one(name, addresses[name]) for name in names))
         outcome: dict[str, bool] = dict(zip(names, results, strict=True))
         await asyncio.to_thread(self._record, outcome, self.clock())
@@ -202,7 +195,7 @@ class Heartbeat:
             log.warning("heartbeat probe of %s at %s:%d failed: %r", name, *address, error)
             return False
         while self.clock() - started < self.deadline_us:
-            if await asyncio.to_thread(self._landed, _PROTOCOLS[name], started):
+            if await asyncio.to_thread(self._landed, PROTOCOL_OF[name], started):
                 return True
             await asyncio.sleep(POLL_SECONDS)
         return False

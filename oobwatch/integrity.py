@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 
 from alerts import notices
 from alerts.policy import DEFAULT_ROUTE, Policy
-from store import anchors, ledger
+from store import anchors, checks, ledger
 from store.ledger import Event, Verdict
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ class Integrity:
                 )
         if self.anchor_file is not None:
             anchors.save(self.anchor_file, seq, digest, self.node, now_us)
+        with self.engine.begin() as connection:
+            checks.record(connection, "anchor", self.node, now_us, seq, digest)
         return seq, digest
 
     def check(self, now_us: int) -> Verdict:
@@ -50,6 +52,16 @@ class Integrity:
             problem = verdict.problem
             if verdict.intact and self.anchor_file is not None and self.anchor_file.exists():
                 problem = ledger.missed_anchor(connection, anchors.load(self.anchor_file))
+        with self.engine.begin() as connection:
+            checks.record(
+                connection,
+                "verify",
+                self.node,
+                now_us,
+                verdict.count,
+                verdict.head_hash,
+                problem,
+            )
         if problem is None:
             self.reported = None
             return verdict

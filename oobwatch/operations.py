@@ -12,7 +12,7 @@ an operation needs them, so a quick `oobwatch list` does not load them.
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine
@@ -20,23 +20,29 @@ from sqlalchemy import Engine
 from canaries import plant as planting
 from canaries.kinds import Web
 from canaries.mint import mint, retire
-from canaries.model import Canary
+from canaries.model import HEARTBEAT_SANDBOX, Canary
 from oobwatch.config import Config
 from oobwatch.views import (
     ActorRequest,
     AlertView,
     Bundle,
     CanaryView,
+    ChecksView,
+    CheckView,
     EventView,
     Filters,
     HeadView,
     HealthView,
     IncidentView,
+    ListenerView,
+    LoginLink,
     MintRequest,
     NewToken,
+    OverviewView,
     PlantRequest,
     Retired,
     Revoked,
+    SandboxView,
     Settled,
     TlsView,
     TokenRequest,
@@ -44,10 +50,10 @@ from oobwatch.views import (
     VerifyView,
     incident_view,
 )
-from store import ledger, registry, tokens
-from store.clock import now_us
+from store import checks, health, ledger, registry, sessions, tokens
+from store.clock import now_us, to_iso
 from store.engine import open_store
-from store.timeline import find_incident, incidents, timeline
+from store.timeline import Incident, find_incident, incidents, timeline
 
 if TYPE_CHECKING:
     from alerts.state import AlertState
@@ -111,6 +117,16 @@ class Operations(Protocol):
     def revoke_token(self, token_id: str) -> Revoked: ...
 
     def rotate_token(self, token_id: str) -> NewToken: ...
+
+    def overview(self) -> OverviewView: ...
+
+    def sandboxes(self) -> list[SandboxView]: ...
+
+    def checks(self) -> ChecksView: ...
+
+    def ledger_export(self) -> Iterator[str]: ...
+
+    def login_link(self, token_id: str) -> LoginLink: ...
 
 
 class LocalOperations:
@@ -281,8 +297,99 @@ class LocalOperations:
         return HeadView(seq=seq, hash=digest)
 
     def verify(self) -> VerifyView:
+        with self.engine.begin() as connection:
+            verdict = ledger.verify(connection)
+            checks.record(
+                connection,
+                "verify",
+                self.config.node.name,
+                now_us(),
+                verdict.count,
+                verdict.head_hash,
+                verdict.problem,
+            )
+        return VerifyView.of(verdict)
+
+    def checks(self) -> ChecksView:
         with self.engine.connect() as connection:
-            return VerifyView.of(ledger.verify(connection))
+            return ChecksView(
+                verifies=[CheckView.of(c) for c in checks.recent(connection, "verify")],
+                anchors=[CheckView.of(c) for c in checks.recent(connection, "anchor")],
+            )
+
+    def ledger_export(self) -> Iterator[str]:
+        """The whole chain as JSON lines, hashes included, for archiving and offline verify."""
+        with self.engine.connect() as connection:
+            for entry in ledger.entries(connection):
+                yield ledger.export_line(entry) + "\n"
+
+    def overview(self) -> OverviewView:
+        from alerts.state import list_alerts
+
+        with self.engine.connect() as connection:
+            seq, digest = ledger.head(connection)
+            listeners = health.listener_health(connection)
+            verified = checks.recent(connection, "verify", 1)
+            anchored = checks.recent(connection, "anchor", 1)
+        return OverviewView(
+            node=self.config.node.name,
+            head=HeadView(seq=seq, hash=digest),
+            listeners=[ListenerView.of(found) for found in listeners],
+            open_alerts=[AlertView.of(row) for row in list_alerts(self.engine, True)],
+            last_verify=CheckView.of(verified[0]) if verified else None,
+            last_anchor=CheckView.of(anchored[0]) if anchored else None,
+        )
+
+    def sandboxes(self) -> list[SandboxView]:
+        """Every sandbox with a canary or a hit, the one with the newest hit first."""
+        moment = now_us()
+        with self.engine.connect() as connection:
+            rows = registry.listing(connection)
+            entries = timeline(connection, Filters().query())
+        gap = self.config.timeline.incident_gap
+        canaries: dict[str, list[Canary]] = {}
+        for row in rows:
+            canary = Canary.from_row(row)
+            if canary.sandbox != HEARTBEAT_SANDBOX:
+                canaries.setdefault(canary.sandbox, []).append(canary)
+        found: dict[str, list[Incident]] = {}
+        for incident in incidents(entries, gap):
+            found.setdefault(incident.sandbox, []).append(incident)
+        views = []
+        for sandbox in sorted({*canaries, *found}):
+            planted = canaries.get(sandbox, [])
+            bursts = found.get(sandbox, [])
+            views.append(
+                SandboxView(
+                    sandbox=sandbox,
+                    canaries=len(planted),
+                    active_canaries=sum(
+                        CanaryView.of(c, moment).state == "active" for c in planted
+                    ),
+                    hits=sum(i.hit_count for i in bursts),
+                    incidents=len(bursts),
+                    channels=sorted({c for i in bursts for c in i.channels}),
+                    sources=sorted({s for i in bursts for s in i.sources}),
+                    last_hit_at=to_iso(max(i.last_us for i in bursts)) if bursts else None,
+                )
+            )
+        views.sort(key=lambda view: view.last_hit_at or "", reverse=True)
+        return views
+
+    def login_link(self, token_id: str) -> LoginLink:
+        """A one-time link that signs the console in as a live token."""
+        token = tokens.find(self.engine, token_id)
+        if token is None:
+            raise NotFound(f"no token {token_id}")
+        if token.revoked_us is not None:
+            raise Invalid(f"token {token_id} is revoked")
+        api = self.config.api
+        code, expires = sessions.new_link(self.engine, token_id, api.login_link_lifetime)
+        return LoginLink(
+            url=f"{api.base_url}/ui/login/link/{code}",
+            token_id=token_id,
+            expires_at=to_iso(expires),
+        )
 
     def tls(self) -> TlsView:
         """The certificate a node on this store and config serves, and how ACME stands."""
@@ -358,4 +465,6 @@ class LocalOperations:
                 raise Invalid(f"token {token_id} is revoked; create a new one")
             raise NotFound(f"no token {token_id}")
         token, text = rotated
+        # Whoever signed in with the old secret is signed out with it.
+        sessions.end_all(self.engine, token_id)
         return NewToken(token=text, **TokenView.of(token).model_dump())

@@ -9,13 +9,15 @@ import csv
 import io
 import json
 import sys
+import tarfile
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pydantic import BaseModel
 
 from alerts.render import visible
-from oobwatch.views import AlertView, CanaryView, EventView, IncidentView, detail
+from oobwatch.views import AlertView, Bundle, CanaryView, EventView, IncidentView, detail
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -86,6 +88,26 @@ def incidents_csv(rows: Sequence[IncidentView]) -> str:
     for row in rows:
         values = row.model_dump()
         writer.writerow([spreadsheet_safe(values[column]) for column in INCIDENT_COLUMNS])
+    return out.getvalue()
+
+
+def plant_archive(bundle: Bundle) -> bytes:
+    """A plant bundle as a .tar.gz: its files under `home/` (mode 0600), as `plant --into`
+    would write them, and `manifest.json` beside that folder, never inside it: the
+    manifest says which files are canaries, so it must not be planted with them."""
+    out = io.BytesIO()
+    moment = time.time()
+    with tarfile.open(fileobj=out, mode="w:gz") as archive:
+
+        def add(name: str, data: bytes, mode: int) -> None:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), mode, moment
+            archive.addfile(info, io.BytesIO(data))
+
+        for path, text in sorted(bundle.files.items()):
+            add(f"home/{path}", text.encode(), 0o600)
+        manifest = [canary.model_dump(mode="json") for canary in bundle.canaries]
+        add("manifest.json", json.dumps(manifest, indent=2).encode(), 0o600)
     return out.getvalue()
 
 

@@ -4,6 +4,7 @@ The same `Operations` as on this host: the API answers with the views
 `LocalOperations` returns there, parsed back into the same models here.
 """
 
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import httpx
@@ -15,16 +16,20 @@ from oobwatch.views import (
     AlertView,
     Bundle,
     CanaryView,
+    ChecksView,
     EventView,
     Filters,
     HeadView,
     HealthView,
     IncidentView,
+    LoginLink,
     MintRequest,
     NewToken,
+    OverviewView,
     PlantRequest,
     Retired,
     Revoked,
+    SandboxView,
     Settled,
     TlsView,
     TokenRequest,
@@ -136,3 +141,19 @@ class RemoteOperations:
 
     def rotate_token(self, token_id: str) -> NewToken:
         return self._get(NewToken, "POST", f"/tokens/{token_id}/rotate")
+
+    def overview(self) -> OverviewView:
+        return self._get(OverviewView, "GET", "/overview")
+
+    def sandboxes(self) -> list[SandboxView]:
+        return self._get(list[SandboxView], "GET", "/sandboxes")
+
+    def checks(self) -> ChecksView:
+        return self._get(ChecksView, "GET", "/ledger/checks")
+
+    def ledger_export(self) -> Iterator[str]:
+        for line in self.call("GET", "/ledger/export").iter_lines():
+            yield line + "\n"
+
+    def login_link(self, token_id: str) -> LoginLink:
+        return self._get(LoginLink, "POST", f"/tokens/{token_id}/login-link")

@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from canaries.kinds import CredentialFormat
 from canaries.model import HEARTBEAT_SANDBOX, Canary, Kind, Protocol, Severity
 from store import bursts
+from store.checks import Check
 from store.clock import from_iso, to_iso
+from store.health import ListenerHealth
 from store.ledger import Entry, Verdict
 from store.timeline import Incident, TimelineQuery
 from store.tokens import Token
@@ -85,6 +87,8 @@ class Filters(Request):
     kind: Kind | None = None
     include_heartbeat: bool = False
     after: int | None = Field(default=None, ge=0, lt=2**63, description="only rows after this seq")
+    types: list[str] | None = Field(default=None, max_length=20, description="event types")
+    last: int | None = Field(default=None, ge=1, le=10000, description="only the newest this many")
 
     @field_validator("since", "until")
     @classmethod
@@ -119,6 +123,8 @@ class Filters(Request):
             source=None if self.source is None else ipaddress.ip_network(self.source, strict=False),
             exclude_sandbox=None if self.include_heartbeat else HEARTBEAT_SANDBOX,
             after_seq=self.after,
+            types=self.types,
+            newest=self.last,
         )
 
     def params(self) -> dict[str, Any]:
@@ -384,6 +390,87 @@ class HealthView(View):
     status: str
     node: str
     ledger_head: int
+
+
+class CheckView(View):
+    """One integrity check as it ran: a verify (with its problem, if any) or an anchor."""
+
+    kind: str
+    node: str
+    time: str
+    seq: int
+    hash: str
+    problem: str | None
+
+    @classmethod
+    def of(cls, check: Check) -> "CheckView":
+        return cls(
+            kind=check.kind,
+            node=check.node,
+            time=to_iso(check.time_us),
+            seq=check.seq,
+            hash=check.hash,
+            problem=check.problem,
+        )
+
+
+class ChecksView(View):
+    """The newest verifies and anchors, newest first."""
+
+    verifies: list[CheckView]
+    anchors: list[CheckView]
+
+
+class ListenerView(View):
+    """A listener of a node as the heartbeat sees it."""
+
+    node: str
+    listener: str
+    healthy: bool
+    last_ok_at: str | None
+    failing_since: str | None
+
+    @classmethod
+    def of(cls, health: ListenerHealth) -> "ListenerView":
+        return cls(
+            node=health.node,
+            listener=health.listener,
+            healthy=health.failing_since_us is None,
+            last_ok_at=_when(health.last_ok_us),
+            failing_since=_when(health.failing_since_us),
+        )
+
+
+class OverviewView(View):
+    """What a responder looks at first: listeners, open alerts, the ledger's state."""
+
+    node: str
+    head: HeadView
+    listeners: list[ListenerView]
+    open_alerts: list[AlertView]
+    last_verify: CheckView | None
+    last_anchor: CheckView | None
+
+
+class SandboxView(View):
+    """A sandbox: its canaries, and what its hits add up to."""
+
+    sandbox: str
+    canaries: int
+    active_canaries: int
+    hits: int
+    incidents: int
+    channels: list[str]
+    sources: list[str]
+    last_hit_at: str | None
+
+
+class LoginLink(View):
+    """A one-time console sign-in link for a token."""
+
+    url: str
+    token_id: str
+    expires_at: str
 
 
 def detail(event: EventView) -> str:

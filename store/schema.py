@@ -174,3 +174,36 @@ spool_replays = Table(
     Column("key", String(64), primary_key=True),
     Column("seq", BigInteger, nullable=False),
 )
+
+# Web console sign-ins: a session cookie's hash, the API token it acts as, its CSRF secret.
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    Column("id_sha256", String(64), primary_key=True),
+    Column("token_id", String(32), nullable=False, index=True),
+    Column("csrf", String(64), nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+    Column("expires_us", BigInteger, nullable=False, index=True),
+)
+
+# One-time console sign-in links (`oobwatch token login-link`): a code's hash, for one token.
+login_links = Table(
+    "login_links",
+    metadata,
+    Column("code_sha256", String(64), primary_key=True),
+    Column("token_id", String(32), nullable=False),
+    Column("expires_us", BigInteger, nullable=False),
+)
+
+# Integrity checks as they ran: each verify (intact or not) and each anchor saved, by node.
+ledger_checks = Table(
+    "ledger_checks",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),
+    Column("node", String(128), nullable=False),
+    Column("time_us", BigInteger, nullable=False, index=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("problem", Text, nullable=True),
+)

@@ -33,6 +33,8 @@ class TimelineQuery:
     kind: str | None = None
     source: IpNetwork | None = None
     after_seq: int | None = None
+    # Only the newest this many (still oldest first).
+    newest: int | None = None
 
     def keeps(self, entry: Entry) -> bool:
         """The filters not expressed in SQL: canary kind and source network."""
@@ -66,8 +68,16 @@ def timeline(connection: Connection, query: TimelineQuery) -> list[Entry]:
         statement = statement.where(ledger.c.protocol == query.protocol)
     if query.after_seq is not None:
         statement = statement.where(ledger.c.seq > query.after_seq)
+    in_sql = query.kind is None and query.source is None
+    if query.newest is not None and in_sql:
+        statement = statement.order_by(None).order_by(ledger.c.time_us.desc(), ledger.c.seq.desc())
+        newest = [
+            Entry(**row._mapping) for row in connection.execute(statement.limit(query.newest))
+        ]
+        return newest[::-1]
     found = (Entry(**row._mapping) for row in connection.execute(statement))
-    return [entry for entry in found if query.keeps(entry)]
+    kept = [entry for entry in found if query.keeps(entry)]
+    return kept if query.newest is None else kept[-query.newest :]
 
 
 @dataclass(slots=True)

@@ -21,6 +21,14 @@ from store.schema import api_tokens
 
 PREFIX = "oob_"
 
+# Which token scopes may do what needs a given scope.
+GRANTS = {
+    "read": frozenset({"read", "mint", "ack", "admin"}),
+    "mint": frozenset({"mint", "admin"}),
+    "ack": frozenset({"ack", "admin"}),
+    "admin": frozenset({"admin"}),
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Token:
@@ -35,6 +43,10 @@ class Token:
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> "Token":
         return cls(row["id"], row["name"], row["scope"], row["created_us"], row["revoked_us"])
+
+    def may(self, needed: str) -> bool:
+        """Whether this token's scope covers what needs `needed`."""
+        return self.scope in GRANTS[needed]
 
 
 def _digest(secret: str) -> str:

@@ -1,0 +1,93 @@
+"""Hits as they arrive: a server-sent event stream for the console's live tables.
+
+Each stream reads the ledger after the last row it sent, every half second,
+so a hit recorded by any node sharing the store shows within a second. A
+stream ends when its session does (checked every few seconds), after
+`STREAM_SECONDS` (the browser reconnects, resuming after the last row), or
+when `MAX_STREAMS` are open already (503: a session cannot pin the API's
+connections).
+"""
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+
+from sqlalchemy import Engine
+
+from oobwatch.operations import Operations
+from oobwatch.views import EventView, Filters, detail
+from store import sessions
+
+POLL_SECONDS = 0.5
+SESSION_CHECK_SECONDS = 5.0
+STREAM_SECONDS = 300.0
+KEEPALIVE_SECONDS = 15.0
+MAX_STREAMS = 32
+# Rows sent per poll at most: a flood of hits is summarised by the page, not streamed whole.
+MAX_ROWS = 200
+
+
+class Streams:
+    """How many live streams are open, against their cap."""
+
+    def __init__(self, cap: int = MAX_STREAMS) -> None:
+        self.cap = cap
+        self.open = 0
+
+    def take(self) -> bool:
+        if self.open >= self.cap:
+            return False
+        self.open += 1
+        return True
+
+    def give_back(self) -> None:
+        self.open -= 1
+
+
+def as_message(event: EventView) -> str:
+    payload = {
+        "seq": event.seq,
+        "time": event.time,
+        "type": event.type,
+        "sandbox": event.sandbox,
+        "protocol": event.protocol,
+        "source": event.source_ip,
+        "canary": event.canary_id,
+        "detail": detail(event),
+    }
+    return f"id: {event.seq}\nevent: row\ndata: {json.dumps(payload)}\n\n"
+
+
+async def stream(
+    operations: Operations,
+    engine: Engine,
+    cookie: str,
+    filters: Filters,
+    streams: Streams,
+    clock: Callable[[], float] = time.monotonic,
+) -> AsyncIterator[str]:
+    """The stream's text, from `filters.after` on; `streams` has been taken for it."""
+    try:
+        started = checked = sent = clock()
+        after = filters.after or 0
+        yield "retry: 2000\n\n"
+        while clock() - started < STREAM_SECONDS:
+            if clock() - checked >= SESSION_CHECK_SECONDS:
+                checked = clock()
+                if await asyncio.to_thread(sessions.find, engine, cookie) is None:
+                    yield "event: ended\ndata: {}\n\n"
+                    return
+            asked = filters.model_copy(update={"after": after, "last": MAX_ROWS})
+            events = await asyncio.to_thread(operations.timeline, asked)
+            for event in events:
+                after = max(after, event.seq)
+                yield as_message(event)
+            if events:
+                sent = clock()
+            elif clock() - sent >= KEEPALIVE_SECONDS:
+                sent = clock()
+                yield ": keepalive\n\n"
+            await asyncio.sleep(POLL_SECONDS)
+    finally:
+        streams.give_back()

@@ -1,0 +1,519 @@
+"""The console's pages and forms: each renders views of one or more operations, or posts one.
+
+Pages are GET and change nothing; every change is a POSTed form that names
+the scope it needs (403 otherwise) and carries the session's CSRF secret.
+The routes stay out of the OpenAPI document: they are for people, the JSON
+API is for programs.
+"""
+
+import hmac
+from typing import Annotated, Any, get_args
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
+from pydantic import ValidationError
+
+from canaries.kinds import CREDENTIAL_FORMATS
+from canaries.model import Kind, Protocol, Severity
+from oobwatch import output
+from oobwatch.config import ApiConfig
+from oobwatch.console import live, signin
+from oobwatch.console.render import SCRIPT, page
+from oobwatch.operations import Invalid, LocalOperations, NotFound
+from oobwatch.views import (
+    SCOPES,
+    ActorRequest,
+    Filters,
+    MintRequest,
+    PlantRequest,
+    TokenRequest,
+    detail,
+)
+from store import sessions, tokens
+from store.sessions import Session
+
+KINDS: tuple[str, ...] = get_args(Kind)
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
+SEVERITIES: tuple[str, ...] = get_args(Severity)
+STATES = ("active", "retired", "expired")
+# The newest hits the overview lists before live ones arrive.
+RECENT_HITS = 20
+
+
+def _session(request: Request) -> Session:
+    found: Session | None = getattr(request.state, "session", None)
+    if found is None:  # the gate lets no console page through without one
+        raise HTTPException(401, "sign in first")
+    return found
+
+
+Signed = Annotated[Session, Depends(_session)]
+
+
+def build_console(operations: LocalOperations, streams: live.Streams | None = None) -> APIRouter:
+    """The console's routes over one node's operations."""
+    router = APIRouter(prefix="/ui", include_in_schema=False)
+    ops = operations
+    api: ApiConfig = operations.config.api
+    public_url = None if api.public_url is None else str(api.public_url)
+    open_streams = streams or live.Streams()
+
+    def render(
+        request: Request,
+        name: str,
+        session: Session | None,
+        status: int = 200,
+        **context: Any,
+    ) -> HTMLResponse:
+        text = page(
+            name,
+            session=session,
+            token=None if session is None else session.token,
+            node=ops.config.node.name,
+            path=request.url.path,
+            detail=detail,
+            **context,
+        )
+        return HTMLResponse(text, status_code=status)
+
+    async def posted(request: Request, session: Session, scope: str) -> dict[str, str]:
+        """A form that passed the origin, CSRF and scope checks."""
+        signin.check_origin(request, public_url)
+        fields = await signin.form(request)
+        signin.check_csrf(fields, session.csrf)
+        if not session.token.may(scope):
+            raise HTTPException(
+                403, f"this needs the {scope} scope; you signed in with {session.token.scope}"
+            )
+        return fields
+
+    def done(target: str) -> RedirectResponse:
+        return RedirectResponse(target, status_code=303)
+
+    # Sign-in and sign-out.
+
+    @router.get("/login")
+    def login_form(request: Request, next: str | None = None, failed: bool = False) -> HTMLResponse:
+        secret = signin.new_login_secret()
+        response = render(
+            request,
+            "login.html",
+            None,
+            csrf=secret,
+            next=signin.safe_next(next),
+            failed=failed,
+            status=401 if failed else 200,
+        )
+        signin.set_cookie(
+            response,
+            signin.LOGIN_COOKIE,
+            secret,
+            600,
+            secure_only=signin.secure(request, public_url),
+        )
+        return response
+
+    def start_session(request: Request, token_id: str, target: str) -> RedirectResponse:
+        try:
+            value, _ = sessions.open_session(ops.engine, token_id, api.session_lifetime)
+        except LookupError:
+            return done("/ui/login?failed=1")
+        response = done(signin.safe_next(target))
+        signin.set_cookie(
+            response,
+            signin.COOKIE,
+            value,
+            api.session_lifetime // 1_000_000,
+            secure_only=signin.secure(request, public_url),
+        )
+        response.delete_cookie(signin.LOGIN_COOKIE, path="/ui")
+        return response
+
+    def login_secret_matches(request: Request, fields: dict[str, str]) -> bool:
+        expected = request.cookies.get(signin.LOGIN_COOKIE, "")
+        given = fields.get("csrf", "")
+        return bool(expected) and hmac.compare_digest(expected.encode(), given.encode())
+
+    @router.post("/login")
+    async def login(request: Request) -> Response:
+        signin.check_origin(request, public_url)
+        fields = await signin.form(request)
+        if not login_secret_matches(request, fields):
+            raise HTTPException(403, "the sign-in form's CSRF token is missing or wrong: reload it")
+        token = tokens.authenticate(ops.engine, fields.get("token", "").strip())
+        if token is None:
+            return render(
+                request,
+                "login.html",
+                None,
+                csrf=fields.get("csrf", ""),
+                next=signin.safe_next(fields.get("next")),
+                failed=True,
+                status=401,
+            )
+        return start_session(request, token.id, fields.get("next", "/ui/"))
+
+    @router.get("/login/link/{code}")
+    def link_form(request: Request, code: str) -> HTMLResponse:
+        # Redeemed by the button's post, not here: a link preview or scanner that fetches
+        # the URL must not use up the link.
+        secret = signin.new_login_secret()
+        response = render(request, "link.html", None, csrf=secret, code=code)
+        signin.set_cookie(
+            response,
+            signin.LOGIN_COOKIE,
+            secret,
+            600,
+            secure_only=signin.secure(request, public_url),
+        )
+        return response
+
+    @router.post("/login/link/{code}")
+    async def redeem_link(request: Request, code: str) -> Response:
+        signin.check_origin(request, public_url)
+        fields = await signin.form(request)
+        if not login_secret_matches(request, fields):
+            raise HTTPException(403, "the sign-in form's CSRF token is missing or wrong: reload it")
+        token_id = sessions.redeem(ops.engine, code)
+        if token_id is None:
+            return render(request, "link.html", None, csrf="", code="", used=True, status=401)
+        return start_session(request, token_id, "/ui/")
+
+    @router.post("/logout")
+    async def logout(request: Request, session: Signed) -> Response:
+        await posted(request, session, "read")
+        value = request.cookies.get(signin.COOKIE)
+        if value:
+            sessions.end(ops.engine, value)
+        response = done("/ui/login")
+        response.delete_cookie(signin.COOKIE, path="/ui")
+        return response
+
+    @router.get("/static/console.js")
+    def script(_: Signed) -> Response:
+        return Response(SCRIPT, media_type="text/javascript")
+
+    # Overview and the live stream.
+
+    @router.get("/")
+    def overview(request: Request, session: Signed) -> HTMLResponse:
+        recent = ops.timeline(Filters(types=["hit"], last=RECENT_HITS))
+        head = ops.head()
+        return render(
+            request,
+            "overview.html",
+            session,
+            overview=ops.overview(),
+            recent=recent[::-1],
+            after=head.seq,
+        )
+
+    @router.get("/live")
+    async def live_rows(
+        request: Request,
+        session: Signed,
+        after: Annotated[int, Query(ge=0, lt=2**63)] = 0,
+        sandbox: str | None = None,
+        only_hits: bool = False,
+    ) -> StreamingResponse:
+        if not open_streams.take():
+            raise HTTPException(503, "too many live views are open; reload later")
+        filters = Filters(sandbox=sandbox, after=after, types=["hit"] if only_hits else None)
+        cookie = request.cookies.get(signin.COOKIE, "")
+        return StreamingResponse(
+            live.stream(ops, ops.engine, cookie, filters, open_streams),
+            media_type="text/event-stream",
+            headers={"x-accel-buffering": "no"},
+        )
+
+    # Sandboxes, incidents and alerts.
+
+    @router.get("/sandboxes")
+    def sandbox_list(request: Request, session: Signed) -> HTMLResponse:
+        return render(request, "sandboxes.html", session, sandboxes=ops.sandboxes())
+
+    def filters_of(request: Request, sandbox: str) -> tuple[Filters, dict[str, str]]:
+        asked = {
+            key: value
+            for key in ("since", "until", "protocol", "canary", "source")
+            if (value := request.query_params.get(key, "").strip())
+        }
+        try:
+            return Filters(sandbox=sandbox, **asked), asked  # type: ignore[arg-type]
+        except ValidationError as error:
+            problems = "; ".join(f"{p['loc'][0]}: {p['msg']}" for p in error.errors())
+            raise HTTPException(422, problems) from None
+
+    @router.get("/sandboxes/{sandbox:path}")
+    def sandbox_page(request: Request, sandbox: str, session: Signed) -> HTMLResponse:
+        filters, asked = filters_of(request, sandbox)
+        events = ops.timeline(filters)
+        return render(
+            request,
+            "sandbox.html",
+            session,
+            sandbox=sandbox,
+            asked=asked,
+            protocols=PROTOCOLS,
+            events=events,
+            incidents=ops.incidents(Filters(sandbox=sandbox)),
+            canaries=ops.canaries(sandbox),
+            after=max((event.seq for event in events), default=ops.head().seq),
+            live=not asked,
+        )
+
+    @router.get("/sandboxes/{sandbox}/export")
+    def sandbox_export(request: Request, sandbox: str, _: Signed, format: str = "json") -> Response:
+        filters, _asked = filters_of(request, sandbox)
+        events = ops.timeline(filters)
+        name = f"timeline-{''.join(c if c.isalnum() or c in '-_.' else '_' for c in sandbox)}"
+        if format == "csv":
+            body, media, suffix = output.timeline_csv(events), "text/csv", "csv"
+        else:
+            body, media, suffix = output.as_json(events), "application/json", "json"
+        return Response(
+            body,
+            media_type=media,
+            headers={"content-disposition": f'attachment; filename="{name}.{suffix}"'},
+        )
+
+    @router.get("/incidents/{incident_id}")
+    def incident_page(request: Request, incident_id: str, session: Signed) -> HTMLResponse:
+        try:
+            found = ops.incident(incident_id)
+        except NotFound as error:
+            raise HTTPException(404, str(error)) from None
+        alerts = {alert.id: alert for alert in ops.alerts()}
+        return render(
+            request,
+            "incident.html",
+            session,
+            incident=found,
+            events=found.events,
+            alerts=[alerts[a] for a in found.alerts if a in alerts],
+        )
+
+    @router.get("/alerts")
+    def alert_list(request: Request, session: Signed, open: bool = False) -> HTMLResponse:
+        return render(request, "alerts.html", session, alerts=ops.alerts(open), open_only=open)
+
+    @router.get("/alerts/{alert_id}")
+    def alert_page(alert_id: str, _: Signed) -> RedirectResponse:
+        """Where a page's link lands: the incident the alert was opened for."""
+        alert = next((a for a in ops.alerts() if a.id == alert_id), None)
+        if alert is None:
+            raise HTTPException(404, f"no alert {alert_id}")
+        for found in ops.incidents(Filters(sandbox=alert.sandbox)):
+            if alert_id in found.alerts:
+                return done(f"/ui/incidents/{found.id}#alert-{alert_id}")
+        return done(f"/ui/sandboxes/{alert.sandbox}")
+
+    @router.post("/alerts/{alert_id}/{action}")
+    async def settle(request: Request, alert_id: str, action: str, session: Signed) -> Response:
+        fields = await posted(request, session, "ack")
+        by = ActorRequest(by=session.token.name)
+        try:
+            if action == "ack":
+                ops.ack(alert_id, by)
+            elif action == "resolve":
+                ops.resolve(alert_id, by)
+            else:
+                raise HTTPException(404, f"no action {action}")
+        except NotFound as error:
+            raise HTTPException(404, str(error)) from None
+        return done(signin.safe_next(fields.get("back") or "/ui/alerts"))
+
+    # Canaries.
+
+    @router.get("/canaries")
+    def canary_list(
+        request: Request,
+        session: Signed,
+        sandbox: str | None = None,
+        kind: str | None = None,
+        state: str | None = None,
+        hit: str | None = None,
+    ) -> HTMLResponse:
+        shown = ops.canaries(sandbox or None, kind if kind in KINDS else None)
+        if state in STATES:
+            shown = [c for c in shown if c.state == state]
+        if hit in ("hit", "unhit"):
+            shown = [c for c in shown if (c.hits > 0) == (hit == "hit")]
+        return render(
+            request,
+            "canaries.html",
+            session,
+            canaries=shown,
+            asked={
+                "sandbox": sandbox or "",
+                "kind": kind or "",
+                "state": state or "",
+                "hit": hit or "",
+            },
+            kinds=KINDS,
+            states=STATES,
+            severities=SEVERITIES,
+            formats=CREDENTIAL_FORMATS,
+        )
+
+    def refused(request: Request, session: Session, problem: str) -> HTMLResponse:
+        return render(request, "problem.html", session, problem=problem, status=422)
+
+    @router.post("/canaries")
+    async def mint_form(request: Request, session: Signed) -> Response:
+        fields = await posted(request, session, "mint")
+        try:
+            asked = MintRequest(
+                kind=fields.get("kind", ""),  # type: ignore[arg-type]
+                sandbox=fields.get("sandbox", ""),
+                location=fields.get("location", ""),
+                note=fields.get("note", ""),
+                severity=fields.get("severity") or "high",  # type: ignore[arg-type]
+                format=fields.get("format") or None,  # type: ignore[arg-type]
+            )
+            minted = ops.mint(asked)
+        except ValidationError as error:
+            return refused(
+                request, session, "; ".join(f"{p['loc'][0]}: {p['msg']}" for p in error.errors())
+            )
+        except Invalid as error:
+            return refused(request, session, str(error))
+        return render(request, "minted.html", session, canary=minted)
+
+    @router.post("/canaries/{canary_id}/retire")
+    async def retire_form(request: Request, canary_id: str, session: Signed) -> Response:
+        await posted(request, session, "mint")
+        try:
+            ops.retire(canary_id, ActorRequest(by=session.token.name))
+        except NotFound as error:
+            raise HTTPException(404, str(error)) from None
+        return done("/ui/canaries")
+
+    @router.post("/plant")
+    async def plant_form(request: Request, session: Signed) -> Response:
+        fields = await posted(request, session, "mint")
+        try:
+            bundle = ops.plant(PlantRequest(sandbox=fields.get("sandbox", "")))
+        except ValidationError as error:
+            return refused(
+                request, session, "; ".join(f"{p['loc'][0]}: {p['msg']}" for p in error.errors())
+            )
+        except Invalid as error:
+            return refused(request, session, str(error))
+        return Response(
+            output.plant_archive(bundle),
+            media_type="application/gzip",
+            headers={"content-disposition": 'attachment; filename="plant-bundle.tar.gz"'},
+        )
+
+    # Ledger and tokens.
+
+    @router.get("/ledger")
+    def ledger_page(request: Request, session: Signed) -> HTMLResponse:
+        return render(
+            request,
+            "ledger.html",
+            session,
+            head=ops.head(),
+            checks=ops.checks(),
+            anchored=ops.config.ledger.anchored,
+            verdict=None,
+        )
+
+    @router.post("/ledger/verify")
+    async def verify_form(request: Request, session: Signed) -> HTMLResponse:
+        await posted(request, session, "admin")
+        return render(
+            request,
+            "ledger.html",
+            session,
+            head=ops.head(),
+            verdict=ops.verify(),
+            checks=ops.checks(),
+            anchored=ops.config.ledger.anchored,
+        )
+
+    @router.post("/ledger/anchor")
+    async def anchor_form(request: Request, session: Signed) -> Response:
+        await posted(request, session, "admin")
+        try:
+            ops.anchor()
+        except Invalid as error:
+            return refused(request, session, str(error))
+        return done("/ui/ledger")
+
+    @router.get("/ledger/export")
+    def ledger_export(_: Signed) -> StreamingResponse:
+        return StreamingResponse(
+            ops.ledger_export(),
+            media_type="application/x-ndjson",
+            headers={"content-disposition": 'attachment; filename="ledger.jsonl"'},
+        )
+
+    def admin(session: Session) -> None:
+        if not session.token.may("admin"):
+            raise HTTPException(403, "tokens need the admin scope")
+
+    @router.get("/tokens")
+    def token_list(request: Request, session: Signed) -> HTMLResponse:
+        admin(session)
+        return render(
+            request,
+            "tokens.html",
+            session,
+            tokens=ops.tokens(),
+            scopes=SCOPES,
+            created=None,
+            link=None,
+        )
+
+    @router.post("/tokens")
+    async def token_create(request: Request, session: Signed) -> Response:
+        fields = await posted(request, session, "admin")
+        try:
+            created = ops.create_token(
+                TokenRequest(name=fields.get("name", ""), scope=fields.get("scope", ""))  # type: ignore[arg-type]
+            )
+        except ValidationError as error:
+            return refused(
+                request, session, "; ".join(f"{p['loc'][0]}: {p['msg']}" for p in error.errors())
+            )
+        except Invalid as error:
+            return refused(request, session, str(error))
+        return render(
+            request,
+            "tokens.html",
+            session,
+            tokens=ops.tokens(),
+            scopes=SCOPES,
+            created=created,
+            link=None,
+        )
+
+    @router.post("/tokens/{token_id}/{action}")
+    async def token_action(
+        request: Request, token_id: str, action: str, session: Signed
+    ) -> Response:
+        await posted(request, session, "admin")
+        try:
+            if action == "revoke":
+                ops.revoke_token(token_id)
+                return done("/ui/tokens")
+            if action == "login-link":
+                link = ops.login_link(token_id)
+                return render(
+                    request,
+                    "tokens.html",
+                    session,
+                    tokens=ops.tokens(),
+                    scopes=SCOPES,
+                    created=None,
+                    link=link,
+                )
+        except NotFound as error:
+            raise HTTPException(404, str(error)) from None
+        except Invalid as error:
+            return refused(request, session, str(error))
+        raise HTTPException(404, f"no action {action}")
+
+    return router

@@ -1,0 +1,58 @@
+// Live tables: rows from the server-sent event stream, built as text (never as HTML).
+"use strict";
+
+(function () {
+  const MAX_ROWS = 500;
+
+  function cell(row, key, value) {
+    const td = document.createElement("td");
+    const text = value === null || value === undefined ? "" : String(value);
+    if (key === "sandbox" && text) {
+      const link = document.createElement("a");
+      link.href = "/ui/sandboxes/" + encodeURIComponent(text);
+      link.textContent = text;
+      td.appendChild(link);
+    } else if (key === "time") {
+      td.textContent = text.slice(0, 19).replace("T", " ");
+      td.title = text;
+      td.className = "time";
+    } else {
+      td.textContent = text;
+    }
+    if (key === "detail") td.className = "evidence";
+    row.appendChild(td);
+  }
+
+  function follow(table) {
+    const body = table.tBodies[0];
+    const columns = (table.dataset.columns || "time,type,protocol,source,canary,detail").split(",");
+    const state = document.querySelector("[data-live-state]");
+    const source = new EventSource("/ui/live?" + table.dataset.live);
+    source.addEventListener("open", function () {
+      if (state) state.textContent = "live";
+    });
+    source.addEventListener("error", function () {
+      if (state) state.textContent = "reconnecting…";
+    });
+    source.addEventListener("ended", function () {
+      source.close();
+      if (state) state.textContent = "signed out: reload to sign in";
+    });
+    source.addEventListener("row", function (message) {
+      const event = JSON.parse(message.data);
+      const row = document.createElement("tr");
+      row.className = "fresh type-" + String(event.type).replace(/[^a-z_]/g, "");
+      row.dataset.seq = String(event.seq);
+      for (const key of columns) cell(row, key, event[key]);
+      const empty = body.querySelector("tr.empty");
+      if (empty) empty.remove();
+      if (table.dataset.order === "oldest-first") body.appendChild(row);
+      else body.insertBefore(row, body.firstChild);
+      while (body.rows.length > MAX_ROWS) {
+        body.deleteRow(table.dataset.order === "oldest-first" ? 0 : -1);
+      }
+    });
+  }
+
+  document.querySelectorAll("table[data-live]").forEach(follow);
+})();
