@@ -16,16 +16,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # PostgreSQL (tests start their own server), pebble (a real ACME server), NSD (a parent zone
-# for doctor's delegation check), dig, git, curl and openssl (real clients in tests), when missing; kubectl, gh and skopeo too, where they install.
+# for doctor's delegation check), Chromium (the console's browser tests), dig, git, curl and
+# openssl (real clients in tests), when missing; kubectl, gh and skopeo too, where they install.
 system-deps:
 	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
 	   || ! command -v dig >/dev/null 2>&1 || ! command -v git >/dev/null 2>&1 \
 	   || ! command -v curl >/dev/null 2>&1 || ! command -v pebble >/dev/null 2>&1 \
-	   || ! command -v openssl >/dev/null 2>&1 || ! { command -v nsd || ls /usr/sbin/nsd; } >/dev/null 2>&1; then \
+	   || ! command -v openssl >/dev/null 2>&1 || ! { command -v nsd || ls /usr/sbin/nsd; } >/dev/null 2>&1 \
+	   || ! command -v chromium >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      postgresql bind9-dnsutils git curl pebble openssl nsd >/dev/null; \
-	  else echo "install postgresql, bind9-dnsutils, git, curl, pebble, openssl and nsd (needs root and apt-get)"; fi; \
+	      postgresql bind9-dnsutils git curl pebble openssl nsd chromium >/dev/null; \
+	  else echo "install postgresql, bind9-dnsutils, git, curl, pebble, openssl, nsd and chromium (needs root and apt-get)"; fi; \
 	fi
 	@if ! command -v kubectl >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null \
@@ -67,4 +69,4 @@ bench: $(STAMP)
 	$(PY) bench/tls.py
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage artifacts

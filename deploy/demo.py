@@ -4,8 +4,9 @@ Starts a local HTTP receiver standing in for on-call's pager, runs
 `oobwatch serve` on SQLite, mints a DNS canary and trips it with a real DNS
 query (dig when installed, dnspython otherwise), mails an email canary with
 smtplib, plants a sandbox home directory and uses its .netrc with curl, then
-prints the pages the receiver got and the sandbox's timeline, and keeps
-serving until Ctrl-C. Set DEMO_ONCE=1 to stop after showing everything.
+prints the pages the receiver got and the sandbox's timeline, then the web
+console's address and a one-time sign-in link, and keeps serving until
+Ctrl-C. Set DEMO_ONCE=1 to stop after showing everything.
 """
 
 import json
@@ -238,6 +239,7 @@ port = {postgres_port}
 [api]
 listen = "127.0.0.1"
 port = {api_port}
+public_url = "http://127.0.0.1:{api_port}"
 [alerts]
 urls = ["json://127.0.0.1:{receiver.server_address[1]}/page"]
 """
@@ -341,6 +343,13 @@ urls = ["json://127.0.0.1:{receiver.server_address[1]}/page"]
         print(f"== the same sandbox's incidents, over the admin API at {api}:")
         remote = ["--api", api, "--token", token]
         print(oobwatch(config, *remote, "timeline", "--sandbox", SANDBOX, "--incidents"))
+        console = json.loads(
+            oobwatch(config, "token", "create", "--scope", "admin", "--name", "console", "--json")
+        )
+        link = json.loads(oobwatch(config, "token", "login-link", console["id"], "--json"))
+        print(f"== the web console is at {api}/ui/ (sign in with an API token)")
+        print(f"== or open this one-time link, before {link['expires_at']}, as admin:")
+        print(f"   {link['url']}")
         if os.environ.get("DEMO_ONCE"):
             return
         print(

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from canaries.model import Kind
 from oobwatch import output
 from oobwatch.apigate import ApiGate
-from oobwatch.console.pages import build_console
+from oobwatch.console.pages import build_console, error_pages
 from oobwatch.operations import Invalid, LocalOperations, NotFound
 from oobwatch.views import (
     ActorRequest,
@@ -63,8 +63,10 @@ def build_api(
     operations: LocalOperations,
     collector: Collector | None = None,
     ready: Callable[[], bool] = lambda: True,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> FastAPI:
-    """The API app over one node's operations; `ready` says whether the node records hits."""
+    """The API app over one node's operations; `ready` says whether the node records hits,
+    `stopping` whether it is shutting down (live console streams end then)."""
     app = FastAPI(
         # The OpenAPI document stays public (it holds no data); the browsable pages do not exist.
         docs_url=None,
@@ -255,5 +257,6 @@ def build_api(
     def metrics(_: Reader) -> Response:
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(build_console(operations))
+    app.include_router(build_console(operations, stopping))
+    error_pages(app, operations.config.node.name)
     return app

@@ -33,6 +33,7 @@ from oobwatch.views import (
     TlsView,
     TokenRequest,
     VerifyView,
+    problems,
 )
 
 if TYPE_CHECKING:
@@ -100,11 +101,7 @@ class Commands(click.Group):
         except (NotFound, Invalid, RemoteFailed) as error:
             raise click.ClickException(str(error)) from None
         except ValidationError as error:
-            problems = (
-                f"{'.'.join(str(p) for p in problem['loc'])}: {problem['msg']}"
-                for problem in error.errors()
-            )
-            raise click.UsageError("; ".join(problems)) from None
+            raise click.UsageError(problems(error)) from None
 
 
 @click.group(cls=Commands)

@@ -297,8 +297,10 @@ class LocalOperations:
         return HeadView(seq=seq, hash=digest)
 
     def verify(self) -> VerifyView:
-        with self.engine.begin() as connection:
+        with self.engine.connect() as connection:
             verdict = ledger.verify(connection)
+        # Its own transaction: the walk above streams rows through a server-side cursor.
+        with self.engine.begin() as connection:
             checks.record(
                 connection,
                 "verify",

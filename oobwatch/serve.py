@@ -351,7 +351,12 @@ async def start(config: Config) -> Node:
             writer,
             node.certificate,
         )
-        api = build_api(operations, collector, lambda: writer.recording and not node.stopping)
+        api = build_api(
+            operations,
+            collector,
+            lambda: writer.recording and not node.stopping,
+            lambda: node.stopping,
+        )
         node.api = AsgiServer(api, config.api, api_guard)
         await _bind(node, "api", config.api, node.api.start)
     settle(user, config)

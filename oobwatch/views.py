@@ -11,7 +11,7 @@ import json
 from collections.abc import Collection, Mapping
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from canaries.kinds import CredentialFormat
 from canaries.model import HEARTBEAT_SANDBOX, Canary, Kind, Protocol, Severity
@@ -30,6 +30,14 @@ SCOPES: tuple[str, ...] = get_args(Scope)
 _CHAR = r"[^\x00-\x1f\x7f]"
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=rf"^{_CHAR}*\S{_CHAR}*$")]
 Text = Annotated[str, Field(max_length=2000, pattern=rf"^{_CHAR}*$")]
+
+
+def problems(error: ValidationError) -> str:
+    """What was wrong with a request, field by field, on one line."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
+        for problem in error.errors()
+    )
 
 
 def _when(time_us: int | None) -> str | None:

@@ -65,14 +65,16 @@ async def stream(
     cookie: str,
     filters: Filters,
     streams: Streams,
+    stopping: Callable[[], bool],
     clock: Callable[[], float] = time.monotonic,
 ) -> AsyncIterator[str]:
-    """The stream's text, from `filters.after` on; `streams` has been taken for it."""
+    """The stream's text, from `filters.after` on, until the node is `stopping`; `streams`
+    has been taken for it."""
     try:
         started = checked = sent = clock()
         after = filters.after or 0
         yield "retry: 2000\n\n"
-        while clock() - started < STREAM_SECONDS:
+        while not stopping() and clock() - started < STREAM_SECONDS:
             if clock() - checked >= SESSION_CHECK_SECONDS:
                 checked = clock()
                 if await asyncio.to_thread(sessions.find, engine, cookie) is None:

@@ -7,15 +7,19 @@ API is for programs.
 """
 
 import hmac
+from collections.abc import Callable
 from typing import Annotated, Any, get_args
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from canaries.kinds import CREDENTIAL_FORMATS
 from canaries.model import Kind, Protocol, Severity
 from oobwatch import output
+from oobwatch.apigate import in_console
 from oobwatch.config import ApiConfig
 from oobwatch.console import live, signin
 from oobwatch.console.render import SCRIPT, page
@@ -28,6 +32,7 @@ from oobwatch.views import (
     PlantRequest,
     TokenRequest,
     detail,
+    problems,
 )
 from store import sessions, tokens
 from store.sessions import Session
@@ -50,8 +55,49 @@ def _session(request: Request) -> Session:
 Signed = Annotated[Session, Depends(_session)]
 
 
-def build_console(operations: LocalOperations, streams: live.Streams | None = None) -> APIRouter:
-    """The console's routes over one node's operations."""
+def rendered(
+    request: Request,
+    name: str,
+    node: str,
+    session: Session | None,
+    status: int = 200,
+    **context: Any,
+) -> HTMLResponse:
+    text = page(
+        name,
+        session=session,
+        token=None if session is None else session.token,
+        node=node,
+        path=request.url.path,
+        detail=detail,
+        **context,
+    )
+    return HTMLResponse(text, status_code=status)
+
+
+def error_pages(app: FastAPI, node: str) -> None:
+    """Console errors as pages (the JSON API's stay JSON)."""
+
+    async def shown(request: Request, error: Exception) -> Response:
+        assert isinstance(error, StarletteHTTPException)
+        if not in_console(request.url.path):
+            return await http_exception_handler(request, error)
+        session: Session | None = getattr(request.state, "session", None)
+        answer = rendered(
+            request, "problem.html", node, session, error.status_code, problem=error.detail
+        )
+        answer.headers.update(error.headers or {})
+        return answer
+
+    app.add_exception_handler(StarletteHTTPException, shown)
+
+
+def build_console(
+    operations: LocalOperations,
+    stopping: Callable[[], bool] = lambda: False,
+    streams: live.Streams | None = None,
+) -> APIRouter:
+    """The console's routes over one node's operations; `stopping` ends live streams."""
     router = APIRouter(prefix="/ui", include_in_schema=False)
     ops = operations
     api: ApiConfig = operations.config.api
@@ -65,16 +111,7 @@ def build_console(operations: LocalOperations, streams: live.Streams | None = No
         status: int = 200,
         **context: Any,
     ) -> HTMLResponse:
-        text = page(
-            name,
-            session=session,
-            token=None if session is None else session.token,
-            node=ops.config.node.name,
-            path=request.url.path,
-            detail=detail,
-            **context,
-        )
-        return HTMLResponse(text, status_code=status)
+        return rendered(request, name, ops.config.node.name, session, status, **context)
 
     async def posted(request: Request, session: Session, scope: str) -> dict[str, str]:
         """A form that passed the origin, CSRF and scope checks."""
@@ -89,6 +126,40 @@ def build_console(operations: LocalOperations, streams: live.Streams | None = No
 
     def done(target: str) -> RedirectResponse:
         return RedirectResponse(target, status_code=303)
+
+    def refused(request: Request, session: Session, problem: str, status: int) -> HTMLResponse:
+        return render(request, "problem.html", session, problem=problem, status=status)
+
+    def attempt(request: Request, session: Session, action: Callable[[], Response]) -> Response:
+        """Carry out one form's operation; a refusal is a page saying why."""
+        try:
+            return action()
+        except ValidationError as error:
+            return refused(request, session, problems(error), 422)
+        except Invalid as error:
+            return refused(request, session, str(error), 422)
+        except NotFound as error:
+            return refused(request, session, str(error), 404)
+
+    def tokens_page(request: Request, session: Session, **shown: Any) -> HTMLResponse:
+        if not session.token.may("admin"):
+            raise HTTPException(403, "tokens need the admin scope")
+        context = {"created": None, "link": None, **shown}
+        return render(
+            request, "tokens.html", session, tokens=ops.tokens(), scopes=SCOPES, **context
+        )
+
+    def ledger_page(request: Request, session: Session, **shown: Any) -> HTMLResponse:
+        context = {"verdict": None, **shown}
+        return render(
+            request,
+            "ledger.html",
+            session,
+            head=ops.head(),
+            checks=ops.checks(),
+            anchored=ops.config.ledger.anchored,
+            **context,
+        )
 
     # Sign-in and sign-out.
 
@@ -218,10 +289,14 @@ def build_console(operations: LocalOperations, streams: live.Streams | None = No
     ) -> StreamingResponse:
         if not open_streams.take():
             raise HTTPException(503, "too many live views are open; reload later")
+        # A reconnecting browser says the last row it got: it resumes there, not at `after`.
+        resumed = request.headers.get("last-event-id", "")
+        if resumed.isdigit() and len(resumed) < 19:
+            after = max(after, int(resumed))
         filters = Filters(sandbox=sandbox, after=after, types=["hit"] if only_hits else None)
         cookie = request.cookies.get(signin.COOKIE, "")
         return StreamingResponse(
-            live.stream(ops, ops.engine, cookie, filters, open_streams),
+            live.stream(ops, ops.engine, cookie, filters, open_streams, stopping),
             media_type="text/event-stream",
             headers={"x-accel-buffering": "no"},
         )
@@ -241,8 +316,7 @@ def build_console(operations: LocalOperations, streams: live.Streams | None = No
         try:
             return Filters(sandbox=sandbox, **asked), asked  # type: ignore[arg-type]
         except ValidationError as error:
-            problems = "; ".join(f"{p['loc'][0]}: {p['msg']}" for p in error.errors())
-            raise HTTPException(422, problems) from None
+            raise HTTPException(422, problems(error)) from None
 
     @router.get("/sandboxes/{sandbox:path}")
     def sandbox_page(request: Request, sandbox: str, session: Signed) -> HTMLResponse:
@@ -262,7 +336,7 @@ def build_console(operations: LocalOperations, streams: live.Streams | None = No
             live=not asked,
         )
 
-    @router.get("/sandboxes/{sandbox}/export")
+    @router.get("/export")
     def sandbox_export(request: Request, sandbox: str, _: Signed, format: str = "json") -> Response:
         filters, _asked = filters_of(request, sandbox)
         events = ops.timeline(filters)
@@ -278,20 +352,20 @@ def build_console(operations: LocalOperations, streams: live.Streams | None = No
         )
 
     @router.get("/incidents/{incident_id}")
-    def incident_page(request: Request, incident_id: str, session: Signed) -> HTMLResponse:
-        try:
+    def incident_page(request: Request, incident_id: str, session: Signed) -> Response:
+        def shown() -> Response:
             found = ops.incident(incident_id)
-        except NotFound as error:
-            raise HTTPException(404, str(error)) from None
-        alerts = {alert.id: alert for alert in ops.alerts()}
-        return render(
-            request,
-            "incident.html",
-            session,
-            incident=found,
-            events=found.events,
-            alerts=[alerts[a] for a in found.alerts if a in alerts],
-        )
+            alerts = {alert.id: alert for alert in ops.alerts()}
+            return render(
+                request,
+                "incident.html",
+                session,
+                incident=found,
+                events=found.events,
+                alerts=[alerts[a] for a in found.alerts if a in alerts],
+            )
+
+        return attempt(request, session, shown)
 
     @router.get("/alerts")
     def alert_list(request: Request, session: Signed, open: bool = False) -> HTMLResponse:
@@ -311,17 +385,15 @@ def build_console(operations: LocalOperations, streams: live.Streams | None = No
     @router.post("/alerts/{alert_id}/{action}")
     async def settle(request: Request, alert_id: str, action: str, session: Signed) -> Response:
         fields = await posted(request, session, "ack")
-        by = ActorRequest(by=session.token.name)
-        try:
-            if action == "ack":
-                ops.ack(alert_id, by)
-            elif action == "resolve":
-                ops.resolve(alert_id, by)
-            else:
-                raise HTTPException(404, f"no action {action}")
-        except NotFound as error:
-            raise HTTPException(404, str(error)) from None
-        return done(signin.safe_next(fields.get("back") or "/ui/alerts"))
+        settling = {"ack": ops.ack, "resolve": ops.resolve}.get(action)
+        if settling is None:
+            raise HTTPException(404, f"no action {action}")
+
+        def settled() -> Response:
+            settling(alert_id, ActorRequest(by=session.token.name))
+            return done(signin.safe_next(fields.get("back") or "/ui/alerts"))
+
+        return attempt(request, session, settled)
 
     # Canaries.
 
@@ -356,13 +428,11 @@ def build_console(operations: LocalOperations, streams: live.Streams | None = No
             formats=CREDENTIAL_FORMATS,
         )
 
-    def refused(request: Request, session: Session, problem: str) -> HTMLResponse:
-        return render(request, "problem.html", session, problem=problem, status=422)
-
     @router.post("/canaries")
     async def mint_form(request: Request, session: Signed) -> Response:
         fields = await posted(request, session, "mint")
-        try:
+
+        def minted() -> Response:
             asked = MintRequest(
                 kind=fields.get("kind", ""),  # type: ignore[arg-type]
                 sandbox=fields.get("sandbox", ""),
@@ -371,76 +441,54 @@ def build_console(operations: LocalOperations, streams: live.Streams | None = No
                 severity=fields.get("severity") or "high",  # type: ignore[arg-type]
                 format=fields.get("format") or None,  # type: ignore[arg-type]
             )
-            minted = ops.mint(asked)
-        except ValidationError as error:
-            return refused(
-                request, session, "; ".join(f"{p['loc'][0]}: {p['msg']}" for p in error.errors())
-            )
-        except Invalid as error:
-            return refused(request, session, str(error))
-        return render(request, "minted.html", session, canary=minted)
+            return render(request, "minted.html", session, canary=ops.mint(asked))
+
+        return attempt(request, session, minted)
 
     @router.post("/canaries/{canary_id}/retire")
     async def retire_form(request: Request, canary_id: str, session: Signed) -> Response:
         await posted(request, session, "mint")
-        try:
+
+        def retired() -> Response:
             ops.retire(canary_id, ActorRequest(by=session.token.name))
-        except NotFound as error:
-            raise HTTPException(404, str(error)) from None
-        return done("/ui/canaries")
+            return done("/ui/canaries")
+
+        return attempt(request, session, retired)
 
     @router.post("/plant")
     async def plant_form(request: Request, session: Signed) -> Response:
         fields = await posted(request, session, "mint")
-        try:
+
+        def planted() -> Response:
             bundle = ops.plant(PlantRequest(sandbox=fields.get("sandbox", "")))
-        except ValidationError as error:
-            return refused(
-                request, session, "; ".join(f"{p['loc'][0]}: {p['msg']}" for p in error.errors())
+            return Response(
+                output.plant_archive(bundle),
+                media_type="application/gzip",
+                headers={"content-disposition": 'attachment; filename="plant-bundle.tar.gz"'},
             )
-        except Invalid as error:
-            return refused(request, session, str(error))
-        return Response(
-            output.plant_archive(bundle),
-            media_type="application/gzip",
-            headers={"content-disposition": 'attachment; filename="plant-bundle.tar.gz"'},
-        )
+
+        return attempt(request, session, planted)
 
     # Ledger and tokens.
 
     @router.get("/ledger")
-    def ledger_page(request: Request, session: Signed) -> HTMLResponse:
-        return render(
-            request,
-            "ledger.html",
-            session,
-            head=ops.head(),
-            checks=ops.checks(),
-            anchored=ops.config.ledger.anchored,
-            verdict=None,
-        )
+    def ledger_view(request: Request, session: Signed) -> HTMLResponse:
+        return ledger_page(request, session)
 
     @router.post("/ledger/verify")
     async def verify_form(request: Request, session: Signed) -> HTMLResponse:
         await posted(request, session, "admin")
-        return render(
-            request,
-            "ledger.html",
-            session,
-            head=ops.head(),
-            verdict=ops.verify(),
-            checks=ops.checks(),
-            anchored=ops.config.ledger.anchored,
-        )
+        return ledger_page(request, session, verdict=ops.verify())
 
     @router.post("/ledger/anchor")
     async def anchor_form(request: Request, session: Signed) -> Response:
         await posted(request, session, "admin")
-        try:
+
+        def anchored() -> Response:
             ops.anchor()
-        except Invalid as error:
-            return refused(request, session, str(error))
-        return done("/ui/ledger")
+            return done("/ui/ledger")
+
+        return attempt(request, session, anchored)
 
     @router.get("/ledger/export")
     def ledger_export(_: Signed) -> StreamingResponse:
@@ -450,70 +498,36 @@ def build_console(operations: LocalOperations, streams: live.Streams | None = No
             headers={"content-disposition": 'attachment; filename="ledger.jsonl"'},
         )
 
-    def admin(session: Session) -> None:
-        if not session.token.may("admin"):
-            raise HTTPException(403, "tokens need the admin scope")
-
     @router.get("/tokens")
     def token_list(request: Request, session: Signed) -> HTMLResponse:
-        admin(session)
-        return render(
-            request,
-            "tokens.html",
-            session,
-            tokens=ops.tokens(),
-            scopes=SCOPES,
-            created=None,
-            link=None,
-        )
+        return tokens_page(request, session)
 
     @router.post("/tokens")
     async def token_create(request: Request, session: Signed) -> Response:
         fields = await posted(request, session, "admin")
-        try:
-            created = ops.create_token(
-                TokenRequest(name=fields.get("name", ""), scope=fields.get("scope", ""))  # type: ignore[arg-type]
-            )
-        except ValidationError as error:
-            return refused(
-                request, session, "; ".join(f"{p['loc'][0]}: {p['msg']}" for p in error.errors())
-            )
-        except Invalid as error:
-            return refused(request, session, str(error))
-        return render(
-            request,
-            "tokens.html",
-            session,
-            tokens=ops.tokens(),
-            scopes=SCOPES,
-            created=created,
-            link=None,
-        )
+
+        def created() -> Response:
+            asked = TokenRequest(name=fields.get("name", ""), scope=fields.get("scope", ""))  # type: ignore[arg-type]
+            return tokens_page(request, session, created=ops.create_token(asked))
+
+        return attempt(request, session, created)
 
     @router.post("/tokens/{token_id}/{action}")
     async def token_action(
         request: Request, token_id: str, action: str, session: Signed
     ) -> Response:
         await posted(request, session, "admin")
-        try:
-            if action == "revoke":
-                ops.revoke_token(token_id)
-                return done("/ui/tokens")
-            if action == "login-link":
-                link = ops.login_link(token_id)
-                return render(
-                    request,
-                    "tokens.html",
-                    session,
-                    tokens=ops.tokens(),
-                    scopes=SCOPES,
-                    created=None,
-                    link=link,
-                )
-        except NotFound as error:
-            raise HTTPException(404, str(error)) from None
-        except Invalid as error:
-            return refused(request, session, str(error))
-        raise HTTPException(404, f"no action {action}")
+
+        def revoked() -> Response:
+            ops.revoke_token(token_id)
+            return done("/ui/tokens")
+
+        def linked() -> Response:
+            return tokens_page(request, session, link=ops.login_link(token_id))
+
+        acting = {"revoke": revoked, "login-link": linked}.get(action)
+        if acting is None:
+            raise HTTPException(404, f"no action {action}")
+        return attempt(request, session, acting)
 
     return router
