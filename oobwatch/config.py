@@ -694,10 +694,13 @@ verify_every = "1h"                   # a broken chain pages heartbeat.route
 max_bytes = 268435456                 # full: hits go unanswered, and heartbeat.route is paged
 
 [api]
-# The admin API (tokens from `oobwatch token create`); never on a listener's port.
+# The admin API and the web console at /ui/ (tokens from `oobwatch token create`);
+# never on a listener's port.
 enabled = true
 listen = "127.0.0.1"
 port = 8787
+# public_url = "https://oob.example.com"  # where people reach it: pages link incidents there
+session_lifetime = "8h"               # a console sign-in
 
 [log]
 format = "console"                    # or "json": one JSON object per line (ECS field names)

@@ -23,10 +23,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import dns.message
 import dns.name
 import dns.query
+import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
@@ -266,6 +268,27 @@ def _trip_hostile(console: Console) -> dict[str, str]:
         raw.sendall(request.encode())
         while raw.recv(65536):
             pass
+    # An agent calling a planted MCP server's tool with hostile arguments.
+    mcp = ops.mint(MintRequest(kind="credential", sandbox="sbx-hostile", format="mcp"))
+    [server] = json.loads(mcp.value)["mcpServers"].values()
+    parts = urlsplit(server["url"])
+    call = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": SCRIPT, "arguments": {"query": f"{IMAGE} {TEMPLATE} {LINK}"}},
+    }
+    answered = httpx.post(
+        f"http://127.0.0.1:{console.port('http')}{parts.path}",
+        json=call,
+        headers={
+            **server.get("headers", {}),
+            "Host": parts.netloc,
+            "Accept": "application/json, text/event-stream",
+        },
+        timeout=10,
+    )
+    assert answered.status_code == 200, answered.text
     return {kind: canary.value for kind, canary in minted.items()}
 
 
@@ -290,7 +313,8 @@ def test_hostile_strings_are_shown_as_text_and_never_run(
     before = hits.count()
     _trip_hostile(console)
     # Shown live first, built by the page's script from the stream.
-    expect(hits).to_have_count(before + 3, timeout=20_000)
+    expect(hits.filter(has_text="/mcp")).to_have_count(1, timeout=20_000)
+    assert hits.count() >= before + 4
     # dnslib escapes a dot inside a label: the name is shown as the listener wrote it.
     expect(page.locator("#hits")).to_contain_text(SCRIPT.replace(".", "\\."))
     expect(page.locator("#hits")).to_contain_text(f"/{SVG}/{TEMPLATE}")
@@ -304,8 +328,10 @@ def test_hostile_strings_are_shown_as_text_and_never_run(
     text = page.locator("table.events").inner_text()
     for literal in (SCRIPT, IMAGE, SVG, LINK, TEMPLATE, "\\x1b[31mred\\x1b[0m", "\\u202egnp.exe"):
         assert literal in text, literal
-    # Not evaluated: the DNS name, the subject, the path and the user agent each show it.
-    assert text.count(TEMPLATE) >= 4
+    # Not evaluated: the DNS name, the subject, the path, the user agent and the tool call
+    # each show it.
+    assert text.count(TEMPLATE) >= 5
+    assert f"MCP tools/call {SCRIPT}" in text
     assert "\x1b" not in text
     assert "\u202e" not in text
     page.locator("a[href^='/ui/incidents/']").first.click()
