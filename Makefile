@@ -67,6 +67,7 @@ bench: $(STAMP)
 	$(PY) bench/timeline.py
 	$(PY) bench/cli.py
 	$(PY) bench/tls.py
+	$(PY) bench/console.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage artifacts

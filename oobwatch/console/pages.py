@@ -43,6 +43,8 @@ SEVERITIES: tuple[str, ...] = get_args(Severity)
 STATES = ("active", "retired", "expired")
 # The newest hits the overview lists before live ones arrive.
 RECENT_HITS = 20
+# The newest events a sandbox page shows unless asked for all: a page a phone can render.
+PAGE_EVENTS = 500
 
 
 def _session(request: Request) -> Session:
@@ -319,9 +321,11 @@ def build_console(
             raise HTTPException(422, problems(error)) from None
 
     @router.get("/sandboxes/{sandbox:path}")
-    def sandbox_page(request: Request, sandbox: str, session: Signed) -> HTMLResponse:
+    def sandbox_page(
+        request: Request, sandbox: str, session: Signed, all: bool = False
+    ) -> HTMLResponse:
         filters, asked = filters_of(request, sandbox)
-        events = ops.timeline(filters)
+        events = ops.timeline(filters if all else filters.model_copy(update={"last": PAGE_EVENTS}))
         return render(
             request,
             "sandbox.html",
@@ -334,6 +338,7 @@ def build_console(
             canaries=ops.canaries(sandbox),
             after=max((event.seq for event in events), default=ops.head().seq),
             live=not asked,
+            cut=not all and len(events) == PAGE_EVENTS,
         )
 
     @router.get("/export")

@@ -18,14 +18,16 @@ import dns.message
 import httpx
 import pytest
 
+from listeners.base import hit_event
 from oobwatch import output
 from oobwatch.config import load
 from oobwatch.console import live
+from oobwatch.console.pages import PAGE_EVENTS
 from oobwatch.operations import LocalOperations
 from oobwatch.serve import Node, start
 from oobwatch.views import Filters
-from store import tokens
-from support import Receiver, node_config, settle
+from store import ledger, tokens
+from support import Receiver, node_config, plant_canary, settle
 
 PAGES = [
     "/ui/",
@@ -432,3 +434,27 @@ async def test_live_rows_arrive_and_streams_are_capped(node: Node, receiver: Rec
     streams = live.Streams(cap=1)
     assert streams.take()
     assert not streams.take()
+
+
+async def test_a_big_sandbox_page_shows_its_newest_events_and_all_on_request(
+    node: Node,
+) -> None:
+    canary = plant_canary(node.engine, "dns", sandbox="sbx-big")
+    with node.engine.begin() as connection:
+        ledger.append(
+            connection,
+            [
+                hit_event(canary, protocol="dns", peer=("198.51.100.9", 53), node="n1", evidence={})
+                for _ in range(PAGE_EVENTS + 100)
+            ],
+        )
+    _, text = new_token(node, "read")
+    async with httpx.AsyncClient(base_url=base(node), timeout=30) as client:
+        await sign_in(client, text)
+        cut = (await client.get("/ui/sandboxes/sbx-big")).text
+        whole = (await client.get("/ui/sandboxes/sbx-big?all=true")).text
+    assert cut.count('<tr class="type-') == PAGE_EVENTS
+    assert 'id="cut"' in cut
+    # Every hit, and the canary_minted row before them.
+    assert whole.count('<tr class="type-hit"') == PAGE_EVENTS + 100
+    assert 'id="cut"' not in whole
