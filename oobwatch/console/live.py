@@ -5,8 +5,8 @@ second (an indexed read of the rows after a seq), so a hit recorded by any
 node sharing the store shows within a second: about 0.2 s on average. A
 stream ends when its session does (checked every few seconds), after
 `STREAM_SECONDS` (the browser reconnects, resuming after the last row), or
-when `MAX_STREAMS` are open already (503: a session cannot pin the API's
-connections).
+when `MAX_STREAMS` are open already (it says `busy` and ends: sessions
+cannot pin the API's connections).
 """
 
 import asyncio
@@ -69,8 +69,12 @@ async def stream(
     stopping: Callable[[], bool],
     clock: Callable[[], float] = time.monotonic,
 ) -> AsyncIterator[str]:
-    """The stream's text, from `filters.after` on, until the node is `stopping`; `streams`
-    has been taken for it."""
+    """The stream's text, from `filters.after` on, until the node is `stopping`. Its place
+    among `streams` is taken once it runs, so a client gone before then holds none; over
+    the cap it says `busy` and ends."""
+    if not streams.take():
+        yield "event: busy\ndata: {}\n\n"
+        return
     try:
         started = checked = sent = clock()
         after = filters.after or 0

@@ -9,6 +9,7 @@ API is for programs.
 import hmac
 from collections.abc import Callable
 from typing import Annotated, Any, get_args
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exception_handlers import http_exception_handler
@@ -289,8 +290,6 @@ def build_console(
         sandbox: str | None = None,
         only_hits: bool = False,
     ) -> StreamingResponse:
-        if not open_streams.take():
-            raise HTTPException(503, "too many live views are open; reload later")
         # A reconnecting browser says the last row it got: it resumes there, not at `after`.
         resumed = request.headers.get("last-event-id", "")
         if resumed.isdigit() and len(resumed) < 19:
@@ -385,7 +384,7 @@ def build_console(
         for found in ops.incidents(Filters(sandbox=alert.sandbox)):
             if alert_id in found.alerts:
                 return done(f"/ui/incidents/{found.id}#alert-{alert_id}")
-        return done(f"/ui/sandboxes/{alert.sandbox}")
+        return done(f"/ui/sandboxes/{quote(alert.sandbox, safe='')}")
 
     @router.post("/alerts/{alert_id}/{action}")
     async def settle(request: Request, alert_id: str, action: str, session: Signed) -> Response:

@@ -431,9 +431,18 @@ async def test_live_rows_arrive_and_streams_are_capped(node: Node, receiver: Rec
                         break
         assert row["sandbox"] == "sbx-c"
         assert row["protocol"] == "dns"
-    streams = live.Streams(cap=1)
-    assert streams.take()
-    assert not streams.take()
+    # Over the cap a stream says so and ends, holding nothing.
+    full = live.Streams(cap=1)
+    held = live.stream(ops(node), node.engine, "", Filters(), full, lambda: False)
+    assert (await anext(held)).startswith("retry:")
+    refused = [
+        text
+        async for text in live.stream(ops(node), node.engine, "", Filters(), full, lambda: False)
+    ]
+    assert refused == ["event: busy\ndata: {}\n\n"]
+    assert full.open == 1
+    await held.aclose()
+    assert full.open == 0
 
 
 async def test_a_big_sandbox_page_shows_its_newest_events_and_all_on_request(

@@ -34,6 +34,10 @@
     source.addEventListener("error", function () {
       if (state) state.textContent = "reconnecting…";
     });
+    source.addEventListener("busy", function () {
+      source.close();
+      if (state) state.textContent = "not live: too many live views are open; reload later";
+    });
     source.addEventListener("ended", function () {
       source.close();
       if (state) state.textContent = "signed out: reload to sign in";
