@@ -29,7 +29,7 @@ from pathlib import Path
 import dns.message
 import dns.query
 import httpx
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import Browser, Page, sync_playwright
 
 from canaries.mint import mint
 from listeners.base import hit_event
@@ -135,6 +135,16 @@ def main() -> None:
         print(f"{name:58} {summary(samples)}")
 
 
+def signed_in(browser: Browser, base: str, admin: str) -> Page:
+    """A page of `browser` signed in to the console through its form."""
+    page = browser.new_page()
+    page.goto(f"{base}/ui/login")
+    page.fill("input[name=token]", admin)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{base}/ui/")
+    return page
+
+
 def run_live(
     rounds: int,
     ports: dict[str, int],
@@ -149,11 +159,7 @@ def run_live(
         browser = playwright.chromium.launch(
             executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
         )
-        page = browser.new_page()
-        page.goto(f"{base}/ui/login")
-        page.fill("input[name=token]", admin)
-        page.click("button[type=submit]")
-        page.wait_for_url(f"{base}/ui/")
+        page = signed_in(browser, base, admin)
         rows = page.locator("#hits tbody tr")
 
         def on_screen(n: int) -> None:
@@ -204,11 +210,7 @@ def run_pages(rounds: int, base: str, admin: str, api: httpx.Client) -> dict[str
         browser = playwright.chromium.launch(
             executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
         )
-        page = browser.new_page()
-        page.goto(f"{base}/ui/login")
-        page.fill("input[name=token]", admin)
-        page.click("button[type=submit]")
-        page.wait_for_url(f"{base}/ui/")
+        page = signed_in(browser, base, admin)
         for name, path in (("sandbox page", f"/ui/sandboxes/{SANDBOX}"), ("overview", "/ui/")):
             found[f"console: {name} in Chromium (until load)"] = timed(
                 rounds, lambda _n, path=path: page.goto(base + path) and None

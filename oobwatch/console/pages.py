@@ -166,6 +166,17 @@ def build_console(
 
     # Sign-in and sign-out.
 
+    def with_login_secret(request: Request, response: HTMLResponse, secret: str) -> HTMLResponse:
+        """A sign-in form's answer, with the cookie its post must repeat the secret of."""
+        signin.set_cookie(
+            response,
+            signin.LOGIN_COOKIE,
+            secret,
+            600,
+            secure_only=signin.secure(request, public_url),
+        )
+        return response
+
     @router.get("/login")
     def login_form(request: Request, next: str | None = None, failed: bool = False) -> HTMLResponse:
         secret = signin.new_login_secret()
@@ -178,14 +189,7 @@ def build_console(
             failed=failed,
             status=401 if failed else 200,
         )
-        signin.set_cookie(
-            response,
-            signin.LOGIN_COOKIE,
-            secret,
-            600,
-            secure_only=signin.secure(request, public_url),
-        )
-        return response
+        return with_login_secret(request, response, secret)
 
     def start_session(request: Request, token_id: str, target: str) -> RedirectResponse:
         try:
@@ -233,14 +237,7 @@ def build_console(
         # the URL must not use up the link.
         secret = signin.new_login_secret()
         response = render(request, "link.html", None, csrf=secret, code=code)
-        signin.set_cookie(
-            response,
-            signin.LOGIN_COOKIE,
-            secret,
-            600,
-            secure_only=signin.secure(request, public_url),
-        )
-        return response
+        return with_login_secret(request, response, secret)
 
     @router.post("/login/link/{code}")
     async def redeem_link(request: Request, code: str) -> Response:
