@@ -84,9 +84,10 @@ def end(engine: Engine, value: str) -> None:
 
 
 def end_all(engine: Engine, token_id: str) -> None:
-    """Sign out every session of a token (its secret was rotated)."""
+    """Sign out every session of a token (its secret was rotated), and void its sign-in links."""
     with engine.begin() as connection:
         connection.execute(delete(console_sessions).where(console_sessions.c.token_id == token_id))
+        connection.execute(delete(login_links).where(login_links.c.token_id == token_id))
 
 
 def new_link(engine: Engine, token_id: str, lifetime_us: int) -> tuple[str, int]:

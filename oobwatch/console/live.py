@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from sqlalchemy import Engine
 
 from oobwatch.operations import Operations
+from oobwatch.output import escaped
 from oobwatch.views import EventView, Filters, detail
 from store import sessions
 
@@ -47,15 +48,16 @@ class Streams:
 
 
 def as_message(event: EventView) -> str:
+    # Escaped as the pages escape them: a direction override must not reorder a live row.
     payload = {
         "seq": event.seq,
         "time": event.time,
         "type": event.type,
-        "sandbox": event.sandbox,
+        "sandbox": escaped(event.sandbox),
         "protocol": event.protocol,
-        "source": event.source_ip,
+        "source": escaped(event.source_ip),
         "canary": event.canary_id,
-        "detail": detail(event),
+        "detail": escaped(detail(event)),
     }
     return f"id: {event.seq}\nevent: row\ndata: {json.dumps(payload)}\n\n"
 

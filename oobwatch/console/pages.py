@@ -341,7 +341,7 @@ def build_console(
     def sandbox_export(request: Request, sandbox: str, _: Signed, format: str = "json") -> Response:
         filters, _asked = filters_of(request, sandbox)
         events = ops.timeline(filters)
-        name = f"timeline-{''.join(c if c.isalnum() or c in '-_.' else '_' for c in sandbox)}"
+        name = f"timeline-{''.join(c if c.isascii() and (c.isalnum() or c in '-_.') else '_' for c in sandbox)}"
         if format == "csv":
             body, media, suffix = output.timeline_csv(events), "text/csv", "csv"
         else:
