@@ -51,9 +51,10 @@ from oobwatch.views import (
     incident_view,
 )
 from store import checks, health, ledger, registry, sessions, tokens
+from store.activity import activity
 from store.clock import now_us, to_iso
 from store.engine import open_store
-from store.timeline import Incident, find_incident, incidents, timeline
+from store.timeline import find_incident, query_incidents, timeline
 
 if TYPE_CHECKING:
     from alerts.state import AlertState
@@ -61,6 +62,8 @@ if TYPE_CHECKING:
 
 
 _RENEWING = threading.Lock()
+# Ledger rows an export reads per query.
+EXPORT_CHUNK = 2000
 
 
 class NotFound(LookupError):
@@ -255,11 +258,10 @@ class LocalOperations:
             return [EventView.of(entry) for entry in timeline(connection, filters.query())]
 
     def incidents(self, filters: Filters) -> list[IncidentView]:
+        gap = self.config.timeline.incident_gap
         with self.engine.connect() as connection:
-            entries = timeline(connection, filters.query())
-        return [
-            incident_view(found) for found in incidents(entries, self.config.timeline.incident_gap)
-        ]
+            found = query_incidents(connection, filters.query(), gap)
+        return [incident_view(incident) for incident in found]
 
     def incident(self, incident_id: str) -> IncidentView:
         with self.engine.connect() as connection:
@@ -320,10 +322,22 @@ class LocalOperations:
             )
 
     def ledger_export(self) -> Iterator[str]:
-        """The whole chain as JSON lines, hashes included, for archiving and offline verify."""
+        """The chain up to the head it had when asked, as JSON lines with their hashes, for
+        archiving and offline verify; a chunk of lines at a time.
+
+        Each chunk is read on a connection of its own, so a slow or abandoned download
+        holds none of the store's connections while it waits.
+        """
         with self.engine.connect() as connection:
-            for entry in ledger.entries(connection):
-                yield ledger.export_line(entry) + "\n"
+            upto, _ = ledger.head(connection)
+        after = 0
+        while after < upto:
+            with self.engine.connect() as connection:
+                chunk = ledger.chunk(connection, after, upto, EXPORT_CHUNK)
+            if not chunk:
+                return
+            yield "".join(ledger.export_line(entry) + "\n" for entry in chunk)
+            after = chunk[-1].seq
 
     def overview(self) -> OverviewView:
         from alerts.state import list_alerts
@@ -347,20 +361,16 @@ class LocalOperations:
         moment = now_us()
         with self.engine.connect() as connection:
             rows = registry.listing(connection)
-            entries = timeline(connection, Filters().query())
-        gap = self.config.timeline.incident_gap
+            summed = activity(connection, self.config.timeline.incident_gap, HEARTBEAT_SANDBOX)
         canaries: dict[str, list[Canary]] = {}
         for row in rows:
             canary = Canary.from_row(row)
             if canary.sandbox != HEARTBEAT_SANDBOX:
                 canaries.setdefault(canary.sandbox, []).append(canary)
-        found: dict[str, list[Incident]] = {}
-        for incident in incidents(entries, gap):
-            found.setdefault(incident.sandbox, []).append(incident)
         views = []
-        for sandbox in sorted({*canaries, *found}):
+        for sandbox in sorted({*canaries, *summed}):
             planted = canaries.get(sandbox, [])
-            bursts = found.get(sandbox, [])
+            hits = summed.get(sandbox)
             views.append(
                 SandboxView(
                     sandbox=sandbox,
@@ -368,11 +378,12 @@ class LocalOperations:
                     active_canaries=sum(
                         CanaryView.of(c, moment).state == "active" for c in planted
                     ),
-                    hits=sum(i.hit_count for i in bursts),
-                    incidents=len(bursts),
-                    channels=sorted({c for i in bursts for c in i.channels}),
-                    sources=sorted({s for i in bursts for s in i.sources}),
-                    last_hit_at=to_iso(max(i.last_us for i in bursts)) if bursts else None,
+                    hits=hits.hits if hits else 0,
+                    incidents=hits.incidents if hits else 0,
+                    channels=sorted(hits.channels) if hits else [],
+                    sources=hits.named_sources if hits else [],
+                    source_count=len(hits.sources) if hits else 0,
+                    last_hit_at=to_iso(hits.last_us) if hits else None,
                 )
             )
         views.sort(key=lambda view: view.last_hit_at or "", reverse=True)

@@ -96,7 +96,9 @@ class Filters(Request):
     include_heartbeat: bool = False
     after: int | None = Field(default=None, ge=0, lt=2**63, description="only rows after this seq")
     types: list[str] | None = Field(default=None, max_length=20, description="event types")
-    last: int | None = Field(default=None, ge=1, le=10000, description="only the newest this many")
+    last: int | None = Field(
+        default=None, ge=1, le=10000, description="only the newest this many (events, or incidents)"
+    )
 
     @field_validator("since", "until")
     @classmethod
@@ -279,6 +281,7 @@ class AlertView(View):
     sandbox: str
     routes: list[str]
     hit_count: int
+    first_hit_seq: int = Field(description="the ledger row of the hit that opened it")
     sources: list[str | None]
     protocols: list[str | None]
     opened_at: str | None
@@ -298,6 +301,7 @@ class AlertView(View):
             sandbox=row["sandbox"],
             routes=json.loads(row["routes"]),
             hit_count=row["hit_count"],
+            first_hit_seq=row["first_hit_seq"],
             sources=json.loads(row["sources"]),
             protocols=json.loads(row["protocols"]),
             opened_at=_when(row["opened_us"]),
@@ -469,7 +473,8 @@ class SandboxView(View):
     hits: int
     incidents: int
     channels: list[str]
-    sources: list[str]
+    sources: list[str] = Field(description="up to 20 of its source addresses")
+    source_count: int
     last_hit_at: str | None
 
 

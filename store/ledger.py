@@ -212,6 +212,17 @@ def entries(connection: Connection, upto: int | None = None) -> Generator[Entry]
             yield Entry(**row._mapping)
 
 
+def chunk(connection: Connection, after: int, upto: int, size: int) -> list[Entry]:
+    """Up to `size` entries after seq `after` and none past `upto`, in chain order."""
+    query = (
+        select(ledger)
+        .where(ledger.c.seq > after, ledger.c.seq <= upto)
+        .order_by(ledger.c.seq)
+        .limit(size)
+    )
+    return [Entry(**row._mapping) for row in connection.execute(query)]
+
+
 def verify(connection: Connection) -> Verdict:
     """Walk the whole chain; name the first row that does not follow from its predecessor.
 

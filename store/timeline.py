@@ -7,10 +7,10 @@ that followed them.
 """
 
 import ipaddress
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 
-from sqlalchemy import Connection, select
+from sqlalchemy import ColumnElement, Connection, Subquery, and_, func, or_, select
 
 from store import bursts
 from store.ledger import Entry
@@ -48,28 +48,35 @@ class TimelineQuery:
         return True
 
 
-def timeline(connection: Connection, query: TimelineQuery) -> list[Entry]:
-    statement = select(ledger).order_by(ledger.c.time_us, ledger.c.seq)
+def _where(query: TimelineQuery) -> list[ColumnElement[bool]]:
+    """The filters expressed in SQL."""
+    where = []
     if query.sandbox is not None:
-        statement = statement.where(ledger.c.sandbox == query.sandbox)
+        where.append(ledger.c.sandbox == query.sandbox)
     if query.canary_id is not None:
-        statement = statement.where(ledger.c.canary_id == query.canary_id)
+        where.append(ledger.c.canary_id == query.canary_id)
     if query.since_us is not None:
-        statement = statement.where(ledger.c.time_us >= query.since_us)
+        where.append(ledger.c.time_us >= query.since_us)
     if query.until_us is not None:
-        statement = statement.where(ledger.c.time_us < query.until_us)
+        where.append(ledger.c.time_us < query.until_us)
     if query.exclude_sandbox is not None:
-        statement = statement.where(
-            (ledger.c.sandbox.is_(None)) | (ledger.c.sandbox != query.exclude_sandbox)
-        )
+        where.append((ledger.c.sandbox.is_(None)) | (ledger.c.sandbox != query.exclude_sandbox))
     if query.types is not None:
-        statement = statement.where(ledger.c.type.in_(list(query.types)))
+        where.append(ledger.c.type.in_(list(query.types)))
     if query.protocol is not None:
-        statement = statement.where(ledger.c.protocol == query.protocol)
+        where.append(ledger.c.protocol == query.protocol)
     if query.after_seq is not None:
-        statement = statement.where(ledger.c.seq > query.after_seq)
-    in_sql = query.kind is None and query.source is None
-    if query.newest is not None and in_sql:
+        where.append(ledger.c.seq > query.after_seq)
+    return where
+
+
+def _in_sql(query: TimelineQuery) -> bool:
+    return query.kind is None and query.source is None
+
+
+def timeline(connection: Connection, query: TimelineQuery) -> list[Entry]:
+    statement = select(ledger).where(*_where(query)).order_by(ledger.c.time_us, ledger.c.seq)
+    if query.newest is not None and _in_sql(query):
         statement = statement.order_by(None).order_by(ledger.c.time_us.desc(), ledger.c.seq.desc())
         newest = [
             Entry(**row._mapping) for row in connection.execute(statement.limit(query.newest))
@@ -86,14 +93,16 @@ class Incident:
 
     sandbox: str
     entries: list[Entry] = field(default_factory=list)
+    hits: list[Entry] = field(default_factory=list)
+
+    def add(self, entry: Entry) -> None:
+        self.entries.append(entry)
+        if entry.type == "hit":
+            self.hits.append(entry)
 
     @property
     def id(self) -> str:
         return f"in-{self.hits[0].seq}"
-
-    @property
-    def hits(self) -> list[Entry]:
-        return [entry for entry in self.entries if entry.type == "hit"]
 
     @property
     def hit_count(self) -> int:
@@ -116,7 +125,12 @@ class Incident:
     def sources(self) -> list[str]:
         """Distinct source hosts (a resolver's changing ports are one source)."""
         found = [e.source_ip for e in self.hits if e.source_ip is not None]
-        found += [source for e in self.hits for source in bursts.sources_of(e.evidence)]
+        found += [
+            source
+            for e in self.hits
+            if bursts.MARKER in e.data
+            for source in bursts.sources_of(e.evidence)
+        ]
         return list(dict.fromkeys(found))
 
     @property
@@ -129,8 +143,16 @@ class Incident:
         return [entry for entry in self.entries if entry.type.startswith("alert_")]
 
 
-def incidents(entries: Sequence[Entry], gap_us: int) -> list[Incident]:
-    """Group time-ordered entries into incidents per sandbox, split by quiet gaps."""
+def opens(incident: Incident | None, hit: Entry, gap_us: int) -> bool:
+    """Whether `hit` starts a new incident after `incident` (its sandbox's open one)."""
+    return incident is None or hit.time_us - incident.last_us > gap_us
+
+
+def incidents(entries: Iterable[Entry], gap_us: int) -> list[Incident]:
+    """Group time-ordered entries into incidents per sandbox, split by quiet gaps.
+
+    `starts` is the same rule in SQL.
+    """
     current: dict[str, Incident] = {}
     found: list[Incident] = []
     for entry in entries:
@@ -138,28 +160,98 @@ def incidents(entries: Sequence[Entry], gap_us: int) -> list[Incident]:
         if sandbox is None:
             continue
         open_incident = current.get(sandbox)
-        if entry.type == "hit":
-            if open_incident is None or entry.time_us - open_incident.last_us > gap_us:
-                open_incident = current[sandbox] = Incident(sandbox)
-                found.append(open_incident)
-            open_incident.entries.append(entry)
-        elif open_incident is not None:
-            open_incident.entries.append(entry)
+        if entry.type == "hit" and opens(open_incident, entry, gap_us):
+            open_incident = current[sandbox] = Incident(sandbox)
+            found.append(open_incident)
+        if open_incident is not None:
+            open_incident.add(entry)
     return found
 
 
+def starts(gap_us: int, *where: ColumnElement[bool]) -> Subquery:
+    """Hits (of the rows `where` picks) with a column `opens`: whether the hit starts an
+    incident, the rule of `incidents` computed by the database."""
+    previous = func.lag(ledger.c.time_us).over(
+        partition_by=ledger.c.sandbox, order_by=(ledger.c.time_us, ledger.c.seq)
+    )
+    return (
+        select(
+            ledger.c.seq,
+            ledger.c.sandbox,
+            ledger.c.time_us,
+            or_(previous.is_(None), ledger.c.time_us - previous > gap_us).label("opens"),
+        )
+        .where(ledger.c.type == "hit", ledger.c.sandbox.is_not(None), *where)
+        .subquery()
+    )
+
+
+def query_incidents(connection: Connection, query: TimelineQuery, gap_us: int) -> list[Incident]:
+    """The incidents of the entries `query` picks; with `newest`, only the newest that many
+    incidents, reading their entries and no older ones."""
+    count = query.newest
+    query = replace(query, newest=None)
+    if count is not None and _in_sql(query):
+        opened = starts(gap_us, *_where(query))
+        oldest = connection.execute(
+            select(opened.c.time_us)
+            .where(opened.c.opens)
+            .order_by(opened.c.time_us.desc(), opened.c.seq.desc())
+            .limit(1)
+            .offset(count - 1)
+        ).scalar()
+        if oldest is not None:
+            since = oldest if query.since_us is None else max(query.since_us, oldest)
+            query = replace(query, since_us=since)
+    found = incidents(timeline(connection, query), gap_us)
+    return found if count is None else found[-count:]
+
+
 def find_incident(connection: Connection, incident_id: str, gap_us: int) -> Incident | None:
-    """The incident `in-<seq>` whose first hit is ledger row seq, or None."""
+    """The incident `in-<seq>` holding hit seq (whose first hit it is, for its own id), or None.
+
+    Reads only that incident's rows: the hits before it are counted by the
+    database to find where it starts, and the read stops where the next begins.
+    """
     try:
-        first_seq = int(incident_id.removeprefix("in-"))
+        seq = int(incident_id.removeprefix("in-"))
     except ValueError:
         return None
-    if not 0 < first_seq < 2**63:
+    if not 0 < seq < 2**63:
         return None
-    first = connection.execute(
-        select(ledger.c.sandbox, ledger.c.type).where(ledger.c.seq == first_seq)
+    hit = connection.execute(
+        select(ledger.c.sandbox, ledger.c.time_us).where(
+            ledger.c.seq == seq, ledger.c.type == "hit", ledger.c.sandbox.is_not(None)
+        )
     ).first()
-    if first is None or first.type != "hit" or first.sandbox is None:
+    if hit is None:
         return None
-    found = incidents(timeline(connection, TimelineQuery(sandbox=first.sandbox)), gap_us)
-    return next((incident for incident in found if incident.id == incident_id), None)
+    upto = or_(
+        ledger.c.time_us < hit.time_us, and_(ledger.c.time_us == hit.time_us, ledger.c.seq <= seq)
+    )
+    earlier = starts(gap_us, ledger.c.sandbox == hit.sandbox, upto)
+    first_seq, first_us = connection.execute(
+        select(earlier.c.seq, earlier.c.time_us)
+        .where(earlier.c.opens)
+        .order_by(earlier.c.time_us.desc(), earlier.c.seq.desc())
+        .limit(1)
+    ).one()
+    onward = (
+        select(ledger)
+        .where(
+            ledger.c.sandbox == hit.sandbox,
+            or_(
+                ledger.c.time_us > first_us,
+                and_(ledger.c.time_us == first_us, ledger.c.seq >= first_seq),
+            ),
+        )
+        .order_by(ledger.c.time_us, ledger.c.seq)
+    )
+    incident = Incident(hit.sandbox)
+    with connection.execution_options(yield_per=500).execute(onward) as rows:
+        for row in rows:
+            entry = Entry(**row._mapping)
+            if entry.type == "hit" and incident.hits and opens(incident, entry, gap_us):
+                break
+            incident.add(entry)
+    return incident

@@ -46,6 +46,8 @@ STATES = ("active", "retired", "expired")
 RECENT_HITS = 20
 # The newest events a sandbox page shows unless asked for all: a page a phone can render.
 PAGE_EVENTS = 500
+# The newest incidents a sandbox page lists.
+PAGE_INCIDENTS = 50
 
 
 def _session(request: Request) -> Session:
@@ -330,7 +332,8 @@ def build_console(
             asked=asked,
             protocols=PROTOCOLS,
             events=events,
-            incidents=ops.incidents(Filters(sandbox=sandbox)),
+            incidents=ops.incidents(Filters(sandbox=sandbox, last=PAGE_INCIDENTS)),
+            incidents_cap=PAGE_INCIDENTS,
             canaries=ops.canaries(sandbox),
             after=max((event.seq for event in events), default=ops.head().seq),
             live=not asked,
@@ -362,7 +365,8 @@ def build_console(
                 "incident.html",
                 session,
                 incident=found,
-                events=found.events,
+                events=found.events[:PAGE_EVENTS],
+                cut=len(found.events) > PAGE_EVENTS,
                 alerts=[alerts[a] for a in found.alerts if a in alerts],
             )
 
@@ -378,10 +382,11 @@ def build_console(
         alert = next((a for a in ops.alerts() if a.id == alert_id), None)
         if alert is None:
             raise HTTPException(404, f"no alert {alert_id}")
-        for found in ops.incidents(Filters(sandbox=alert.sandbox)):
-            if alert_id in found.alerts:
-                return done(f"/ui/incidents/{found.id}#alert-{alert_id}")
-        return done(f"/ui/sandboxes/{quote(alert.sandbox, safe='')}")
+        try:
+            found = ops.incident(f"in-{alert.first_hit_seq}")
+        except NotFound:
+            return done(f"/ui/sandboxes/{quote(alert.sandbox, safe='')}")
+        return done(f"/ui/incidents/{found.id}#alert-{alert_id}")
 
     @router.post("/alerts/{alert_id}/{action}")
     async def settle(request: Request, alert_id: str, action: str, session: Signed) -> Response:

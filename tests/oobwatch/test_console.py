@@ -386,7 +386,7 @@ async def test_the_timeline_export_is_the_clis(node: Node, receiver: Receiver) -
         e.seq for e in ops(node).timeline(Filters(sandbox="sbx-c"))
     ]
     assert bad.status_code == 422
-    assert ledger_lines == [line.rstrip("\n") for line in ops(node).ledger_export()]
+    assert ledger_lines == "".join(ops(node).ledger_export()).splitlines()
 
 
 async def test_a_pages_link_opens_its_incident(

@@ -1,0 +1,74 @@
+"""What each sandbox's hits add up to: counted by the database, not by reading the ledger.
+
+A sandbox's summary (hits, incidents, channels, sources, last hit) stays one
+query's worth of work however long its timeline grows; only aggregate rows,
+a few a second of a burst, and the distinct sources are read here.
+"""
+
+import json
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, func, select
+
+from store import bursts
+from store.ledger import split_source
+from store.schema import ledger
+from store.timeline import starts
+
+# A sandbox's sources named in its summary; the rest are counted.
+SOURCES_NAMED = 20
+
+
+@dataclass(slots=True)
+class Activity:
+    """One sandbox's hits, summed."""
+
+    sandbox: str
+    hits: int
+    last_us: int
+    incidents: int = 0
+    channels: set[str] = field(default_factory=set)
+    sources: dict[str, None] = field(default_factory=dict)
+
+    @property
+    def named_sources(self) -> list[str]:
+        return list(self.sources)[:SOURCES_NAMED]
+
+
+def activity(connection: Connection, gap_us: int, exclude: str) -> dict[str, Activity]:
+    """Every sandbox with a hit (but `exclude`), by name."""
+    hits = (ledger.c.type == "hit", ledger.c.sandbox.is_not(None), ledger.c.sandbox != exclude)
+    found = {
+        sandbox: Activity(sandbox, int(count), int(last))
+        for sandbox, count, last in connection.execute(
+            select(ledger.c.sandbox, func.count(), func.max(ledger.c.time_us))
+            .where(*hits)
+            .group_by(ledger.c.sandbox)
+        )
+    }
+    opened = starts(gap_us, *hits)
+    for sandbox, count in connection.execute(
+        select(opened.c.sandbox, func.count()).where(opened.c.opens).group_by(opened.c.sandbox)
+    ):
+        found[sandbox].incidents = int(count)
+    for sandbox, protocol in connection.execute(
+        select(ledger.c.sandbox, ledger.c.protocol).where(*hits).distinct()
+    ):
+        if protocol:
+            found[sandbox].channels.add(protocol)
+    for sandbox, source in connection.execute(
+        select(ledger.c.sandbox, ledger.c.source).where(*hits).distinct()
+    ):
+        address = split_source(source)[0]
+        if address is not None:
+            found[sandbox].sources[address] = None
+    aggregates = select(ledger.c.sandbox, ledger.c.data).where(
+        *hits, ledger.c.data.contains(bursts.MARKER, autoescape=True)
+    )
+    for sandbox, data in connection.execute(aggregates):
+        loaded = json.loads(data)
+        summed = found[sandbox]
+        summed.hits += bursts.hits_in(loaded) - 1
+        summed.channels.update(bursts.protocols_of(loaded))
+        summed.sources.update(dict.fromkeys(bursts.sources_of(loaded)))
+    return found
