@@ -123,8 +123,10 @@ class ApiGate:
             state["token"] = session.token
             return True
         if scope["method"] in ("GET", "HEAD"):
+            # As sent, not decoded: a sandbox named `a?b` comes back to its own page.
+            raw = (scope.get("raw_path") or path.encode()).decode("latin-1")
             query = scope.get("query_string", b"").decode("latin-1")
-            target = quote(path + (f"?{query}" if query else ""), safe="")
+            target = quote(raw + (f"?{query}" if query else ""), safe="")
             location = f"/ui/login?next={target}".encode()
             await _refuse(send, 303, "sign in first", ((b"location", location),))
         else:

@@ -5,7 +5,7 @@ A chain found broken pages the heartbeat route once per distinct break
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -46,7 +46,8 @@ class Integrity:
         return seq, digest
 
     def check(self, now_us: int) -> Verdict:
-        """Verify the chain (and the anchor file, if any); page a new break."""
+        """Verify the chain (and the anchor file, if any); page a new break. The verdict
+        names a saved head the chain lost as its problem."""
         with self.engine.connect() as connection:
             verdict = ledger.verify(connection)
             problem = verdict.problem
@@ -70,7 +71,7 @@ class Integrity:
             self.reported = state
             log.error("ledger integrity check failed: %s", problem)
             self._alarm(verdict, problem, now_us)
-        return verdict
+        return replace(verdict, problem=problem)
 
     def _alarm(self, verdict: Verdict, problem: str, now_us: int) -> None:
         with self.engine.begin() as connection:

@@ -22,8 +22,10 @@ from store.tokens import Token
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    """A live sign-in: the token it acts as, the secret its forms carry, when it ends."""
+    """A live sign-in: the cookie value it was found by, the token it acts as, the secret
+    its forms carry, when it ends."""
 
+    cookie: str
     token: Token
     csrf: str
     expires_us: int
@@ -72,7 +74,7 @@ def find(engine: Engine, value: str) -> Session | None:
         row = connection.execute(statement).mappings().first()
     if row is None:
         return None
-    return Session(Token.from_row(row), row["csrf"], row["expires_us"])
+    return Session(value, Token.from_row(row), row["csrf"], row["expires_us"])
 
 
 def end(engine: Engine, value: str) -> None:
@@ -101,6 +103,22 @@ def new_link(engine: Engine, token_id: str, lifetime_us: int) -> tuple[str, int]
             )
         )
     return code, expires
+
+
+def link_token(engine: Engine, code: str) -> Token | None:
+    """The live token an unused, unexpired sign-in code is for (the code stays unused)."""
+    statement = (
+        select(api_tokens)
+        .join(login_links, login_links.c.token_id == api_tokens.c.id)
+        .where(
+            login_links.c.code_sha256 == _digest(code),
+            login_links.c.expires_us > now_us(),
+            api_tokens.c.revoked_us.is_(None),
+        )
+    )
+    with engine.connect() as connection:
+        row = connection.execute(statement).mappings().first()
+    return None if row is None else Token.from_row(row)
 
 
 def redeem(engine: Engine, code: str) -> str | None:

@@ -5,8 +5,11 @@ second (an indexed read of the rows after a seq), so a hit recorded by any
 node sharing the store shows within a second: about 0.2 s on average. A
 stream ends when its session does (checked every few seconds), after
 `STREAM_SECONDS` (the browser reconnects, resuming after the last row), or
-when `MAX_STREAMS` are open already (it says `busy` and ends: sessions
-cannot pin the API's connections).
+when `MAX_STREAMS` are open already, or `MAX_STREAMS_PER_TOKEN` for its
+token (it says `busy` and ends, and the page tries again later: sessions
+cannot pin the API's connections). More than `MAX_ROWS` rows in one poll are
+a flood: the newest are sent, with a `skipped` event saying older ones were
+left to the timeline.
 """
 
 import asyncio
@@ -26,25 +29,31 @@ SESSION_CHECK_SECONDS = 5.0
 STREAM_SECONDS = 300.0
 KEEPALIVE_SECONDS = 15.0
 MAX_STREAMS = 32
+# One token (however many sessions sign in with it) cannot take every place.
+MAX_STREAMS_PER_TOKEN = 8
 # Rows sent per poll at most: a flood of hits is summarised by the page, not streamed whole.
 MAX_ROWS = 200
 
 
 class Streams:
-    """How many live streams are open, against their cap."""
+    """How many live streams are open, node-wide and per token, against their caps."""
 
-    def __init__(self, cap: int = MAX_STREAMS) -> None:
+    def __init__(self, cap: int = MAX_STREAMS, per_token: int = MAX_STREAMS_PER_TOKEN) -> None:
         self.cap = cap
-        self.open = 0
+        self.per_token = per_token
+        self.open: dict[str, int] = {}
 
-    def take(self) -> bool:
-        if self.open >= self.cap:
+    def take(self, token_id: str) -> bool:
+        held = self.open.get(token_id, 0)
+        if sum(self.open.values()) >= self.cap or held >= self.per_token:
             return False
-        self.open += 1
+        self.open[token_id] = held + 1
         return True
 
-    def give_back(self) -> None:
-        self.open -= 1
+    def give_back(self, token_id: str) -> None:
+        self.open[token_id] -= 1
+        if not self.open[token_id]:
+            del self.open[token_id]
 
 
 def as_message(event: EventView) -> str:
@@ -65,7 +74,8 @@ def as_message(event: EventView) -> str:
 async def stream(
     operations: Operations,
     engine: Engine,
-    cookie: str,
+    session: str,
+    token_id: str,
     filters: Filters,
     streams: Streams,
     stopping: Callable[[], bool],
@@ -74,7 +84,7 @@ async def stream(
     """The stream's text, from `filters.after` on, until the node is `stopping`. Its place
     among `streams` is taken once it runs, so a client gone before then holds none; over
     the cap it says `busy` and ends."""
-    if not streams.take():
+    if not streams.take(token_id):
         yield "event: busy\ndata: {}\n\n"
         return
     try:
@@ -84,11 +94,14 @@ async def stream(
         while not stopping() and clock() - started < STREAM_SECONDS:
             if clock() - checked >= SESSION_CHECK_SECONDS:
                 checked = clock()
-                if await asyncio.to_thread(sessions.find, engine, cookie) is None:
+                if await asyncio.to_thread(sessions.find, engine, session) is None:
                     yield "event: ended\ndata: {}\n\n"
                     return
-            asked = filters.model_copy(update={"after": after, "last": MAX_ROWS})
+            asked = filters.model_copy(update={"after": after, "last": MAX_ROWS + 1})
             events = await asyncio.to_thread(operations.timeline, asked)
+            if len(events) > MAX_ROWS:
+                events = events[1:]
+                yield "event: skipped\ndata: {}\n\n"
             for event in events:
                 after = max(after, event.seq)
                 yield as_message(event)
@@ -99,4 +112,4 @@ async def stream(
                 yield ": keepalive\n\n"
             await asyncio.sleep(POLL_SECONDS)
     finally:
-        streams.give_back()
+        streams.give_back(token_id)

@@ -237,8 +237,11 @@ def build_console(
     def link_form(request: Request, code: str) -> HTMLResponse:
         # Redeemed by the button's post, not here: a link preview or scanner that fetches
         # the URL must not use up the link.
+        token = sessions.link_token(ops.engine, code)
+        if token is None:
+            return render(request, "link.html", None, csrf="", code="", used=True, status=401)
         secret = signin.new_login_secret()
-        response = render(request, "link.html", None, csrf=secret, code=code)
+        response = render(request, "link.html", None, csrf=secret, code=code, signs_in_as=token)
         return with_login_secret(request, response, secret)
 
     @router.post("/login/link/{code}")
@@ -255,9 +258,7 @@ def build_console(
     @router.post("/logout")
     async def logout(request: Request, session: Signed) -> Response:
         await posted(request, session, "read")
-        value = request.cookies.get(signin.COOKIE)
-        if value:
-            sessions.end(ops.engine, value)
+        sessions.end(ops.engine, session.cookie)
         response = done("/ui/login")
         response.delete_cookie(signin.COOKIE, path="/ui")
         return response
@@ -270,15 +271,18 @@ def build_console(
 
     @router.get("/")
     def overview(request: Request, session: Signed) -> HTMLResponse:
+        # The head first: the live stream starts after it, so a hit recorded meanwhile is
+        # streamed rather than missed (and not listed twice).
+        summary = ops.overview()
+        after = summary.head.seq
         recent = ops.timeline(Filters(types=["hit"], last=RECENT_HITS))
-        head = ops.head()
         return render(
             request,
             "overview.html",
             session,
-            overview=ops.overview(),
-            recent=recent[::-1],
-            after=head.seq,
+            overview=summary,
+            recent=[event for event in recent[::-1] if event.seq <= after],
+            after=after,
         )
 
     @router.get("/live")
@@ -294,9 +298,10 @@ def build_console(
         if resumed.isdigit() and len(resumed) < 19:
             after = max(after, int(resumed))
         filters = Filters(sandbox=sandbox, after=after, types=["hit"] if only_hits else None)
-        cookie = request.cookies.get(signin.COOKIE, "")
         return StreamingResponse(
-            live.stream(ops, ops.engine, cookie, filters, open_streams, stopping),
+            live.stream(
+                ops, ops.engine, session.cookie, session.token.id, filters, open_streams, stopping
+            ),
             media_type="text/event-stream",
             headers={"x-accel-buffering": "no"},
         )
@@ -323,6 +328,7 @@ def build_console(
         request: Request, sandbox: str, session: Signed, all: bool = False
     ) -> HTMLResponse:
         filters, asked = filters_of(request, sandbox)
+        head = ops.head().seq
         events = ops.timeline(filters if all else filters.model_copy(update={"last": PAGE_EVENTS}))
         return render(
             request,
@@ -335,7 +341,7 @@ def build_console(
             incidents=ops.incidents(Filters(sandbox=sandbox, last=PAGE_INCIDENTS)),
             incidents_cap=PAGE_INCIDENTS,
             canaries=ops.canaries(sandbox),
-            after=max((event.seq for event in events), default=ops.head().seq),
+            after=max([head, *(event.seq for event in events)]),
             live=not asked,
             cut=not all and len(events) == PAGE_EVENTS,
         )

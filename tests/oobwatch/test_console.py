@@ -11,7 +11,7 @@ import re
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import dns.asyncquery
 import dns.message
@@ -147,6 +147,10 @@ async def test_nothing_is_shown_without_a_session(node: Node) -> None:
         for path, fields, _ in FORMS:
             target = path.format(canary="cn-1", alert="al-1", token="t1")
             assert (await client.post(target, data=fields)).status_code == 401, target
+        # The page asked for comes back as it was sent: `a?b` is one sandbox, not a query.
+        asked = await client.get("/ui/sandboxes/a%3Fb?protocol=dns")
+        target = parse_qs(urlsplit(asked.headers["location"]).query)["next"]
+        assert target == ["/ui/sandboxes/a%3Fb?protocol=dns"]
         # A bearer token is for the JSON API only: it does not open a console page.
         _, text = new_token(node, "admin")
         with_bearer = await client.get("/ui/", headers={"Authorization": f"Bearer {text}"})
@@ -321,6 +325,7 @@ async def test_a_login_link_signs_in_once(node: Node) -> None:
         for _ in range(2):
             shown = await first.get(path)
             assert shown.status_code == 200
+        assert f"as token <strong>console-ack</strong> ({token.id}, scope ack)" in shown.text
         used = await first.post(path, data={"csrf": _csrf(shown.text)})
         assert used.status_code == 303
         page = await first.get("/ui/")
@@ -328,7 +333,10 @@ async def test_a_login_link_signs_in_once(node: Node) -> None:
         assert "console-ack (ack)" in page.text
     async with httpx.AsyncClient(base_url=base(node)) as second:
         shown = await second.get(path)
-        again = await second.post(path, data={"csrf": _csrf(shown.text)})
+        assert shown.status_code == 401
+        assert "used already" in shown.text
+        form = await second.get("/ui/login")
+        again = await second.post(path, data={"csrf": _csrf(form.text)})
         assert again.status_code == 401
         assert "used already" in again.text
         assert (await second.get("/ui/")).status_code == 303
@@ -337,8 +345,9 @@ async def test_a_login_link_signs_in_once(node: Node) -> None:
     late = urlsplit(ops(node).login_link(other.id).url).path
     tokens.revoke(node.engine, other.id)
     async with httpx.AsyncClient(base_url=base(node)) as third:
-        shown = await third.get(late)
-        assert (await third.post(late, data={"csrf": _csrf(shown.text)})).status_code == 303
+        assert (await third.get(late)).status_code == 401
+        form = await third.get("/ui/login")
+        assert (await third.post(late, data={"csrf": _csrf(form.text)})).status_code == 303
         assert (await third.get("/ui/")).status_code == 303
 
 
@@ -431,18 +440,44 @@ async def test_live_rows_arrive_and_streams_are_capped(node: Node, receiver: Rec
                         break
         assert row["sandbox"] == "sbx-c"
         assert row["protocol"] == "dns"
-    # Over the cap a stream says so and ends, holding nothing.
-    full = live.Streams(cap=1)
-    held = live.stream(ops(node), node.engine, "", Filters(), full, lambda: False)
+    # Over a cap a stream says so and ends, holding nothing: one token's cap, then the node's.
+    full = live.Streams(cap=2, per_token=1)
+
+    def opened(token_id: str) -> AsyncIterator[str]:
+        return live.stream(ops(node), node.engine, "", token_id, Filters(), full, lambda: False)
+
+    held = opened("tk-a")
     assert (await anext(held)).startswith("retry:")
-    refused = [
-        text
-        async for text in live.stream(ops(node), node.engine, "", Filters(), full, lambda: False)
-    ]
-    assert refused == ["event: busy\ndata: {}\n\n"]
-    assert full.open == 1
+    assert [text async for text in opened("tk-a")] == ["event: busy\ndata: {}\n\n"]
+    other = opened("tk-b")
+    assert (await anext(other)).startswith("retry:")
+    assert [text async for text in opened("tk-c")] == ["event: busy\ndata: {}\n\n"]
+    assert full.open == {"tk-a": 1, "tk-b": 1}
     await held.aclose()
-    assert full.open == 0
+    await other.aclose()
+    assert full.open == {}
+
+
+async def test_a_flood_streams_its_newest_rows_and_says_it_skipped(node: Node) -> None:
+    canary = plant_canary(node.engine, "dns", sandbox="sbx-flood")
+    head = ops(node).head().seq
+    with node.engine.begin() as connection:
+        ledger.append(
+            connection,
+            [
+                hit_event(canary, protocol="dns", peer=("198.51.100.9", 53), node="n1", evidence={})
+                for _ in range(live.MAX_ROWS + 5)
+            ],
+        )
+    rows = live.stream(
+        ops(node), node.engine, "", "tk-a", Filters(after=head), live.Streams(), lambda: False
+    )
+    assert (await anext(rows)).startswith("retry:")
+    assert await anext(rows) == "event: skipped\ndata: {}\n\n"
+    sent = [await anext(rows) for _ in range(live.MAX_ROWS)]
+    await rows.aclose()
+    seqs = [int(text.partition("\n")[0].removeprefix("id: ")) for text in sent]
+    assert seqs == list(range(head + 6, head + live.MAX_ROWS + 6))
 
 
 async def test_a_big_sandbox_page_shows_its_newest_events_and_all_on_request(

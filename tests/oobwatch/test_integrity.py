@@ -9,7 +9,9 @@ from sqlalchemy import Engine, delete, insert, update
 
 from alerts.policy import DEFAULT_ROUTE, Policy, Route, Sink
 from oobwatch.cli import main
+from oobwatch.config import load
 from oobwatch.integrity import Integrity
+from oobwatch.operations import LocalOperations
 from store import ledger
 from store.schema import ledger as ledger_table
 from store.schema import ledger_head
@@ -72,6 +74,12 @@ def test_a_truncated_and_rebuilt_chain_is_caught_by_the_anchor(
     caught = cli(config, "ledger", "verify", "--anchor", str(anchor_file))
     assert caught.exit_code == 1  # ...but the saved heads are gone
     assert "anchored head 20" in caught.stderr
+    # The API's and the console's verify is the node's check: the saved heads count there too.
+    loaded = load(config)
+    checked = Integrity(engine, loaded.policy(), "n1", anchor_file, None, None)
+    verified = LocalOperations(loaded, engine, integrity=checked).verify()
+    assert not verified.intact
+    assert "anchored head 20" in (verified.problem or "")
 
 
 def test_rows_beyond_the_head_are_caught(store: tuple[Path, Engine]) -> None:
