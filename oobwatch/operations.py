@@ -54,7 +54,7 @@ from store import checks, health, ledger, registry, sessions, tokens
 from store.activity import activity
 from store.clock import now_us, to_iso
 from store.engine import open_store
-from store.timeline import find_incident, query_incidents, timeline
+from store.timeline import find_incident, query_incidents, timeline, timeline_page
 
 if TYPE_CHECKING:
     from alerts.state import AlertState
@@ -94,6 +94,8 @@ class Operations(Protocol):
     def timeline(self, filters: Filters) -> list[EventView]: ...
 
     def incidents(self, filters: Filters) -> list[IncidentView]: ...
+
+    def timeline_chunks(self, filters: Filters) -> Iterator[list[EventView]]: ...
 
     def incident(self, incident_id: str) -> IncidentView: ...
 
@@ -256,6 +258,18 @@ class LocalOperations:
     def timeline(self, filters: Filters) -> list[EventView]:
         with self.engine.connect() as connection:
             return [EventView.of(entry) for entry in timeline(connection, filters.query())]
+
+    def timeline_chunks(self, filters: Filters) -> Iterator[list[EventView]]:
+        """The timeline `filters` pick, a chunk at a time, each read on a connection of its
+        own: an export of a long timeline holds neither the store nor all its rows."""
+        query = filters.query()
+        after: tuple[int, int] | None = None
+        while True:
+            with self.engine.connect() as connection:
+                entries, after = timeline_page(connection, query, after, EXPORT_CHUNK)
+            yield [EventView.of(entry) for entry in entries]
+            if after is None:
+                return
 
     def incidents(self, filters: Filters) -> list[IncidentView]:
         gap = self.config.timeline.incident_gap

@@ -11,7 +11,7 @@ import json
 import sys
 import tarfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -58,6 +58,27 @@ def as_json(value: BaseModel | Sequence[BaseModel]) -> str:
     if isinstance(value, BaseModel):
         return value.model_dump_json(indent=2)
     return json.dumps([item.model_dump(mode="json") for item in value], indent=2)
+
+
+def json_chunks(chunks: Iterable[Sequence[BaseModel]]) -> Iterator[str]:
+    """`as_json` of every item of `chunks`, the same text, a chunk at a time."""
+    started = False
+    for chunk in chunks:
+        for item in chunk:
+            text = json.dumps(item.model_dump(mode="json"), indent=2).replace("\n", "\n  ")
+            yield (",\n  " if started else "[\n  ") + text
+            started = True
+    yield "\n]" if started else "[]"
+
+
+def csv_chunks(chunks: Iterable[Sequence[EventView]]) -> Iterator[str]:
+    """`timeline_csv` of every event of `chunks`, the same text, a chunk at a time."""
+    header = True
+    for chunk in chunks:
+        yield timeline_csv(chunk, header)
+        header = False
+    if header:
+        yield timeline_csv([])
 
 
 def spreadsheet_safe(value: Any) -> str:

@@ -99,6 +99,9 @@ class RemoteOperations:
     def timeline(self, filters: Filters) -> list[EventView]:
         return self._get(list[EventView], "GET", "/timeline", params=filters.params())
 
+    def timeline_chunks(self, filters: Filters) -> Iterator[list[EventView]]:
+        yield self.timeline(filters)
+
     def incidents(self, filters: Filters) -> list[IncidentView]:
         return self._get(list[IncidentView], "GET", "/incidents", params=filters.params())
 

@@ -87,6 +87,27 @@ def timeline(connection: Connection, query: TimelineQuery) -> list[Entry]:
     return kept if query.newest is None else kept[-query.newest :]
 
 
+def timeline_page(
+    connection: Connection, query: TimelineQuery, after: tuple[int, int] | None, size: int
+) -> tuple[list[Entry], tuple[int, int] | None]:
+    """The next `size` rows in timeline order after the (time, seq) key `after`: the kept
+    entries, and the key to go on from (None at the end)."""
+    statement = select(ledger).where(*_where(query))
+    if after is not None:
+        time_us, seq = after
+        statement = statement.where(
+            or_(ledger.c.time_us > time_us, and_(ledger.c.time_us == time_us, ledger.c.seq > seq))
+        )
+    read = [
+        Entry(**row._mapping)
+        for row in connection.execute(
+            statement.order_by(ledger.c.time_us, ledger.c.seq).limit(size)
+        )
+    ]
+    onward = (read[-1].time_us, read[-1].seq) if len(read) == size else None
+    return [entry for entry in read if query.keeps(entry)], onward
+
+
 @dataclass(slots=True)
 class Incident:
     """A burst of one sandbox's hits and what followed them."""

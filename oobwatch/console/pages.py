@@ -349,13 +349,13 @@ def build_console(
     @router.get("/export")
     def sandbox_export(request: Request, sandbox: str, _: Signed, format: str = "json") -> Response:
         filters, _asked = filters_of(request, sandbox)
-        events = ops.timeline(filters)
+        chunks = ops.timeline_chunks(filters)
         name = f"timeline-{''.join(c if c.isascii() and (c.isalnum() or c in '-_.') else '_' for c in sandbox)}"
         if format == "csv":
-            body, media, suffix = output.timeline_csv(events), "text/csv", "csv"
+            body, media, suffix = output.csv_chunks(chunks), "text/csv", "csv"
         else:
-            body, media, suffix = output.as_json(events), "application/json", "json"
-        return Response(
+            body, media, suffix = output.json_chunks(chunks), "application/json", "json"
+        return StreamingResponse(
             body,
             media_type=media,
             headers={"content-disposition": f'attachment; filename="{name}.{suffix}"'},

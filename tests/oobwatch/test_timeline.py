@@ -9,7 +9,10 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import Engine
 
+from oobwatch import operations, output
 from oobwatch.cli import main
+from oobwatch.config import load
+from oobwatch.views import Filters
 from store.clock import to_iso
 from store.ledger import Event
 from support import store_with
@@ -112,3 +115,21 @@ def test_table_escapes_control_characters(filled: tuple[Path, Engine]) -> None:
     assert "\x1b" not in table
     assert "\\x1b[2J" in table
     assert "198.51.100.3:53" in table
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 100])
+def test_an_export_in_chunks_is_the_same_text(
+    filled: tuple[Path, Engine], size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, engine = filled
+    monkeypatch.setattr(operations, "EXPORT_CHUNK", size)
+    ops = operations.LocalOperations(load(config), engine)
+    everything = ops.timeline(Filters())
+    assert [e for chunk in ops.timeline_chunks(Filters()) for e in chunk] == everything
+    assert "".join(output.json_chunks(ops.timeline_chunks(Filters()))) == output.as_json(everything)
+    assert "".join(output.csv_chunks(ops.timeline_chunks(Filters()))) == output.timeline_csv(
+        everything
+    )
+    none = Filters(sandbox="nobody")
+    assert "".join(output.json_chunks(ops.timeline_chunks(none))) == output.as_json([])
+    assert "".join(output.csv_chunks(ops.timeline_chunks(none))) == output.timeline_csv([])

@@ -21,6 +21,7 @@ from store.timeline import (
     incidents,
     query_incidents,
     timeline,
+    timeline_page,
 )
 
 GAP = 100
@@ -91,6 +92,13 @@ def test_sql_summaries_match_grouping_every_entry(
             )
             assert set(got.sources) == {s for incident in whole for s in incident.sources}
             assert len(got.named_sources) == min(SOURCES_NAMED, len(got.sources))
+            paged, after = [], None
+            while True:
+                page, after = timeline_page(connection, TimelineQuery(sandbox=name), after, 3)
+                paged += page
+                if after is None:
+                    break
+            assert paged == timeline(connection, TimelineQuery(sandbox=name))
             recent = query_incidents(connection, TimelineQuery(sandbox=name, newest=newest), GAP)
             assert [i.entries for i in recent] == [i.entries for i in whole[-newest:]]
             for incident in whole:
