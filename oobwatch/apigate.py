@@ -107,6 +107,9 @@ class ApiGate:
         except TimeoutError:
             await _refuse(send, 408, "the request body did not arrive in time")
             return
+        # Kept for the console's form handlers, which run off the event loop (as plain
+        # functions, in the thread pool) and so cannot await the body.
+        state["body"] = body
         await self._app(scope, _replay(body, receive), send)
 
     async def _signed_in(self, scope: Scope, state: dict[str, Any], send: Send) -> bool:

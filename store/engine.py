@@ -15,7 +15,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # WAL pages past which a commit checkpoints, when a thread of its own does the rest (64 MB).
 OWN_CHECKPOINT_PAGES = 16384
 # The newest migration in migrations/versions; a test checks they agree.
-HEAD_REVISION = "0010"
+HEAD_REVISION = "0011"
 # How long a node waits for SQLite's lock before its writer spools instead.
 NODE_BUSY_MS = 500
 _PG_TIMEOUTS = {"connect_timeout": 3, "tcp_user_timeout": 5000}

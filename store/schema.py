@@ -56,6 +56,7 @@ ledger = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
     Index("ix_ledger_sandbox_time", "sandbox", "time_us"),
+    Index("ix_ledger_sandbox_seq", "sandbox", "seq"),
     Index("ix_ledger_canary_time", "canary_id", "time_us"),
     Index("ix_ledger_time", "time_us"),
 )

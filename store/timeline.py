@@ -77,7 +77,14 @@ def _in_sql(query: TimelineQuery) -> bool:
 def timeline(connection: Connection, query: TimelineQuery) -> list[Entry]:
     statement = select(ledger).where(*_where(query)).order_by(ledger.c.time_us, ledger.c.seq)
     if query.newest is not None and _in_sql(query):
-        statement = statement.order_by(None).order_by(ledger.c.time_us.desc(), ledger.c.seq.desc())
+        # Rows after a seq (a live view's poll) are newest by seq: a range of the primary
+        # key, not a walk down the time index past every older row.
+        newest_first = (
+            (ledger.c.seq.desc(),)
+            if query.after_seq is not None
+            else (ledger.c.time_us.desc(), ledger.c.seq.desc())
+        )
+        statement = statement.order_by(None).order_by(*newest_first)
         newest = [
             Entry(**row._mapping) for row in connection.execute(statement.limit(query.newest))
         ]

@@ -118,10 +118,10 @@ def build_console(
     ) -> HTMLResponse:
         return rendered(request, name, ops.config.node.name, session, status, **context)
 
-    async def posted(request: Request, session: Session, scope: str) -> dict[str, str]:
+    def posted(request: Request, session: Session, scope: str) -> dict[str, str]:
         """A form that passed the origin, CSRF and scope checks."""
         signin.check_origin(request, public_url)
-        fields = await signin.form(request)
+        fields = signin.form(request)
         signin.check_csrf(fields, session.csrf)
         if not session.token.may(scope):
             raise HTTPException(
@@ -215,9 +215,9 @@ def build_console(
         return bool(expected) and hmac.compare_digest(expected.encode(), given.encode())
 
     @router.post("/login")
-    async def login(request: Request) -> Response:
+    def login(request: Request) -> Response:
         signin.check_origin(request, public_url)
-        fields = await signin.form(request)
+        fields = signin.form(request)
         if not login_secret_matches(request, fields):
             raise HTTPException(403, "the sign-in form's CSRF token is missing or wrong: reload it")
         token = tokens.authenticate(ops.engine, fields.get("token", "").strip())
@@ -245,9 +245,9 @@ def build_console(
         return with_login_secret(request, response, secret)
 
     @router.post("/login/link/{code}")
-    async def redeem_link(request: Request, code: str) -> Response:
+    def redeem_link(request: Request, code: str) -> Response:
         signin.check_origin(request, public_url)
-        fields = await signin.form(request)
+        fields = signin.form(request)
         if not login_secret_matches(request, fields):
             raise HTTPException(403, "the sign-in form's CSRF token is missing or wrong: reload it")
         token_id = sessions.redeem(ops.engine, code)
@@ -256,8 +256,8 @@ def build_console(
         return start_session(request, token_id, "/ui/")
 
     @router.post("/logout")
-    async def logout(request: Request, session: Signed) -> Response:
-        await posted(request, session, "read")
+    def logout(request: Request, session: Signed) -> Response:
+        posted(request, session, "read")
         sessions.end(ops.engine, session.cookie)
         response = done("/ui/login")
         response.delete_cookie(signin.COOKIE, path="/ui")
@@ -395,8 +395,8 @@ def build_console(
         return done(f"/ui/incidents/{found.id}#alert-{alert_id}")
 
     @router.post("/alerts/{alert_id}/{action}")
-    async def settle(request: Request, alert_id: str, action: str, session: Signed) -> Response:
-        fields = await posted(request, session, "ack")
+    def settle(request: Request, alert_id: str, action: str, session: Signed) -> Response:
+        fields = posted(request, session, "ack")
         settling = {"ack": ops.ack, "resolve": ops.resolve}.get(action)
         if settling is None:
             raise HTTPException(404, f"no action {action}")
@@ -441,8 +441,8 @@ def build_console(
         )
 
     @router.post("/canaries")
-    async def mint_form(request: Request, session: Signed) -> Response:
-        fields = await posted(request, session, "mint")
+    def mint_form(request: Request, session: Signed) -> Response:
+        fields = posted(request, session, "mint")
 
         def minted() -> Response:
             asked = MintRequest(
@@ -458,8 +458,8 @@ def build_console(
         return attempt(request, session, minted)
 
     @router.post("/canaries/{canary_id}/retire")
-    async def retire_form(request: Request, canary_id: str, session: Signed) -> Response:
-        await posted(request, session, "mint")
+    def retire_form(request: Request, canary_id: str, session: Signed) -> Response:
+        posted(request, session, "mint")
 
         def retired() -> Response:
             ops.retire(canary_id, ActorRequest(by=session.token.name))
@@ -468,8 +468,8 @@ def build_console(
         return attempt(request, session, retired)
 
     @router.post("/plant")
-    async def plant_form(request: Request, session: Signed) -> Response:
-        fields = await posted(request, session, "mint")
+    def plant_form(request: Request, session: Signed) -> Response:
+        fields = posted(request, session, "mint")
 
         def planted() -> Response:
             bundle = ops.plant(PlantRequest(sandbox=fields.get("sandbox", "")))
@@ -488,13 +488,13 @@ def build_console(
         return ledger_page(request, session)
 
     @router.post("/ledger/verify")
-    async def verify_form(request: Request, session: Signed) -> HTMLResponse:
-        await posted(request, session, "admin")
+    def verify_form(request: Request, session: Signed) -> HTMLResponse:
+        posted(request, session, "admin")
         return ledger_page(request, session, verdict=ops.verify())
 
     @router.post("/ledger/anchor")
-    async def anchor_form(request: Request, session: Signed) -> Response:
-        await posted(request, session, "admin")
+    def anchor_form(request: Request, session: Signed) -> Response:
+        posted(request, session, "admin")
 
         def anchored() -> Response:
             ops.anchor()
@@ -515,8 +515,8 @@ def build_console(
         return tokens_page(request, session)
 
     @router.post("/tokens")
-    async def token_create(request: Request, session: Signed) -> Response:
-        fields = await posted(request, session, "admin")
+    def token_create(request: Request, session: Signed) -> Response:
+        fields = posted(request, session, "admin")
 
         def created() -> Response:
             asked = TokenRequest(name=fields.get("name", ""), scope=fields.get("scope", ""))  # type: ignore[arg-type]
@@ -525,10 +525,8 @@ def build_console(
         return attempt(request, session, created)
 
     @router.post("/tokens/{token_id}/{action}")
-    async def token_action(
-        request: Request, token_id: str, action: str, session: Signed
-    ) -> Response:
-        await posted(request, session, "admin")
+    def token_action(request: Request, token_id: str, action: str, session: Signed) -> Response:
+        posted(request, session, "admin")
 
         def revoked() -> Response:
             ops.revoke_token(token_id)

@@ -53,9 +53,9 @@ def new_login_secret() -> str:
     return secrets.token_urlsafe(24)
 
 
-async def form(request: Request) -> dict[str, str]:
-    """A posted URL-encoded form (the gate has bounded its size); each field once."""
-    body = (await request.body()).decode("utf-8", "replace")
+def form(request: Request) -> dict[str, str]:
+    """A posted URL-encoded form (the gate has read it, bounded in size); each field once."""
+    body = bytes(getattr(request.state, "body", b"")).decode("utf-8", "replace")
     try:
         pairs = parse_qsl(body, keep_blank_values=True, max_num_fields=MAX_FIELDS)
     except ValueError:
