@@ -64,6 +64,8 @@ if TYPE_CHECKING:
 _RENEWING = threading.Lock()
 # Ledger rows an export reads per query.
 EXPORT_CHUNK = 2000
+# The events an incident is shown with; its summary counts them all.
+INCIDENT_EVENTS = 500
 
 
 class NotFound(LookupError):
@@ -278,11 +280,15 @@ class LocalOperations:
         return [incident_view(incident) for incident in found]
 
     def incident(self, incident_id: str) -> IncidentView:
+        """An incident with its first `INCIDENT_EVENTS` events and every alert event, summed
+        over all its hits."""
+        gap = self.config.timeline.incident_gap
         with self.engine.connect() as connection:
-            found = find_incident(connection, incident_id, self.config.timeline.incident_gap)
-        if found is None:
-            raise NotFound(f"no incident {incident_id}")
-        return incident_view(found, with_events=True)
+            found = find_incident(connection, incident_id, gap, INCIDENT_EVENTS)
+            if found is None:
+                raise NotFound(f"no incident {incident_id}")
+            summed = activity(connection, gap, *found.span)[found.sandbox]
+        return incident_view(found, with_events=True, summed=summed)
 
     def alerts(self, open_only: bool = False) -> list[AlertView]:
         from alerts.state import list_alerts
@@ -363,7 +369,9 @@ class LocalOperations:
         moment = now_us()
         with self.engine.connect() as connection:
             rows = registry.listing(connection)
-            summed = activity(connection, self.config.timeline.incident_gap, HEARTBEAT_SANDBOX)
+            summed = activity(
+                connection, self.config.timeline.incident_gap, exclude=HEARTBEAT_SANDBOX
+            )
         canaries: dict[str, list[Canary]] = {}
         for row in rows:
             canary = Canary.from_row(row)

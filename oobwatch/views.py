@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from canaries.kinds import CredentialFormat
 from canaries.model import HEARTBEAT_SANDBOX, Canary, Kind, Protocol, Severity
 from store import bursts
+from store.activity import Activity
 from store.checks import Check
 from store.clock import from_iso, to_iso
 from store.health import ListenerHealth
@@ -272,6 +273,9 @@ class IncidentView(View):
     acked_by: list[str | None]
     follow_up: list[FollowUp]
     events: list[EventView] = []
+    events_cut: bool = Field(
+        default=False, description="events holds the first events and every alert event only"
+    )
 
 
 class AlertView(View):
@@ -535,18 +539,22 @@ def detail(event: EventView) -> str:
     return str(data.get("value", ""))
 
 
-def incident_view(incident: Incident, with_events: bool = False) -> IncidentView:
-    """An incident summarised, with every event when `with_events`."""
+def incident_view(
+    incident: Incident, with_events: bool = False, summed: Activity | None = None
+) -> IncidentView:
+    """An incident summarised (from `summed` when its hits were counted by the database), with
+    the events read when `with_events`."""
     entries = incident.entries
+    hits = summed.hits if summed else incident.hit_count
     return IncidentView(
         id=incident.id,
         sandbox=incident.sandbox,
         first=to_iso(incident.first_us),
-        last=to_iso(incident.last_us),
-        hits=incident.hit_count,
-        channels=incident.channels,
-        sources=incident.sources,
-        canaries=incident.canaries,
+        last=to_iso(summed.last_us if summed else incident.last_us),
+        hits=hits,
+        channels=sorted(summed.channels) if summed else incident.channels,
+        sources=list(summed.sources) if summed else incident.sources,
+        canaries=list(summed.canaries) if summed else incident.canaries,
         alerts=[e.evidence.get("alert_id") for e in entries if e.type == "alert_opened"],
         acked_by=[e.evidence.get("by") for e in entries if e.type == "alert_acked"],
         follow_up=[
@@ -554,4 +562,5 @@ def incident_view(incident: Incident, with_events: bool = False) -> IncidentView
             for e in incident.follow_up
         ],
         events=[EventView.of(e) for e in entries] if with_events else [],
+        events_cut=incident.cut,
     )

@@ -8,7 +8,7 @@ a few a second of a burst, and the distinct sources are read here.
 import json
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import ColumnElement, Connection, func, select
 
 from store import bursts
 from store.ledger import split_source
@@ -29,15 +29,20 @@ class Activity:
     incidents: int = 0
     channels: set[str] = field(default_factory=set)
     sources: dict[str, None] = field(default_factory=dict)
+    canaries: dict[str, None] = field(default_factory=dict)
 
     @property
     def named_sources(self) -> list[str]:
         return list(self.sources)[:SOURCES_NAMED]
 
 
-def activity(connection: Connection, gap_us: int, exclude: str) -> dict[str, Activity]:
-    """Every sandbox with a hit (but `exclude`), by name."""
-    hits = (ledger.c.type == "hit", ledger.c.sandbox.is_not(None), ledger.c.sandbox != exclude)
+def activity(
+    connection: Connection, gap_us: int, *where: ColumnElement[bool], exclude: str | None = None
+) -> dict[str, Activity]:
+    """Every sandbox with a hit among the rows `where` picks (but `exclude`), by name."""
+    hits = (ledger.c.type == "hit", ledger.c.sandbox.is_not(None), *where)
+    if exclude is not None:
+        hits += (ledger.c.sandbox != exclude,)
     found = {
         sandbox: Activity(sandbox, int(count), int(last))
         for sandbox, count, last in connection.execute(
@@ -62,6 +67,14 @@ def activity(connection: Connection, gap_us: int, exclude: str) -> dict[str, Act
         address = split_source(source)[0]
         if address is not None:
             found[sandbox].sources[address] = None
+    first_hit = func.min(ledger.c.seq)
+    for sandbox, canary_id, _ in connection.execute(
+        select(ledger.c.sandbox, ledger.c.canary_id, first_hit)
+        .where(*hits, ledger.c.canary_id.is_not(None))
+        .group_by(ledger.c.sandbox, ledger.c.canary_id)
+        .order_by(first_hit)
+    ):
+        found[sandbox].canaries[canary_id] = None
     aggregates = select(ledger.c.sandbox, ledger.c.data).where(
         *hits, ledger.c.data.contains(bursts.MARKER, autoescape=True)
     )

@@ -10,7 +10,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from sqlalchemy import ColumnElement, Connection, Subquery, and_, func, or_, select
+from sqlalchemy import ColumnElement, Connection, Subquery, and_, func, not_, or_, select
 
 from store import bursts
 from store.ledger import Entry
@@ -122,6 +122,10 @@ class Incident:
     sandbox: str
     entries: list[Entry] = field(default_factory=list)
     hits: list[Entry] = field(default_factory=list)
+    # Set when read by `find_incident`: the rows of the whole incident, and whether only
+    # its first rows (and its alert events) were read.
+    span: list[ColumnElement[bool]] = field(default_factory=list)
+    cut: bool = False
 
     def add(self, entry: Entry) -> None:
         self.entries.append(entry)
@@ -235,11 +239,15 @@ def query_incidents(connection: Connection, query: TimelineQuery, gap_us: int) -
     return found if count is None else found[-count:]
 
 
-def find_incident(connection: Connection, incident_id: str, gap_us: int) -> Incident | None:
+def find_incident(
+    connection: Connection, incident_id: str, gap_us: int, rows: int | None = None
+) -> Incident | None:
     """The incident `in-<seq>` holding hit seq (whose first hit it is, for its own id), or None.
 
     Reads only that incident's rows: the hits before it are counted by the
-    database to find where it starts, and the read stops where the next begins.
+    database to find where it starts, and where the next one starts bounds it.
+    With `rows`, only its first that many rows and its alert events are read;
+    `Incident.span` then selects the whole incident for summing in SQL.
     """
     try:
         seq = int(incident_id.removeprefix("in-"))
@@ -254,32 +262,47 @@ def find_incident(connection: Connection, incident_id: str, gap_us: int) -> Inci
     ).first()
     if hit is None:
         return None
-    upto = or_(
-        ledger.c.time_us < hit.time_us, and_(ledger.c.time_us == hit.time_us, ledger.c.seq <= seq)
-    )
-    earlier = starts(gap_us, ledger.c.sandbox == hit.sandbox, upto)
+    own = ledger.c.sandbox == hit.sandbox
+    earlier = starts(gap_us, own, _at_or_before(hit.time_us, seq))
     first_seq, first_us = connection.execute(
         select(earlier.c.seq, earlier.c.time_us)
         .where(earlier.c.opens)
         .order_by(earlier.c.time_us.desc(), earlier.c.seq.desc())
         .limit(1)
     ).one()
-    onward = (
-        select(ledger)
-        .where(
-            ledger.c.sandbox == hit.sandbox,
-            or_(
-                ledger.c.time_us > first_us,
-                and_(ledger.c.time_us == first_us, ledger.c.seq >= first_seq),
-            ),
-        )
-        .order_by(ledger.c.time_us, ledger.c.seq)
-    )
-    incident = Incident(hit.sandbox)
-    with connection.execution_options(yield_per=500).execute(onward) as rows:
-        for row in rows:
-            entry = Entry(**row._mapping)
-            if entry.type == "hit" and incident.hits and opens(incident, entry, gap_us):
-                break
-            incident.add(entry)
+    onward = not_(_at_or_before(first_us, first_seq - 1))
+    later = starts(gap_us, own, onward)
+    following = connection.execute(
+        select(later.c.time_us, later.c.seq)
+        .where(later.c.opens, later.c.seq != first_seq)
+        .order_by(later.c.time_us, later.c.seq)
+        .limit(1)
+    ).first()
+    span = [own, onward]
+    if following is not None:
+        span.append(_at_or_before(following.time_us, following.seq - 1))
+    statement = select(ledger).where(*span).order_by(ledger.c.time_us, ledger.c.seq)
+    incident = Incident(hit.sandbox, span=span)
+    bound = None if rows is None else rows + 1
+    read = [Entry(**row._mapping) for row in connection.execute(statement.limit(bound))]
+    if rows is not None and len(read) > rows:
+        incident.cut = True
+        read = read[:rows]
+        last = (read[-1].time_us, read[-1].seq)
+        read += [
+            Entry(**row._mapping)
+            for row in connection.execute(
+                statement.where(
+                    ledger.c.type.startswith("alert_", autoescape=True),
+                    not_(_at_or_before(*last)),
+                )
+            )
+        ]
+    for entry in read:
+        incident.add(entry)
     return incident
+
+
+def _at_or_before(time_us: int, seq: int) -> ColumnElement[bool]:
+    """Rows at or before (time, seq) in timeline order."""
+    return or_(ledger.c.time_us < time_us, and_(ledger.c.time_us == time_us, ledger.c.seq <= seq))

@@ -371,8 +371,8 @@ def build_console(
                 "incident.html",
                 session,
                 incident=found,
-                events=found.events[:PAGE_EVENTS],
-                cut=len(found.events) > PAGE_EVENTS,
+                events=found.events,
+                cut=found.events_cut,
                 alerts=[alerts[a] for a in found.alerts if a in alerts],
             )
 

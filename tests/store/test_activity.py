@@ -76,7 +76,7 @@ def test_sql_summaries_match_grouping_every_entry(
     with engine.begin() as connection:
         ledger.append(connection, events)
     with engine.connect() as connection:
-        summed = activity(connection, GAP, "unused")
+        summed = activity(connection, GAP, exclude="unused")
         for name in names:
             whole = incidents(timeline(connection, TimelineQuery(sandbox=name)), GAP)
             if not whole:
@@ -106,6 +106,19 @@ def test_sql_summaries_match_grouping_every_entry(
                     found = find_incident(connection, f"in-{hit.seq}", GAP)
                     assert found is not None
                     assert (found.id, found.entries) == (incident.id, incident.entries)
+                short = find_incident(connection, incident.id, GAP, rows=2)
+                assert short is not None
+                first, rest = incident.entries[:2], incident.entries[2:]
+                assert short.cut == bool(rest)
+                assert short.entries == first + [e for e in rest if e.type.startswith("alert_")]
+                [span] = activity(connection, GAP, *short.span).values()
+                assert (span.hits, span.incidents, span.last_us) == (
+                    incident.hit_count,
+                    1,
+                    incident.last_us,
+                )
+                assert list(span.canaries) == incident.canaries
+                assert set(span.sources) == set(incident.sources)
 
 
 def test_only_hits_name_an_incident(engine: Engine) -> None:
