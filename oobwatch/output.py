@@ -241,6 +241,12 @@ def print_incident_story(incident: IncidentView, fmt: str) -> None:
         if event.type == "hit":
             for key, value in sorted(event.evidence.items()):
                 lines.append(f"    {key}: {json.dumps(value, ensure_ascii=False)}")
+    if incident.events_cut:
+        lines += [
+            "",
+            f"(the first events and every alert event; `timeline --sandbox {incident.sandbox}"
+            f" --since {incident.first}` lists every one)",
+        ]
     print_lines(lines)
 
 
