@@ -51,10 +51,10 @@ from oobwatch.views import (
     incident_view,
 )
 from store import checks, health, ledger, registry, sessions, tokens
-from store.activity import activity
+from store.activity import activity, newest_incidents
 from store.clock import now_us, to_iso
 from store.engine import open_store
-from store.timeline import find_incident, query_incidents, timeline, timeline_page
+from store.timeline import find_incident, in_sql, query_incidents, timeline, timeline_page
 
 if TYPE_CHECKING:
     from alerts.state import AlertState
@@ -275,8 +275,12 @@ class LocalOperations:
 
     def incidents(self, filters: Filters) -> list[IncidentView]:
         gap = self.config.timeline.incident_gap
+        query = filters.query()
         with self.engine.connect() as connection:
-            found = query_incidents(connection, filters.query(), gap)
+            if query.newest is not None and in_sql(query):
+                newest = newest_incidents(connection, query, gap, query.newest)
+                return [incident_view(incident, summed=summed) for incident, summed in newest]
+            found = query_incidents(connection, query, gap)
         return [incident_view(incident) for incident in found]
 
     def incident(self, incident_id: str) -> IncidentView:

@@ -8,12 +8,19 @@ a few a second of a burst, and the distinct sources are read here.
 import json
 from dataclasses import dataclass, field
 
-from sqlalchemy import ColumnElement, Connection, func, select
+from sqlalchemy import ColumnElement, Connection, func, or_, select
 
 from store import bursts
-from store.ledger import split_source
+from store.ledger import Entry, split_source
 from store.schema import ledger
-from store.timeline import starts
+from store.timeline import (
+    Incident,
+    TimelineQuery,
+    at_or_after,
+    at_or_before,
+    conditions,
+    starts,
+)
 
 # A sandbox's sources named in its summary; the rest are counted.
 SOURCES_NAMED = 20
@@ -85,3 +92,41 @@ def activity(
         summed.channels.update(bursts.protocols_of(loaded))
         summed.sources.update(dict.fromkeys(bursts.sources_of(loaded)))
     return found
+
+
+def newest_incidents(
+    connection: Connection, query: TimelineQuery, gap_us: int, count: int
+) -> list[tuple[Incident, Activity]]:
+    """The newest `count` incidents of the entries `query` picks (filters SQL expresses),
+    oldest first: each with its first hit and alert events, and its hits summed by the
+    database, so a long incident costs its summary, not its rows."""
+    where = conditions(query)
+    opened = starts(gap_us, *where)
+    heads = connection.execute(
+        select(opened.c.seq, opened.c.sandbox, opened.c.time_us)
+        .where(opened.c.opens)
+        .order_by(opened.c.time_us.desc(), opened.c.seq.desc())
+        .limit(count)
+    ).all()
+    # Newest first: a sandbox's next incident, which ends this one, was seen already.
+    following: dict[str, tuple[int, int]] = {}
+    found = []
+    for seq, sandbox, time_us in heads:
+        span = [*where, ledger.c.sandbox == sandbox, at_or_after(time_us, seq)]
+        if sandbox in following:
+            next_us, next_seq = following[sandbox]
+            span.append(at_or_before(next_us, next_seq - 1))
+        following[sandbox] = (time_us, seq)
+        rows = (
+            select(ledger)
+            .where(
+                *span,
+                or_(ledger.c.seq == seq, ledger.c.type.startswith("alert_", autoescape=True)),
+            )
+            .order_by(ledger.c.time_us, ledger.c.seq)
+        )
+        incident = Incident(sandbox, span=span)
+        for row in connection.execute(rows):
+            incident.add(Entry(**row._mapping))
+        found.append((incident, activity(connection, gap_us, *span)[sandbox]))
+    return found[::-1]

@@ -10,7 +10,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from sqlalchemy import ColumnElement, Connection, Subquery, and_, func, not_, or_, select
+from sqlalchemy import ColumnElement, Connection, Subquery, and_, func, or_, select
 
 from store import bursts
 from store.ledger import Entry
@@ -48,7 +48,7 @@ class TimelineQuery:
         return True
 
 
-def _where(query: TimelineQuery) -> list[ColumnElement[bool]]:
+def conditions(query: TimelineQuery) -> list[ColumnElement[bool]]:
     """The filters expressed in SQL."""
     where = []
     if query.sandbox is not None:
@@ -70,13 +70,13 @@ def _where(query: TimelineQuery) -> list[ColumnElement[bool]]:
     return where
 
 
-def _in_sql(query: TimelineQuery) -> bool:
+def in_sql(query: TimelineQuery) -> bool:
     return query.kind is None and query.source is None
 
 
 def timeline(connection: Connection, query: TimelineQuery) -> list[Entry]:
-    statement = select(ledger).where(*_where(query)).order_by(ledger.c.time_us, ledger.c.seq)
-    if query.newest is not None and _in_sql(query):
+    statement = select(ledger).where(*conditions(query)).order_by(ledger.c.time_us, ledger.c.seq)
+    if query.newest is not None and in_sql(query):
         # Rows after a seq (a live view's poll) are newest by seq: a range of the primary
         # key, not a walk down the time index past every older row.
         newest_first = (
@@ -99,7 +99,7 @@ def timeline_page(
 ) -> tuple[list[Entry], tuple[int, int] | None]:
     """The next `size` rows in timeline order after the (time, seq) key `after`: the kept
     entries, and the key to go on from (None at the end)."""
-    statement = select(ledger).where(*_where(query))
+    statement = select(ledger).where(*conditions(query))
     if after is not None:
         time_us, seq = after
         statement = statement.where(
@@ -219,24 +219,11 @@ def starts(gap_us: int, *where: ColumnElement[bool]) -> Subquery:
 
 
 def query_incidents(connection: Connection, query: TimelineQuery, gap_us: int) -> list[Incident]:
-    """The incidents of the entries `query` picks; with `newest`, only the newest that many
-    incidents, reading their entries and no older ones."""
-    count = query.newest
-    query = replace(query, newest=None)
-    if count is not None and _in_sql(query):
-        opened = starts(gap_us, *_where(query))
-        oldest = connection.execute(
-            select(opened.c.time_us)
-            .where(opened.c.opens)
-            .order_by(opened.c.time_us.desc(), opened.c.seq.desc())
-            .limit(1)
-            .offset(count - 1)
-        ).scalar()
-        if oldest is not None:
-            since = oldest if query.since_us is None else max(query.since_us, oldest)
-            query = replace(query, since_us=since)
-    found = incidents(timeline(connection, query), gap_us)
-    return found if count is None else found[-count:]
+    """The incidents of the entries `query` picks, grouped from all of them; with `newest`,
+    the newest that many (`activity.newest_incidents` reads only those, where SQL can pick
+    the entries)."""
+    found = incidents(timeline(connection, replace(query, newest=None)), gap_us)
+    return found if query.newest is None else found[-query.newest :]
 
 
 def find_incident(
@@ -263,14 +250,14 @@ def find_incident(
     if hit is None:
         return None
     own = ledger.c.sandbox == hit.sandbox
-    earlier = starts(gap_us, own, _at_or_before(hit.time_us, seq))
+    earlier = starts(gap_us, own, at_or_before(hit.time_us, seq))
     first_seq, first_us = connection.execute(
         select(earlier.c.seq, earlier.c.time_us)
         .where(earlier.c.opens)
         .order_by(earlier.c.time_us.desc(), earlier.c.seq.desc())
         .limit(1)
     ).one()
-    onward = not_(_at_or_before(first_us, first_seq - 1))
+    onward = at_or_after(first_us, first_seq)
     later = starts(gap_us, own, onward)
     following = connection.execute(
         select(later.c.time_us, later.c.seq)
@@ -280,7 +267,7 @@ def find_incident(
     ).first()
     span = [own, onward]
     if following is not None:
-        span.append(_at_or_before(following.time_us, following.seq - 1))
+        span.append(at_or_before(following.time_us, following.seq - 1))
     statement = select(ledger).where(*span).order_by(ledger.c.time_us, ledger.c.seq)
     incident = Incident(hit.sandbox, span=span)
     bound = None if rows is None else rows + 1
@@ -294,7 +281,7 @@ def find_incident(
             for row in connection.execute(
                 statement.where(
                     ledger.c.type.startswith("alert_", autoescape=True),
-                    not_(_at_or_before(*last)),
+                    at_or_after(last[0], last[1] + 1),
                 )
             )
         ]
@@ -303,6 +290,11 @@ def find_incident(
     return incident
 
 
-def _at_or_before(time_us: int, seq: int) -> ColumnElement[bool]:
-    """Rows at or before (time, seq) in timeline order."""
-    return or_(ledger.c.time_us < time_us, and_(ledger.c.time_us == time_us, ledger.c.seq <= seq))
+def at_or_before(time_us: int, seq: int) -> ColumnElement[bool]:
+    """Rows at or before (time, seq) in timeline order (the time bound alone is indexed)."""
+    return and_(ledger.c.time_us <= time_us, or_(ledger.c.time_us < time_us, ledger.c.seq <= seq))
+
+
+def at_or_after(time_us: int, seq: int) -> ColumnElement[bool]:
+    """Rows at or after (time, seq) in timeline order."""
+    return and_(ledger.c.time_us >= time_us, or_(ledger.c.time_us > time_us, ledger.c.seq >= seq))

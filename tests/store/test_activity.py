@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine
 
 from store import ledger
-from store.activity import SOURCES_NAMED, activity
+from store.activity import SOURCES_NAMED, activity, newest_incidents
 from store.timeline import (
     TimelineQuery,
     find_incident,
@@ -76,6 +76,10 @@ def test_sql_summaries_match_grouping_every_entry(
     with engine.begin() as connection:
         ledger.append(connection, events)
     with engine.connect() as connection:
+        everywhere = incidents(timeline(connection, TimelineQuery()), GAP)[-newest:]
+        listed = newest_incidents(connection, TimelineQuery(), GAP, newest)
+        assert [(i.id, i.follow_up) for i, _ in listed] == [(i.id, i.follow_up) for i in everywhere]
+        assert [total.hits for _, total in listed] == [i.hit_count for i in everywhere]
         summed = activity(connection, GAP, exclude="unused")
         for name in names:
             whole = incidents(timeline(connection, TimelineQuery(sandbox=name)), GAP)
@@ -101,6 +105,13 @@ def test_sql_summaries_match_grouping_every_entry(
             assert paged == timeline(connection, TimelineQuery(sandbox=name))
             recent = query_incidents(connection, TimelineQuery(sandbox=name, newest=newest), GAP)
             assert [i.entries for i in recent] == [i.entries for i in whole[-newest:]]
+            listed = newest_incidents(connection, TimelineQuery(sandbox=name), GAP, newest)
+            assert [i.id for i, _ in listed] == [i.id for i in whole[-newest:]]
+            for (incident, total), expected in zip(listed, whole[-newest:], strict=True):
+                assert incident.follow_up == expected.follow_up
+                assert (total.hits, total.last_us) == (expected.hit_count, expected.last_us)
+                assert list(total.canaries) == expected.canaries
+                assert set(total.sources) == set(expected.sources)
             for incident in whole:
                 for hit in incident.hits:
                     found = find_incident(connection, f"in-{hit.seq}", GAP)
