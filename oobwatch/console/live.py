@@ -63,6 +63,8 @@ def as_message(event: EventView) -> str:
         "time": event.time,
         "type": event.type,
         "sandbox": escaped(event.sandbox),
+        # The name itself, for the link: the escaped one names another sandbox.
+        "sandbox_name": event.sandbox,
         "protocol": event.protocol,
         "source": escaped(event.source_ip),
         "canary": event.canary_id,

@@ -25,7 +25,7 @@ from oobwatch.console import live
 from oobwatch.console.pages import PAGE_EVENTS
 from oobwatch.operations import LocalOperations
 from oobwatch.serve import Node, start
-from oobwatch.views import Filters
+from oobwatch.views import EventView, Filters
 from store import ledger, tokens
 from support import Receiver, node_config, plant_canary, settle
 
@@ -502,3 +502,24 @@ async def test_a_big_sandbox_page_shows_its_newest_events_and_all_on_request(
     # Every hit, and the canary_minted row before them.
     assert whole.count('<tr class="type-hit"') == PAGE_EVENTS + 100
     assert 'id="cut"' not in whole
+
+
+def test_a_live_row_shows_an_escaped_sandbox_and_links_to_the_real_one() -> None:
+    entry = ledger.Entry(
+        seq=7,
+        time_us=1_790_000_000_000_000,
+        type="hit",
+        canary_id="cn-1",
+        sandbox="sbx\x1b[2J\u202e",
+        protocol="dns",
+        source="198.51.100.7",
+        node="n1",
+        data="{}",
+        prev_hash="0" * 64,
+        hash="1" * 64,
+    )
+    message = live.as_message(EventView.of(entry))
+    row = json.loads(message.partition("data: ")[2])
+    assert row["sandbox_name"] == "sbx\x1b[2J\u202e"
+    assert "\x1b" not in row["sandbox"]
+    assert "\u202e" not in row["sandbox"]

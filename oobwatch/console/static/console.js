@@ -4,12 +4,12 @@
 (function () {
   const MAX_ROWS = 500;
 
-  function cell(row, key, value) {
+  function cell(row, key, value, event) {
     const td = document.createElement("td");
     const text = value === null || value === undefined ? "" : String(value);
     if (key === "sandbox" && text) {
       const link = document.createElement("a");
-      link.href = "/ui/sandboxes/" + encodeURIComponent(text);
+      link.href = "/ui/sandboxes/" + encodeURIComponent(String(event.sandbox_name));
       link.textContent = text;
       td.appendChild(link);
     } else if (key === "time") {
@@ -63,7 +63,7 @@
         const row = document.createElement("tr");
         row.className = "fresh type-" + String(event.type).replace(/[^a-z_]/g, "");
         row.dataset.seq = String(event.seq);
-        for (const key of columns) cell(row, key, event[key]);
+        for (const key of columns) cell(row, key, event[key], event);
         const empty = body.querySelector("tr.empty");
         if (empty) empty.remove();
         if (table.dataset.order === "oldest-first") body.appendChild(row);
