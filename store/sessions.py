@@ -13,7 +13,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Column, Engine, RowMapping, Table, delete, insert, select
 
 from store.clock import now_us
 from store.schema import api_tokens, console_sessions, login_links
@@ -61,20 +61,26 @@ def open_session(engine: Engine, token_id: str, lifetime_us: int) -> tuple[str, 
 
 def find(engine: Engine, value: str) -> Session | None:
     """The live session a cookie value stands for: unexpired, its token not revoked."""
+    row = _live(engine, console_sessions, console_sessions.c.id_sha256, value)
+    if row is None:
+        return None
+    return Session(value, Token.from_row(row), row["csrf"], row["expires_us"])
+
+
+def _live(engine: Engine, table: Table, key: Column[str], secret: str) -> RowMapping | None:
+    """The unexpired row of `table` whose `key` is `secret`'s digest, with its token's
+    columns, while that token is not revoked."""
     statement = (
-        select(console_sessions, api_tokens)
-        .join(api_tokens, api_tokens.c.id == console_sessions.c.token_id)
+        select(table, api_tokens)
+        .join(api_tokens, api_tokens.c.id == table.c.token_id)
         .where(
-            console_sessions.c.id_sha256 == _digest(value),
-            console_sessions.c.expires_us > now_us(),
+            key == _digest(secret),
+            table.c.expires_us > now_us(),
             api_tokens.c.revoked_us.is_(None),
         )
     )
     with engine.connect() as connection:
-        row = connection.execute(statement).mappings().first()
-    if row is None:
-        return None
-    return Session(value, Token.from_row(row), row["csrf"], row["expires_us"])
+        return connection.execute(statement).mappings().first()
 
 
 def end(engine: Engine, value: str) -> None:
@@ -107,17 +113,7 @@ def new_link(engine: Engine, token_id: str, lifetime_us: int) -> tuple[str, int]
 
 def link_token(engine: Engine, code: str) -> Token | None:
     """The live token an unused, unexpired sign-in code is for (the code stays unused)."""
-    statement = (
-        select(api_tokens)
-        .join(login_links, login_links.c.token_id == api_tokens.c.id)
-        .where(
-            login_links.c.code_sha256 == _digest(code),
-            login_links.c.expires_us > now_us(),
-            api_tokens.c.revoked_us.is_(None),
-        )
-    )
-    with engine.connect() as connection:
-        row = connection.execute(statement).mappings().first()
+    row = _live(engine, login_links, login_links.c.code_sha256, code)
     return None if row is None else Token.from_row(row)
 
 
