@@ -16,9 +16,8 @@ from store.schema import ledger
 from store.timeline import (
     Incident,
     TimelineQuery,
-    at_or_after,
-    at_or_before,
     conditions,
+    span_of,
     starts,
 )
 
@@ -112,10 +111,12 @@ def newest_incidents(
     following: dict[str, tuple[int, int]] = {}
     found = []
     for seq, sandbox, time_us in heads:
-        span = [*where, ledger.c.sandbox == sandbox, at_or_after(time_us, seq)]
-        if sandbox in following:
-            next_us, next_seq = following[sandbox]
-            span.append(at_or_before(next_us, next_seq - 1))
+        span = span_of(
+            *where,
+            ledger.c.sandbox == sandbox,
+            start=(time_us, seq),
+            following=following.get(sandbox),
+        )
         following[sandbox] = (time_us, seq)
         rows = (
             select(ledger)

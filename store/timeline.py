@@ -102,9 +102,7 @@ def timeline_page(
     statement = select(ledger).where(*conditions(query))
     if after is not None:
         time_us, seq = after
-        statement = statement.where(
-            or_(ledger.c.time_us > time_us, and_(ledger.c.time_us == time_us, ledger.c.seq > seq))
-        )
+        statement = statement.where(at_or_after(time_us, seq + 1))
     read = [
         Entry(**row._mapping)
         for row in connection.execute(
@@ -257,17 +255,18 @@ def find_incident(
         .order_by(earlier.c.time_us.desc(), earlier.c.seq.desc())
         .limit(1)
     ).one()
-    onward = at_or_after(first_us, first_seq)
-    later = starts(gap_us, own, onward)
+    later = starts(gap_us, own, at_or_after(first_us, first_seq))
     following = connection.execute(
         select(later.c.time_us, later.c.seq)
         .where(later.c.opens, later.c.seq != first_seq)
         .order_by(later.c.time_us, later.c.seq)
         .limit(1)
     ).first()
-    span = [own, onward]
-    if following is not None:
-        span.append(at_or_before(following.time_us, following.seq - 1))
+    span = span_of(
+        own,
+        start=(first_us, first_seq),
+        following=None if following is None else (following.time_us, following.seq),
+    )
     statement = select(ledger).where(*span).order_by(ledger.c.time_us, ledger.c.seq)
     incident = Incident(hit.sandbox, span=span)
     bound = None if rows is None else rows + 1
@@ -288,6 +287,17 @@ def find_incident(
     for entry in read:
         incident.add(entry)
     return incident
+
+
+def span_of(
+    *where: ColumnElement[bool], start: tuple[int, int], following: tuple[int, int] | None
+) -> list[ColumnElement[bool]]:
+    """The rows `where` picks of an incident that starts at the (time, seq) `start`, up to
+    the next one's `following` start, if there is one."""
+    span = [*where, at_or_after(*start)]
+    if following is not None:
+        span.append(at_or_before(following[0], following[1] - 1))
+    return span
 
 
 def at_or_before(time_us: int, seq: int) -> ColumnElement[bool]:
