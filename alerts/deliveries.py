@@ -1,20 +1,26 @@
 """What a delivery is: the payload a sink receives, its rows in the outbox, where it escalates.
 
 Whoever decides a delivery (alert state, notices) writes it here, in its own
-transaction; `alerts.outbox` sends what was written.
+transaction; `alerts.outbox` sends what was written. A first page is written
+leased to the node's own sender, which is handed the rows once committed: the
+page leaves without a claim transaction of its own on the way.
 """
 
 import json
 from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import Connection, insert
+from sqlalchemy import Connection, RowMapping, insert
 
 from alerts.policy import DEFAULT_ROUTE, Policy, Route
 from alerts.render import Message
 from store.schema import deliveries
 
+# How long a sender holds the deliveries it took: well beyond one attempt's time limit.
+LEASE_US = 30_000_000
+
 _QUEUE = insert(deliveries)
+_QUEUE_RETURNING = insert(deliveries).returning(*deliveries.c, sort_by_parameter_order=True)
 
 
 def delivery_payload(
@@ -51,7 +57,30 @@ def enqueue(
     kinds: Collection[str] = ("apprise", "pagerduty", "webhook"),
 ) -> int:
     """Write one pending delivery per sink of `route` into the outbox."""
+    rows = _rows(route, payload, now_us, kinds)
+    if rows:
+        connection.execute(_QUEUE, rows)
+    return len(rows)
+
+
+def enqueue_leased(
+    connection: Connection, route: Route, payload: dict[str, Any], now_us: int, owner: str
+) -> list[RowMapping]:
+    """Like `enqueue`, but leased to the sender `owner` already: the rows written, for that
+    sender to send once they are committed, with no claim of its own before the first attempt."""
     rows = [
+        {**row, "lease_owner": owner, "lease_until_us": now_us + LEASE_US}
+        for row in _rows(route, payload, now_us, ("apprise", "pagerduty", "webhook"))
+    ]
+    if not rows:
+        return []
+    return list(connection.execute(_QUEUE_RETURNING, rows).mappings())
+
+
+def _rows(
+    route: Route, payload: dict[str, Any], now_us: int, kinds: Collection[str]
+) -> list[dict[str, Any]]:
+    return [
         {
             "alert_id": payload.get("alert_id"),
             "purpose": payload["purpose"],
@@ -67,9 +96,6 @@ def enqueue(
         for sink in route.sinks
         if sink.kind in kinds
     ]
-    if rows:
-        connection.execute(_QUEUE, rows)
-    return len(rows)
 
 
 def escalation_route(policy: Policy, failed_route: str) -> Route | None:

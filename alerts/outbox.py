@@ -5,7 +5,8 @@ route, inside the caller's transaction; the `Outbox` sender works them until
 each is sent or given up.
 
 Deliveries are claimed with a lease, so a second node (or a restarted one)
-never sends a delivery another is sending. Each attempt is a ledger event.
+never sends a delivery another is sending. A first page comes leased
+already, handed over by the dispatcher that wrote it (`hand`). Each attempt is a ledger event.
 A failed attempt is retried with exponential backoff and full jitter; one
 that fails `max_attempts` times is given up. It is escalated once, to
 another route (`failed`); with no other route to take it, or when the
@@ -18,6 +19,7 @@ such repeats by dedup_key; webhook receivers get the delivery id to do the same.
 """
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -30,7 +32,7 @@ import httpx
 from sqlalchemy import Connection, Engine, RowMapping, bindparam, func, select, update
 
 from alerts import notices, sinks
-from alerts.deliveries import enqueue, escalation_route
+from alerts.deliveries import LEASE_US, enqueue, escalation_route
 from alerts.policy import DEFAULT_ROUTE, Policy
 from alerts.sinks import DeliveryFailed, Sender
 from store import ledger
@@ -39,7 +41,6 @@ from store.schema import deliveries
 
 log = logging.getLogger(__name__)
 
-LEASE_US = 30_000_000
 ATTEMPT_SECONDS = 20.0
 BATCH = 50
 # Deliveries being sent at once by one node.
@@ -126,7 +127,9 @@ class Outbox:
         self._lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
         # Several processes on one host may share a node name: leases name the process.
-        self._owner = f"{node}:{os.getpid()}"
+        self.owner = f"{node}:{os.getpid()}"
+        # Deliveries written leased to this sender, committed, not yet attempted.
+        self._handed: collections.deque[RowMapping] = collections.deque()
         self.sent = 0
         self.failed = 0
 
@@ -172,6 +175,18 @@ class Outbox:
         """New deliveries may be due: a `work()` in progress claims them without waiting."""
         self._wakeup.set()
 
+    @property
+    def taking(self) -> bool:
+        """Whether deliveries leased to this sender may be handed to it: not while as many
+        as it sends at once are still waiting (more would only wait out their lease)."""
+        return len(self._handed) < IN_FLIGHT
+
+    def hand(self, rows: Collection[RowMapping]) -> None:
+        """Committed deliveries leased to this sender (`owner`): attempted before any claim."""
+        self._handed.extend(rows)
+        if rows:
+            self.wake()
+
     async def work(self) -> int:
         """Send every due delivery once; returns how many were attempted.
 
@@ -188,12 +203,15 @@ class Outbox:
                 while True:
                     self._wakeup.clear()
                     room = IN_FLIGHT - len(in_flight)
-                    if room > 0:
+                    due = [self._handed.popleft() for _ in range(min(room, len(self._handed)))]
+                    if room > 0 and not due:
+                        # Claimed only when nothing handed is waiting, so a first page is not
+                        # held up behind a claim transaction.
                         sending = set(in_flight.values())
                         due = await asyncio.to_thread(self._claim, self._clock(), room, sending)
-                        for row in due:
-                            in_flight[asyncio.create_task(self._attempt(row))] = row["id"]
-                        attempted += len(due)
+                    for row in due:
+                        in_flight[asyncio.create_task(self._attempt(row))] = row["id"]
+                    attempted += len(due)
                     if not in_flight:
                         return attempted
                     woken = asyncio.create_task(self._wakeup.wait())
@@ -228,7 +246,7 @@ class Outbox:
                         "delivery": row["id"],
                         "now": now_us,
                         "until": now_us + LEASE_US,
-                        "owner": self._owner,
+                        "owner": self.owner,
                     },
                 )
                 if taken.rowcount == 1:
@@ -301,7 +319,7 @@ class Outbox:
                         _SENT,
                         {
                             "delivery": row["id"],
-                            "owner": self._owner,
+                            "owner": self.owner,
                             "at": now_us,
                             "attempt": attempt,
                         },
@@ -312,7 +330,7 @@ class Outbox:
                         _RETRY,
                         {
                             "delivery": row["id"],
-                            "owner": self._owner,
+                            "owner": self.owner,
                             "attempt": attempt,
                             "error": outcome.error,
                             "next": now_us + self._retry.delay_us(attempt),

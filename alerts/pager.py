@@ -1,7 +1,9 @@
 """The pager: the node's alert work on its asyncio loop.
 
 A commit that holds hits wakes the dispatcher (hits -> alerts -> outbox
-rows); anything queued wakes the sender. Both also run on a timer, for hits
+rows); anything queued wakes the sender. First pages are written leased to
+this node's sender and handed to it once committed: they leave without a
+claim transaction in front of them. Both also run on a timer, for hits
 committed by other processes and for deliveries waiting out their backoff.
 Store work runs in threads, never on the loop the listeners answer from;
 alert state changes, which take the write lock, run through `store_work`:
@@ -97,8 +99,12 @@ class Pager:
             await self._dispatch_due.wait()
             self._dispatch_due.clear()
             try:
-                dispatch = functools.partial(self.state.dispatch, self._clock(), batches=1)
+                lease_to = self.outbox.owner if self.outbox.taking else None
+                dispatch = functools.partial(
+                    self.state.dispatch, self._clock(), batches=1, lease_to=lease_to
+                )
                 if await self._store_work(dispatch):
+                    self.outbox.hand(self.state.leased)
                     self.send_soon()
                 if self.state.last_dispatched >= BATCH:
                     # A full batch: more are waiting, and appends queued meanwhile go first.

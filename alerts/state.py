@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, RowMapping, bindparam, func, insert, select, update
 
-from alerts.deliveries import delivery_payload, enqueue
+from alerts.deliveries import delivery_payload, enqueue, enqueue_leased
 from alerts.policy import Facts, IgnoreRule, Policy, Route
 from alerts.render import Line, Message, for_hit, plural, truncate
 from canaries.model import HEARTBEAT_SANDBOX
@@ -73,12 +73,19 @@ class AlertState:
         self._node = node
         self._console_url = console_url
         self.last_dispatched = 0
+        # The deliveries the last dispatch wrote leased to its `lease_to`.
+        self.leased: list[RowMapping] = []
 
-    def dispatch(self, now_us: int, batches: int | None = None) -> int:
+    def dispatch(self, now_us: int, batches: int | None = None, lease_to: str | None = None) -> int:
         """Process hits committed since the cursor, all of them or `batches` of BATCH at most;
-        returns how many deliveries were queued (`last_dispatched` says how many hits)."""
+        returns how many deliveries were queued (`last_dispatched` says how many hits).
+
+        With `lease_to`, first pages are written leased to that sender and, once committed,
+        listed in `leased` for it to send at once.
+        """
         queued = 0
         self.last_dispatched = 0
+        self.leased = []
         taken = 0
         while batches is None or taken < batches:
             taken += 1
@@ -98,6 +105,7 @@ class AlertState:
                     continue
                 self.last_dispatched += len(rows)
                 events: list[Event] = []
+                leased: list[RowMapping] = []
                 # Hits of one canary in a batch fold in memory: one UPDATE per alert, not per hit.
                 folds: dict[str, _Fold] = _Fold.open_for(connection, hits)
                 finished: list[_Fold] = []
@@ -116,13 +124,16 @@ class AlertState:
                         continue
                     if fold is not None:
                         finished.append(fold)
-                    alert_id, queued_now = self._open(connection, entry, now_us, events)
+                    alert_id, queued_now = self._open(
+                        connection, entry, now_us, events, lease_to, leased
+                    )
                     queued += queued_now
                     window_ends = entry.time_us + self._timing.dedupe_window_us
                     folds[entry.canary_id] = _Fold.opened(alert_id, window_ends, entry)
                 _Fold.write_all(connection, [*finished, *folds.values()])
                 ledger.append(connection, events)
                 connection.execute(_MOVE_CURSOR, {"to": rows[-1].seq})
+            self.leased += leased
         return queued
 
     def _suppressing(self, entry: Entry, now_us: int) -> IgnoreRule | None:
@@ -142,9 +153,16 @@ class AlertState:
         return rules[0] if rules and all(rules) else None
 
     def _open(
-        self, connection: Connection, entry: Entry, now_us: int, events: list[Event]
+        self,
+        connection: Connection,
+        entry: Entry,
+        now_us: int,
+        events: list[Event],
+        lease_to: str | None,
+        leased: list[RowMapping],
     ) -> tuple[str, int]:
-        """Open an alert for `entry` and queue its first page to every matching route."""
+        """Open an alert for `entry` and queue its first page to every matching route (leased
+        to `lease_to`, and added to `leased`, if given)."""
         routes = self._policy.routes_for(Facts.of(entry))
         alert_id = "al-" + secrets.token_hex(6)
         connection.execute(
@@ -181,7 +199,15 @@ class AlertState:
             for_hit(entry, alert_id, self._console_url),
             entry.evidence.get("severity"),
         )
-        return alert_id, sum(enqueue(connection, route, payload, now_us) for route in routes)
+        if lease_to is None:
+            return alert_id, sum(enqueue(connection, route, payload, now_us) for route in routes)
+        written = [
+            row
+            for route in routes
+            for row in enqueue_leased(connection, route, payload, now_us, lease_to)
+        ]
+        leased += written
+        return alert_id, len(written)
 
     def digests(self, now_us: int) -> int:
         """Queue a digest for every alert with hits folded in since its last page or digest."""

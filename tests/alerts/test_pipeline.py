@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, select, update
 
 from alerts import outbox as outbox_module
 from alerts.deliveries import escalation_route
@@ -438,6 +438,39 @@ async def test_dispatch_is_exactly_once_across_dispatchers(
     assert pipeline.state.dispatch(pipeline.clock.now) == 1
     assert other.dispatch(pipeline.clock.now) == 0
     assert len(list_alerts(engine)) == 1
+
+
+async def test_a_first_page_is_handed_to_its_own_sender_leased_and_no_other_takes_it(
+    pipeline: Pipeline, engine: Engine, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline.hit()
+    owner = pipeline.outbox.owner
+    assert pipeline.state.dispatch(pipeline.clock.now, lease_to=owner) == 3
+    leased = pipeline.state.leased
+    assert [row["lease_owner"] for row in leased] == [owner] * 3
+    with engine.connect() as connection:
+        stored = connection.execute(select(deliveries.c.lease_owner)).scalars().all()
+    assert stored == [owner] * 3
+    other = Outbox(engine, build_policy(receiver), Retry(1_000_000, 8_000_000, 4), "m", Clock())
+    try:
+        assert await other.work() == 0  # leased: another node's sender does not take them
+    finally:
+        await other.close()
+    claims: list[int] = []
+    claim = pipeline.outbox._claim
+
+    def counted(now: int, room: int, sending: Any) -> Any:
+        claims.append(len(receiver.requests))
+        return claim(now, room, sending)
+
+    monkeypatch.setattr(pipeline.outbox, "_claim", counted)
+    pipeline.outbox.hand(leased)
+    assert await pipeline.outbox.work() == 3
+    # No claim went before the pages: the claims came after, for whatever else had come due.
+    assert claims
+    assert claims[0] > 0
+    assert len(hits(engine, "alert_sent")) == 3
+    assert pipeline.outbox.depth() == 0
 
 
 async def test_a_restarted_node_takes_back_the_leases_it_died_holding(
