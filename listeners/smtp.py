@@ -9,7 +9,6 @@ inside it, are committed too.
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, AnyStr
@@ -22,7 +21,7 @@ from canaries.index import Unknowable
 from canaries.model import Canary
 from listeners.base import Context, DnsName, NotDurable, Peer, Port, format_peer
 from listeners.certificates import Contexts
-from listeners.guard import ConnectionGuard, Seconds, Slot, StreamOptions, source_of
+from listeners.guard import ConnectionGuard, Seconds, Slot, StreamOptions
 from listeners.mailparse import MailDetails, inspect_message
 from listeners.tls import TlsFront
 from store.ledger import Entry, Event
@@ -219,39 +218,20 @@ def _peer(session: Session | None) -> Peer:
     return peer if isinstance(peer, tuple) else (str(peer), 0)
 
 
-class DataBudget:
-    """How many sessions may receive a message at once, and how many of them one source, or
-    one network (an IPv4 /24, an IPv6 /48), may hold."""
+def message_places(options: SmtpOptions) -> ConnectionGuard:
+    """The messages that may be received at once, shared as connections are.
 
-    def __init__(self, options: SmtpOptions) -> None:
-        self.total = max(1, options.max_buffered_bytes // (2 * options.max_message_bytes))
-        # One source or network cannot take every place: another sender's message gets in.
-        self.per_source = max(1, self.total // 2)
-        self.held = 0
-        self._sources: Counter[str] = Counter()
-        self._networks: Counter[str] = Counter()
-
-    def take(self, address: str) -> tuple[str, str] | None:
-        """The source and network a place is held for, or None when there is no room."""
-        source, network = source_of(address)
-        if (
-            self.held >= self.total
-            or self._sources[source] >= self.per_source
-            or self._networks[network] >= self.per_source
-        ):
-            return None
-        self.held += 1
-        self._sources[source] += 1
-        self._networks[network] += 1
-        return source, network
-
-    def give_back(self, holder: tuple[str, str]) -> None:
-        source, network = holder
-        self.held -= 1
-        for counts, key in ((self._sources, source), (self._networks, network)):
-            counts[key] -= 1
-            if not counts[key]:
-                del counts[key]
+    Each holds twice `max_message_bytes`, so `max_buffered_bytes` bounds how
+    many; one source, or one network, holds half of them at most. A place is
+    never touched: what counts is how long its message has been arriving, so
+    at the cap the busiest network's oldest message, else the oldest of all,
+    is stopped for a newcomer once it has taken longer than `eviction_grace`
+    (a sender trickling a message cannot keep its place for ever; its
+    recipients' hits are recorded already, and a real sender retries).
+    """
+    total = max(1, options.max_buffered_bytes // (2 * options.max_message_bytes))
+    share = max(1, total // 2)
+    return ConnectionGuard(total, share, options.eviction_grace, per_network=share)
 
 
 class GuardedSMTP(SMTP):
@@ -261,7 +241,7 @@ class GuardedSMTP(SMTP):
     limit, and answers a buffered flood of them without yielding, stalling
     every other session. Here every reply yields to the loop, and a session
     that draws too many syntax errors or rejected recipients is closed. DATA
-    waits for room in the listener's `DataBudget`, so the memory messages hold
+    takes one of the listener's `message_places`, so the memory messages hold
     is bounded whatever the number of sessions.
     """
 
@@ -269,7 +249,7 @@ class GuardedSMTP(SMTP):
         self,
         *args: Any,
         guard: ConnectionGuard,
-        budget: DataBudget,
+        places: ConnectionGuard,
         context: Context,
         slot: Slot | None = None,
         **kwargs: Any,
@@ -277,7 +257,7 @@ class GuardedSMTP(SMTP):
         super().__init__(*args, **kwargs)
         self._counters = context.counters
         self._guard = guard
-        self._budget = budget
+        self._places = places
         self._step = float(kwargs.get("timeout", 30.0))
         # Admitted before, when the connection came in through TLS.
         self._slot = slot
@@ -342,8 +322,8 @@ class GuardedSMTP(SMTP):
         if self.envelope is None or not self.envelope.rcpt_tos:
             await super().smtp_DATA(arg)  # refused by aiosmtpd before anything is read
             return
-        holder = self._budget.take(_peer(self.session)[0])
-        if holder is None:
+        place = self._places.admit(_peer(self.session)[0], self._stop_message)
+        if place is None:
             # The recipients' hits are recorded already; a real sender retries a 4xx later.
             self._counters.refused += 1
             log.warning(
@@ -355,7 +335,18 @@ class GuardedSMTP(SMTP):
         try:
             await super().smtp_DATA(arg)
         finally:
-            self._budget.give_back(holder)
+            place.release()
+
+    def _stop_message(self) -> None:
+        """Stopped for a newcomer (see `message_places`): say so if the client still listens."""
+        log.warning(
+            "%s message stopped mid-DATA: it took longer than eviction_grace and another "
+            "sender needed its place",
+            format_peer(_peer(self.session)),
+        )
+        if isinstance(self.transport, asyncio.Transport):
+            self.transport.write(b"421 4.3.2 Message stopped for another sender, try again\r\n")
+        self._end()
 
     def _timeout_cb(self) -> None:
         """aiosmtpd's idle timeout (it closes the transport), counted and bounded."""
@@ -408,7 +399,7 @@ class SmtpListener:
             context, tuple(split_name(domain) for domain in domains), self._tls
         )
         context.connections = self._guard = ConnectionGuard.of(options)
-        self._budget = DataBudget(options)
+        context.messages = self._places = message_places(options)
         self._front: TlsFront | None = None
         if options.tls_port is not None and self._tls is not None:
             implicit = options.model_copy(update={"port": options.tls_port})
@@ -429,7 +420,7 @@ class SmtpListener:
         return GuardedSMTP(
             self._handler,
             guard=self._guard,
-            budget=self._budget,
+            places=self._places,
             context=self._context,
             slot=slot,
             hostname=f"mail.{self._context.zone}",

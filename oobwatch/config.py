@@ -327,10 +327,9 @@ class Config(Section):
             return Path(folder) / name
         return (self._source.parent if self._source else Path.cwd()) / name
 
-    @model_validator(mode="after")
-    def _distinct_ports(self) -> "Config":
-        # DNS takes its port on TCP as well as UDP, so every service here competes for TCP ports.
-        bound: list[tuple[str, str, int]] = []
+    def tcp_ports(self) -> list[tuple[str, str, int]]:
+        """Every TCP port the node listens on, as (key, address, port); DNS takes its port
+        on TCP as well as UDP."""
         wanted = [
             (f"{name}.port", options.listen, options.port)
             for name in ("dns", "smtp", "http", "https", "postgres", "ssh", "api")
@@ -338,7 +337,12 @@ class Config(Section):
         ]
         if self.smtp.enabled and self.smtp.tls_port is not None:
             wanted.append(("smtp.tls_port", self.smtp.listen, self.smtp.tls_port))
-        for key, listen_at, at in wanted:
+        return wanted
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> "Config":
+        bound: list[tuple[str, str, int]] = []
+        for key, listen_at, at in self.tcp_ports():
             if at == 0:
                 continue
             for other, listen, port in bound:

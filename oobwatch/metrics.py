@@ -190,13 +190,17 @@ class NodeCollector(Collector):
         )
 
     def _connections(self) -> Iterator[Metric]:
+        # "<listener>-messages": the messages being received (SMTP DATA), bounded the same way.
         guards = {
-            name: context.connections
+            f"{name}{suffix}": guard
             for name, context in self._contexts.items()
-            if context.connections is not None
+            for suffix, guard in (("", context.connections), ("-messages", context.messages))
+            if guard is not None
         } | dict(self._guards)
         opened = GaugeMetricFamily(
-            "oobwatch_connections_open", "Connections open now", labels=["listener"]
+            "oobwatch_connections_open",
+            "Connections open now (smtp-messages: messages being received)",
+            labels=["listener"],
         )
         refused = CounterMetricFamily(
             "oobwatch_connections_refused",

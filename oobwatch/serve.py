@@ -29,7 +29,7 @@ from listeners.base import Context, Listener, ListenerOptions
 from listeners.burst import BurstFolder
 from listeners.certificates import Challenges, NodeCertificate, Served
 from listeners.dns import DnsListener
-from listeners.guard import ConnectionGuard, StreamOptions
+from listeners.guard import BACKLOG, ConnectionGuard, StreamOptions
 from listeners.http import AsgiServer, HttpListener
 from listeners.postgres import PostgresListener
 from listeners.smtp import SmtpListener
@@ -227,13 +227,19 @@ def _descriptors(config: Config) -> None:
 
     Caps that add up to more descriptors than the process may open would let
     a flood fill the table: then accept() fails for every listener at once.
+    Each listening socket also takes up to BACKLOG connections at a time
+    (asyncio accepts that many per wake-up) before its caps can refuse them.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     streams = [getattr(config, name) for name in LISTENERS] + [config.api]
-    needed = _SPARE_DESCRIPTORS + sum(
-        options.max_connections
-        for options in streams
-        if options.enabled and isinstance(options, StreamOptions)
+    needed = (
+        _SPARE_DESCRIPTORS
+        + BACKLOG * len(config.tcp_ports())
+        + sum(
+            options.max_connections
+            for options in streams
+            if options.enabled and isinstance(options, StreamOptions)
+        )
     )
     if soft < needed:
         wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)

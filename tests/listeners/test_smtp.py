@@ -6,6 +6,7 @@ import hashlib
 import secrets
 import smtplib
 import socket
+import time
 from collections.abc import Callable
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
@@ -191,6 +192,58 @@ async def test_messages_in_flight_are_bounded_and_one_source_cannot_take_every_p
         refused, other_code, finished, retried = await blocking(stall_then_send)
         assert (refused, other_code, finished, retried) == (452, 250, 250, 354)
     # Every RCPT was recorded, the refused DATA's included.
+    assert len([h for h in hits(sqlite_engine) if h.evidence["trigger"] == "rcpt"]) == 4
+
+
+async def test_a_sender_on_several_networks_cannot_hold_every_message_place(
+    sqlite_engine: Engine,
+) -> None:
+    """Two places, one per network: a sender stalled in DATA from two /24s holds both, and a
+    third network's message is refused only until the stalled ones are older than the grace."""
+    canary = plant_canary(sqlite_engine, "email")
+    async with run_smtp(
+        sqlite_engine, max_message_bytes=4096, max_buffered_bytes=16 * 1024, eviction_grace=0.5
+    ) as node:
+
+        def in_data(source: str) -> tuple[smtplib.SMTP, int]:
+            client = smtplib.SMTP("127.0.0.1", node.port, timeout=10, source_address=(source, 0))
+            client.ehlo("x")
+            client.mail("a@b.c")
+            client.rcpt(canary.value)
+            return client, client.docmd("DATA")[0]
+
+        def stall_two_networks_then_send() -> tuple[list[int], int, int, list[bool]]:
+            stalled = [in_data(source) for source in ("127.0.0.1", "127.0.1.1")]
+            for client, _ in stalled:
+                client.send(b"Subject: half a message\r\n")
+            early, early_code = in_data("127.0.2.1")
+            early.close()
+            time.sleep(0.8)
+            late, _ = in_data("127.0.2.1")
+            late.send(message(canary.value).as_bytes() + b"\r\n.\r\n")
+            accepted = late.getreply()[0]
+            late.close()
+            # Each network holds one: the oldest message of all was stopped, and only it.
+            stopped = []
+            for client, _ in stalled:
+                try:
+                    client.send(b"\r\nbody\r\n.\r\n")
+                    stopped.append(client.getreply()[0] != 250)
+                except (OSError, smtplib.SMTPException):
+                    stopped.append(True)
+                client.close()
+            return [code for _, code in stalled], early_code, accepted, stopped
+
+        held, early, accepted, stopped = await blocking(stall_two_networks_then_send)
+        assert held == [354, 354]
+        assert early == 452
+        assert accepted == 250
+        assert sorted(stopped) == [False, True]
+        places = node.context.messages
+        assert places is not None
+        assert places.refused["total"] == 1
+        assert places.evicted["oldest"] == 1
+    # Every RCPT was recorded, the refused message's included.
     assert len([h for h in hits(sqlite_engine) if h.evidence["trigger"] == "rcpt"]) == 4
 
 

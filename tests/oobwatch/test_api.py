@@ -364,6 +364,8 @@ async def test_a_stalled_body_is_cut_off(tmp_path: Path, receiver: Receiver) -> 
     }
     assert ("api", "source") in evicted
     assert ("dns", "fair") in evicted
+    # The messages SMTP is receiving are bounded, and accounted, the same way.
+    assert ("smtp-messages", "oldest") in evicted
     assert "oobwatch_connections_refused" in families
     assert "oobwatch_token_store_lookups" in families
 

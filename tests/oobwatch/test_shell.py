@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from canaries.tokens import decode_exfil
+from listeners.guard import BACKLOG
 from oobwatch import logs
 from oobwatch.cli import main
 from oobwatch.config import ConfigError, load
@@ -113,6 +115,38 @@ def test_a_busy_port_is_one_line_naming_the_listener_and_nothing_is_left_running
     else:
         assert expected in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_serve_raises_its_descriptor_limit_to_what_caps_and_backlogs_can_hold(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Started with 1,024 descriptors, fewer than its caps and accept backlogs could take."""
+    path = node_config(tmp_path, receiver.url())
+    config = load(path)
+    caps = sum(options.max_connections for options in (config.dns, config.smtp, config.http))
+    needed = caps + config.api.max_connections + BACKLOG * len(config.tcp_ports())
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard == resource.RLIM_INFINITY or hard >= needed, "the hard limit is below the caps"
+    process = subprocess.Popen(
+        [*OOBWATCH, "--config", str(path), "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)),
+    )
+    try:
+        assert process.stdout is not None
+        assert "listening on" in process.stdout.readline()
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+    finally:
+        process.terminate()
+        process.wait(30)
+        if process.stdout is not None:
+            process.stdout.close()
+    soft = next(
+        line.split()[3] for line in limits.splitlines() if line.startswith("Max open files")
+    )
+    assert int(soft) >= needed
 
 
 def test_json_logs_make_every_line_an_object(tmp_path: Path, receiver: Receiver) -> None:
