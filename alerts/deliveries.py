@@ -8,6 +8,7 @@ page leaves without a claim transaction of its own on the way.
 
 import json
 from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, RowMapping, insert
@@ -61,6 +62,14 @@ def enqueue(
     if rows:
         connection.execute(_QUEUE, rows)
     return len(rows)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Whom first pages may be written leased to (a sender's `owner`), and how many."""
+
+    owner: str
+    room: int
 
 
 def enqueue_leased(

@@ -24,6 +24,8 @@ import json
 import logging
 import os
 import random
+import secrets
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +34,7 @@ import httpx
 from sqlalchemy import Connection, Engine, RowMapping, bindparam, func, select, update
 
 from alerts import notices, sinks
-from alerts.deliveries import LEASE_US, enqueue, escalation_route
+from alerts.deliveries import LEASE_US, Lease, enqueue, escalation_route
 from alerts.policy import DEFAULT_ROUTE, Policy
 from alerts.sinks import DeliveryFailed, Sender
 from store import ledger
@@ -42,6 +44,11 @@ from store.schema import deliveries
 log = logging.getLogger(__name__)
 
 ATTEMPT_SECONDS = 20.0
+# A handed delivery is sent on the lease it was written with only if an attempt, and the
+# record of it, fit in what is left; else it goes back to the store and is claimed anew.
+SAFE_LEASE_US = int(ATTEMPT_SECONDS * 1_000_000) + 5_000_000
+# While handed pages keep coming, the store is still looked at this often for due retries.
+CLAIM_EVERY_SECONDS = 1.0
 BATCH = 50
 # Deliveries being sent at once by one node.
 IN_FLIGHT = 64
@@ -60,6 +67,7 @@ _ONE = update(deliveries).where(
     deliveries.c.lease_owner == bindparam("owner"),
 )
 _SENT = _ONE.values(status="sent", sent_us=bindparam("at"), attempts=bindparam("attempt"))
+_GIVE_BACK = _ONE.values(lease_until_us=0, lease_owner=None)
 _RETRY = _ONE.values(
     attempts=bindparam("attempt"),
     last_error=bindparam("error"),
@@ -93,11 +101,21 @@ class Outcome:
     error: str | None
 
 
-def _running(owner: str) -> bool:
-    """Whether the process named in a lease owner `node:pid` is alive on this host."""
+def _running(owner: str, own: str) -> bool:
+    """Whether the process named in a lease owner `node:pid:incarnation` still runs on this
+    host; `own` is this process's owner. This pid under another incarnation is a restart
+    (in a container, the node is PID 1 every time)."""
+    if owner == own:
+        return True
     try:
-        os.kill(int(owner.rsplit(":", 1)[1]), 0)
-    except (ValueError, IndexError, ProcessLookupError):
+        pid = int(owner.rsplit(":", 2)[1])
+    except (ValueError, IndexError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
     except PermissionError:
         return True
@@ -127,9 +145,13 @@ class Outbox:
         self._lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
         # Several processes on one host may share a node name: leases name the process.
-        self.owner = f"{node}:{os.getpid()}"
-        # Deliveries written leased to this sender, committed, not yet attempted.
+        self.owner = f"{node}:{os.getpid()}:{secrets.token_hex(4)}"
+        # Deliveries written leased to this sender, committed, not yet attempted; and those
+        # that waited too long for it to be safe to send them on that lease.
         self._handed: collections.deque[RowMapping] = collections.deque()
+        self._stale: list[int] = []
+        self._sending = 0
+        self._claimed_at = time.monotonic()
         self.sent = 0
         self.failed = 0
 
@@ -148,7 +170,7 @@ class Outbox:
                 )
                 .distinct()
             ).scalars()
-            for owner in [owner for owner in owners if not _running(owner)]:
+            for owner in [owner for owner in owners if not _running(owner, self.owner)]:
                 released += connection.execute(
                     update(deliveries)
                     .where(deliveries.c.status == "pending", deliveries.c.lease_owner == owner)
@@ -175,17 +197,29 @@ class Outbox:
         """New deliveries may be due: a `work()` in progress claims them without waiting."""
         self._wakeup.set()
 
-    @property
-    def taking(self) -> bool:
-        """Whether deliveries leased to this sender may be handed to it: not while as many
-        as it sends at once are still waiting (more would only wait out their lease)."""
-        return len(self._handed) < IN_FLIGHT
+    def lease(self) -> Lease | None:
+        """How many deliveries may be written leased to this sender now: what it can start
+        sending at once (more would wait, and their lease run out); None if none."""
+        room = IN_FLIGHT - self._sending - len(self._handed)
+        return Lease(self.owner, room) if room > 0 else None
 
     def hand(self, rows: Collection[RowMapping]) -> None:
         """Committed deliveries leased to this sender (`owner`): attempted before any claim."""
         self._handed.extend(rows)
         if rows:
             self.wake()
+
+    def _take_handed(self, room: int, now_us: int) -> list[RowMapping]:
+        """Up to `room` handed deliveries with lease enough left for an attempt; the others
+        are given back to the store at the next claim."""
+        taken: list[RowMapping] = []
+        while self._handed and len(taken) < room:
+            row = self._handed.popleft()
+            if row["lease_until_us"] - now_us >= SAFE_LEASE_US:
+                taken.append(row)
+            else:
+                self._stale.append(row["id"])
+        return taken
 
     async def work(self) -> int:
         """Send every due delivery once; returns how many were attempted.
@@ -203,15 +237,21 @@ class Outbox:
                 while True:
                     self._wakeup.clear()
                     room = IN_FLIGHT - len(in_flight)
-                    due = [self._handed.popleft() for _ in range(min(room, len(self._handed)))]
-                    if room > 0 and not due:
-                        # Claimed only when nothing handed is waiting, so a first page is not
-                        # held up behind a claim transaction.
-                        sending = set(in_flight.values())
-                        due = await asyncio.to_thread(self._claim, self._clock(), room, sending)
+                    due = self._take_handed(room, self._clock())
+                    overdue = time.monotonic() - self._claimed_at >= CLAIM_EVERY_SECONDS
+                    if room > len(due) and (not due or self._stale or overdue):
+                        # Not while handed pages are going out, unless claims are overdue:
+                        # a first page is not held up behind a claim transaction.
+                        sending = {*in_flight.values(), *(row["id"] for row in due)}
+                        stale, self._stale = self._stale, []
+                        due += await asyncio.to_thread(
+                            self._claim, self._clock(), room - len(due), sending, stale
+                        )
+                        self._claimed_at = time.monotonic()
                     for row in due:
                         in_flight[asyncio.create_task(self._attempt(row))] = row["id"]
                     attempted += len(due)
+                    self._sending = len(in_flight)
                     if not in_flight:
                         return attempted
                     woken = asyncio.create_task(self._wakeup.wait())
@@ -220,6 +260,7 @@ class Outbox:
                     finished = [task for task in in_flight if task.done()]
                     for task in finished:
                         del in_flight[task]
+                    self._sending = len(in_flight)
                     if finished:
                         outcomes = [task.result() for task in finished]
                         await asyncio.to_thread(self._record, outcomes, self._clock())
@@ -229,10 +270,17 @@ class Outbox:
                 for task in [*in_flight, *([woken] if woken is not None else [])]:
                     task.cancel()
 
-    def _claim(self, now_us: int, room: int, sending: Collection[int]) -> list[RowMapping]:
-        """Lease up to `room` due deliveries to this process, leaving out those it is sending."""
+    def _claim(
+        self, now_us: int, room: int, sending: Collection[int], stale: Collection[int] = ()
+    ) -> list[RowMapping]:
+        """Lease up to `room` due deliveries to this process, leaving out those it is sending;
+        first give up its lease on the `stale` ones (handed too late to send on it)."""
         claimed: list[RowMapping] = []
         with self._engine.begin() as connection:
+            if stale:
+                connection.execute(
+                    _GIVE_BACK, [{"delivery": id_, "owner": self.owner} for id_ in stale]
+                )
             rows = connection.execute(_DUE, {"now": now_us}).mappings().all()
             for row in rows:
                 if len(claimed) >= room:

@@ -99,9 +99,8 @@ class Pager:
             await self._dispatch_due.wait()
             self._dispatch_due.clear()
             try:
-                lease_to = self.outbox.owner if self.outbox.taking else None
                 dispatch = functools.partial(
-                    self.state.dispatch, self._clock(), batches=1, lease_to=lease_to
+                    self.state.dispatch, self._clock(), batches=1, lease=self.outbox.lease()
                 )
                 if await self._store_work(dispatch):
                     self.outbox.hand(self.state.leased)

@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, RowMapping, bindparam, func, insert, select, update
 
-from alerts.deliveries import delivery_payload, enqueue, enqueue_leased
+from alerts.deliveries import Lease, delivery_payload, enqueue, enqueue_leased
 from alerts.policy import Facts, IgnoreRule, Policy, Route
 from alerts.render import Line, Message, for_hit, plural, truncate
 from canaries.model import HEARTBEAT_SANDBOX
@@ -76,12 +76,13 @@ class AlertState:
         # The deliveries the last dispatch wrote leased to its `lease_to`.
         self.leased: list[RowMapping] = []
 
-    def dispatch(self, now_us: int, batches: int | None = None, lease_to: str | None = None) -> int:
+    def dispatch(self, now_us: int, batches: int | None = None, lease: Lease | None = None) -> int:
         """Process hits committed since the cursor, all of them or `batches` of BATCH at most;
         returns how many deliveries were queued (`last_dispatched` says how many hits).
 
-        With `lease_to`, first pages are written leased to that sender and, once committed,
-        listed in `leased` for it to send at once.
+        With `lease`, first pages (up to its room, and the sinks of one more alert) are
+        written leased to its owner and, once committed, listed in `leased` for that
+        sender to send at once; the others are queued for any sender to claim.
         """
         queued = 0
         self.last_dispatched = 0
@@ -124,6 +125,11 @@ class AlertState:
                         continue
                     if fold is not None:
                         finished.append(fold)
+                    lease_to = (
+                        lease.owner
+                        if lease is not None and len(self.leased) + len(leased) < lease.room
+                        else None
+                    )
                     alert_id, queued_now = self._open(
                         connection, entry, now_us, events, lease_to, leased
                     )

@@ -445,7 +445,7 @@ async def test_a_first_page_is_handed_to_its_own_sender_leased_and_no_other_take
 ) -> None:
     pipeline.hit()
     owner = pipeline.outbox.owner
-    assert pipeline.state.dispatch(pipeline.clock.now, lease_to=owner) == 3
+    assert pipeline.state.dispatch(pipeline.clock.now, lease=pipeline.outbox.lease()) == 3
     leased = pipeline.state.leased
     assert [row["lease_owner"] for row in leased] == [owner] * 3
     with engine.connect() as connection:
@@ -459,9 +459,9 @@ async def test_a_first_page_is_handed_to_its_own_sender_leased_and_no_other_take
     claims: list[int] = []
     claim = pipeline.outbox._claim
 
-    def counted(now: int, room: int, sending: Any) -> Any:
+    def counted(now: int, room: int, sending: Any, stale: Any) -> Any:
         claims.append(len(receiver.requests))
-        return claim(now, room, sending)
+        return claim(now, room, sending, stale)
 
     monkeypatch.setattr(pipeline.outbox, "_claim", counted)
     pipeline.outbox.hand(leased)
@@ -471,6 +471,46 @@ async def test_a_first_page_is_handed_to_its_own_sender_leased_and_no_other_take
     assert claims[0] > 0
     assert len(hits(engine, "alert_sent")) == 3
     assert pipeline.outbox.depth() == 0
+
+
+async def test_a_handed_page_whose_lease_ran_short_is_not_sent_on_it(
+    pipeline: Pipeline, engine: Engine, receiver: Receiver
+) -> None:
+    """Handed rows wait while the sender is busy: one whose lease another sender has since
+    taken over is left to that sender, and sent once."""
+    pipeline.hit()
+    pipeline.state.dispatch(pipeline.clock.now, lease=pipeline.outbox.lease())
+    pipeline.outbox.hand(pipeline.state.leased)
+    later = Clock()
+    later.now = pipeline.clock.now + 31_000_000
+    other = Outbox(engine, build_policy(receiver), Retry(1_000_000, 8_000_000, 4), "m", later)
+    try:
+        assert await other.work() == 3
+    finally:
+        await other.close()
+    pipeline.clock.now = later.now
+    assert await pipeline.outbox.work() == 0
+    assert len(receiver.requests) == 3
+    assert len(hits(engine, "alert_sent")) == 3
+
+
+async def test_a_dispatch_leases_no_more_first_pages_than_its_sender_can_start(
+    pipeline: Pipeline, engine: Engine
+) -> None:
+    """A hundred canaries at once, one sink each: as many leased as the sender can start."""
+    for sandbox in range(100):
+        pipeline.hit(sandbox=f"sbx-{sandbox}")
+    lease = pipeline.outbox.lease()
+    assert lease is not None
+    assert pipeline.state.dispatch(pipeline.clock.now, lease=lease) == 100
+    assert len(pipeline.state.leased) == lease.room
+    with engine.connect() as connection:
+        owners = connection.execute(select(deliveries.c.lease_owner)).scalars().all()
+    assert owners.count(None) == 100 - lease.room
+    pipeline.outbox.hand(pipeline.state.leased)
+    assert pipeline.outbox.lease() is None
+    await settle(pipeline.outbox, pipeline.clock)
+    assert len(hits(engine, "alert_sent")) == 100
 
 
 async def test_a_restarted_node_takes_back_the_leases_it_died_holding(
@@ -491,7 +531,7 @@ async def test_a_restarted_node_takes_back_the_leases_it_died_holding(
         connection.execute(
             update(deliveries)
             .where(deliveries.c.id == 2)
-            .values(lease_until_us=leased_until, lease_owner=f"n:{os.getpid()}")
+            .values(lease_until_us=leased_until, lease_owner=f"n:{os.getppid()}:0a1b2c3d")
         )
     assert await pipeline.outbox.work() == 0
     assert pipeline.outbox.release_own_leases() == 1
