@@ -516,27 +516,29 @@ async def test_a_dispatch_leases_no_more_first_pages_than_its_sender_can_start(
 async def test_a_restarted_node_takes_back_the_leases_it_died_holding(
     pipeline: Pipeline, receiver: Receiver
 ) -> None:
-    pipeline.hit(sandbox="dev-1")
-    pipeline.hit(sandbox="dev-2")
+    for sandbox in ("dev-1", "dev-2", "dev-3"):
+        pipeline.hit(sandbox=sandbox)
     pipeline.state.dispatch(pipeline.clock.now)
     dead = await asyncio.create_subprocess_exec("true")
     await dead.wait()
     leased_until = pipeline.clock.now + 60_000_000
-    with pipeline.engine.begin() as connection:  # one process of node "n" died mid-send; one lives
-        connection.execute(
-            update(deliveries)
-            .where(deliveries.c.id == 1)
-            .values(lease_until_us=leased_until, lease_owner=f"n:{dead.pid}")
-        )
-        connection.execute(
-            update(deliveries)
-            .where(deliveries.c.id == 2)
-            .values(lease_until_us=leased_until, lease_owner=f"n:{os.getppid()}:0a1b2c3d")
-        )
+    owners = {
+        1: f"n:{dead.pid}:0a1b2c3d",  # a process of node "n" that died mid-send
+        2: f"n:{os.getppid()}:0a1b2c3d",  # one that lives
+        # This pid before a restart: in a container the node is PID 1 every time.
+        3: f"n:{os.getpid()}:0a1b2c3d",
+    }
+    with pipeline.engine.begin() as connection:
+        for delivery, owner in owners.items():
+            connection.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery)
+                .values(lease_until_us=leased_until, lease_owner=owner)
+            )
     assert await pipeline.outbox.work() == 0
-    assert pipeline.outbox.release_own_leases() == 1
-    assert await pipeline.outbox.work() == 1
-    assert len(receiver.requests) == 1
+    assert pipeline.outbox.release_own_leases() == 2
+    assert await pipeline.outbox.work() == 2
+    assert len(receiver.requests) == 2
 
 
 async def test_a_burst_pages_once_and_its_digest_counts_every_hit(
