@@ -22,6 +22,7 @@ than one address would.
 Every admission, refusal, eviction and timeout is counted for `/metrics`.
 """
 
+import math
 import socket
 import time
 from collections import Counter
@@ -130,6 +131,13 @@ class Slot:
         """The client sent something: this connection is in use, the last to be closed for room."""
         if not self._released:
             self._guard.touch(self)
+
+    def pin(self) -> None:
+        """Never close this one to make room. For guards whose slots are never touched
+        otherwise: a pinned slot goes last, behind every one that can still be closed."""
+        if not self._released:
+            self._guard.touch(self)
+            self.active = math.inf
 
     def release(self) -> None:
         if not self._released:

@@ -119,6 +119,8 @@ class CanaryHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if isinstance(server, GuardedSMTP):
+            server.message_received()
         raw = envelope.original_content or b""
         index = self._context.index
         recipients = {canary.token for canary, _ in _hits(envelope)}
@@ -258,6 +260,7 @@ class GuardedSMTP(SMTP):
         self._counters = context.counters
         self._guard = guard
         self._places = places
+        self._place: Slot | None = None
         self._step = float(kwargs.get("timeout", 30.0))
         # Admitted before, when the connection came in through TLS.
         self._slot = slot
@@ -319,10 +322,10 @@ class GuardedSMTP(SMTP):
             self._end()
 
     async def smtp_DATA(self, arg: str) -> None:
-        if self.envelope is None or not self.envelope.rcpt_tos:
+        if arg or self.session is None or not self.session.host_name or not self._rcpt_tos():
             await super().smtp_DATA(arg)  # refused by aiosmtpd before anything is read
             return
-        place = self._places.admit(_peer(self.session)[0], self._stop_message)
+        place = self._place = self._places.admit(_peer(self.session)[0], self._stop_message)
         if place is None:
             # The recipients' hits are recorded already; a real sender retries a 4xx later.
             self._counters.refused += 1
@@ -335,7 +338,17 @@ class GuardedSMTP(SMTP):
         try:
             await super().smtp_DATA(arg)
         finally:
+            self._place = None
             place.release()
+
+    def _rcpt_tos(self) -> bool:
+        return self.envelope is not None and bool(self.envelope.rcpt_tos)
+
+    def message_received(self) -> None:
+        """The whole message is in: from now on its place is not taken for a newcomer (its
+        sender did its part; what remains is parsing and recording it)."""
+        if self._place is not None:
+            self._place.pin()
 
     def _stop_message(self) -> None:
         """Stopped for a newcomer (see `message_places`): say so if the client still listens."""

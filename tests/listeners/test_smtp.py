@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine
 
 from canaries.tokens import is_plausible
+from listeners import smtp as smtp_module
 from listeners.mailparse import inspect_message
 from store import ledger
 from support import ZONE, hits, plant_canary, run_smtp, settle, trusting
@@ -245,6 +246,57 @@ async def test_a_sender_on_several_networks_cannot_hold_every_message_place(
         assert places.evicted["oldest"] == 1
     # Every RCPT was recorded, the refused message's included.
     assert len([h for h in hits(sqlite_engine) if h.evidence["trigger"] == "rcpt"]) == 4
+
+
+async def test_neither_a_refused_data_nor_any_newcomer_stops_a_message_already_received(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A place is taken only by a DATA aiosmtpd accepts, and once the final dot is in, the
+    message keeps its place while it is parsed and recorded, however long that takes."""
+    inspect = smtp_module._inspect
+
+    def slow_inspect(*args: Any) -> Any:
+        time.sleep(1.0)
+        return inspect(*args)
+
+    monkeypatch.setattr(smtp_module, "_inspect", slow_inspect)
+    inbox = plant_canary(sqlite_engine, "email")
+    secret = plant_canary(sqlite_engine, "credential", sandbox="sbx-2", fmt="env")
+    async with run_smtp(
+        sqlite_engine, max_message_bytes=4096, max_buffered_bytes=16 * 1024, eviction_grace=0.5
+    ) as node:
+
+        def client(source: str) -> smtplib.SMTP:
+            session = smtplib.SMTP("127.0.0.1", node.port, timeout=10, source_address=(source, 0))
+            session.ehlo("x")
+            session.mail("a@b.c")
+            session.rcpt(inbox.value)
+            return session
+
+        def send_while_others_push() -> tuple[int, list[int]]:
+            real = client("127.0.0.1")
+            assert real.docmd("DATA")[0] == 354
+            real.send(message(inbox.value, body=f"found:\n{secret.value}").as_bytes())
+            real.send(b"\r\n.\r\n")
+            time.sleep(0.7)  # parsing; the message's place is older than the grace
+            others = [client(source) for source in ("127.0.1.1", "127.0.2.1", "127.0.3.1")]
+            codes = [others[0].docmd("DATA", "x")[0]]
+            codes += [other.docmd("DATA")[0] for other in others[1:]]
+            finished = real.getreply()[0]
+            for session in (real, *others):
+                session.close()
+            return finished, codes
+
+        finished, codes = await blocking(send_while_others_push)
+        # 501 took no place; the second network got the free one; the third none.
+        assert codes == [501, 354, 452]
+        assert finished == 250
+        places = node.context.messages
+        assert places is not None
+        assert sum(places.evicted.values()) == 0
+    assert {(h.canary_id, h.evidence["trigger"]) for h in hits(sqlite_engine)} >= {
+        (secret.id, "leaked")
+    }
 
 
 async def test_a_token_inside_the_message_records_a_leaked_hit(sqlite_engine: Engine) -> None:
