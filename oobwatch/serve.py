@@ -22,6 +22,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Engine
 
 from alerts import notices
+from alerts.outbox import IN_FLIGHT
 from alerts.pager import Pager
 from alerts.policy import DEFAULT_ROUTE
 from canaries.index import TokenIndex
@@ -219,32 +220,37 @@ async def _bind(
 
 
 # Descriptors the node needs beside its listeners' connections: store, sinks, logs, sockets.
-_SPARE_DESCRIPTORS = 128
+_SPARE_DESCRIPTORS = 128 + IN_FLIGHT
+# A refused connection's descriptor closes a few turns of the loop after it was accepted,
+# and each turn accepts up to BACKLOG more: measured, about three backlogs in flight.
+_ACCEPTED_BEFORE_REFUSAL = 3 * BACKLOG
 
 
 def _descriptors(config: Config) -> None:
-    """Raise the descriptor limit to what the connection caps need; warn if it cannot go there.
+    """Raise the descriptor limit as far as it goes; warn if the caps need more.
 
     Caps that add up to more descriptors than the process may open would let
     a flood fill the table: then accept() fails for every listener at once.
-    Each listening socket also takes up to BACKLOG connections at a time
-    (asyncio accepts that many per wake-up) before its caps can refuse them.
+    Each listening socket also holds connections accepted before its caps
+    could refuse them. An unused descriptor costs nothing, so the soft limit
+    goes to the hard one rather than to an estimate.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     streams = [getattr(config, name) for name in LISTENERS] + [config.api]
     needed = (
         _SPARE_DESCRIPTORS
-        + BACKLOG * len(config.tcp_ports())
+        + _ACCEPTED_BEFORE_REFUSAL * len(config.tcp_ports())
         + sum(
             options.max_connections
             for options in streams
             if options.enabled and isinstance(options, StreamOptions)
         )
     )
-    if soft < needed:
-        wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        soft = wanted
+    wanted = max(needed, soft) if hard == resource.RLIM_INFINITY else hard
+    if soft < wanted:
+        with contextlib.suppress(ValueError, OSError):  # above the kernel's nr_open
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
     if soft < needed:
         log.warning(
             "the connection caps add up to %d descriptors but the process may open %d; "
