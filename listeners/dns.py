@@ -38,7 +38,15 @@ from listeners.dnswire import (
     refuse,
     server_failure,
 )
-from listeners.guard import ConnectionGuard, Slot, StreamOptions
+from listeners.guard import (
+    BACKLOG,
+    ConnectionGuard,
+    Slot,
+    StreamOptions,
+    dual_stack,
+    family_of,
+    listening_socket,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +132,17 @@ class DnsListener:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in self._options.listen else socket.AF_INET
         # With port 0 the UDP port is picked first, then TCP must get the same one.
         for _ in range(20):
-            udp = socket.socket(family, socket.SOCK_DGRAM)
+            udp = socket.socket(family_of(self._options.listen), socket.SOCK_DGRAM)
             udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
+            dual_stack(udp)
             udp.setblocking(False)
             udp.bind((self._options.listen, self._options.port))
             port = udp.getsockname()[1]
             try:
                 self._tcp = await asyncio.start_server(
-                    self._tcp_client, self._options.listen, port, reuse_address=True
+                    self._tcp_client, sock=listening_socket(self._options, port), backlog=BACKLOG
                 )
             except OSError:
                 udp.close()

@@ -71,17 +71,32 @@ class StreamOptions(ListenerOptions):
         return min(4 * self.max_connections_per_source, self.max_connections)
 
 
-# asyncio accepts up to this many queued connections per wake-up, each a descriptor until
-# it is refused: a flood of connects costs at most this many beyond the caps.
+# The listen queue, and how many queued connections asyncio accepts per wake-up: each is a
+# descriptor until it is refused, a few turns of the loop later.
 BACKLOG = 256
 
 
-def listening_socket(options: StreamOptions) -> socket.socket:
-    """A non-blocking TCP socket listening where `options` say."""
-    family = socket.AF_INET6 if ":" in options.listen else socket.AF_INET
-    listening = socket.socket(family, socket.SOCK_STREAM)
+def family_of(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def dual_stack(sock: socket.socket) -> None:
+    """An IPv6 socket takes IPv4 too (`listen = "::"` means every address), whatever the
+    host's default; asyncio's own servers would make it IPv6 only."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+
+
+def listening_socket(options: StreamOptions, port: int | None = None) -> socket.socket:
+    """A non-blocking TCP socket listening where `options` say (on `port`, if given)."""
+    listening = socket.socket(family_of(options.listen), socket.SOCK_STREAM)
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listening.bind((options.listen, options.port))
+    try:
+        dual_stack(listening)
+        listening.bind((options.listen, options.port if port is None else port))
+    except OSError:
+        listening.close()
+        raise
     listening.listen(BACKLOG)
     listening.setblocking(False)
     return listening

@@ -31,7 +31,7 @@ from canaries.find import locate, scan, split_name
 from canaries.index import Unknowable
 from listeners import pgwire
 from listeners.base import Context, NotDurable, Peer, Port, format_peer, printable
-from listeners.guard import BACKLOG, ConnectionGuard, StreamOptions
+from listeners.guard import BACKLOG, ConnectionGuard, StreamOptions, listening_socket
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,7 @@ class PostgresListener:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._client,
-            self._options.listen,
-            self._options.port,
-            reuse_address=True,
-            backlog=BACKLOG,
+            self._client, sock=listening_socket(self._options), backlog=BACKLOG
         )
 
     async def stop(self) -> None:

@@ -21,7 +21,14 @@ from canaries.index import Unknowable
 from canaries.model import Canary
 from listeners.base import Context, DnsName, NotDurable, Peer, Port, format_peer
 from listeners.certificates import Contexts
-from listeners.guard import ConnectionGuard, Seconds, Slot, StreamOptions
+from listeners.guard import (
+    BACKLOG,
+    ConnectionGuard,
+    Seconds,
+    Slot,
+    StreamOptions,
+    listening_socket,
+)
 from listeners.mailparse import MailDetails, inspect_message
 from listeners.tls import TlsFront
 from store.ledger import Entry, Event
@@ -452,7 +459,7 @@ class SmtpListener:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._session, self._options.listen, self._options.port, reuse_address=True
+            self._session, sock=listening_socket(self._options), backlog=BACKLOG
         )
         if self._front is not None:
             await self._front.start()

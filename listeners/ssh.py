@@ -29,7 +29,14 @@ from canaries.index import Unknowable
 from canaries.kinds import ssh_fingerprint
 from canaries.model import Canary
 from listeners.base import Context, NotDurable, Peer, Port, printable
-from listeners.guard import ConnectionGuard, Seconds, Slot, StreamOptions
+from listeners.guard import (
+    BACKLOG,
+    ConnectionGuard,
+    Seconds,
+    Slot,
+    StreamOptions,
+    listening_socket,
+)
 from store.ledger import Event
 
 log = logging.getLogger(__name__)
@@ -115,15 +122,14 @@ class SshListener:
     async def start(self) -> None:
         self._server = await asyncssh.create_server(
             lambda: _Session(self),
-            self._options.listen,
-            self._options.port,
+            sock=listening_socket(self._options),
+            backlog=BACKLOG,
             server_host_keys=[self._key],
             server_version=SERVER_VERSION,
             kex_algs=list(KEX),
             encryption_algs=list(CIPHERS),
             mac_algs=list(MACS),
             login_timeout=self._options.login_timeout,
-            reuse_address=True,
         )
 
     async def stop(self) -> None:
