@@ -108,7 +108,7 @@ class Context:
     counters: Counters = field(default_factory=Counters)
     # The connection bounds of a listener that takes connections, for /metrics.
     connections: "ConnectionGuard | None" = None
-    # SMTP: the bounds on messages being received at once (`listeners.smtp.message_places`).
+    # SMTP: the bounds on messages being received at once (`listeners.smtp.MessagePlaces`).
     messages: "ConnectionGuard | None" = None
     # The node's certificate, for listeners that speak TLS.
     tls: "NodeCertificate | None" = None

@@ -130,14 +130,14 @@ def source_of(address: str) -> tuple[str, str]:
 class Slot:
     """One admitted connection; `release()` it when the connection ends."""
 
-    __slots__ = ("_guard", "_released", "active", "close", "network", "source")
+    __slots__ = ("_guard", "_released", "active", "close", "network", "opened", "source")
 
     def __init__(
         self, guard: "ConnectionGuard", source: str, network: str, close: Callable[[], None]
     ) -> None:
         self._guard = guard
         self._released = False
-        self.active = time.monotonic()
+        self.opened = self.active = time.monotonic()
         self.source = source
         self.network = network
         self.close = close
@@ -210,7 +210,7 @@ class ConnectionGuard:
             if not self._evict(in_network, now, "network"):
                 self.refused["network"] += 1
                 return None
-        elif len(self._all) >= self.total and not self._make_room(len(in_network), now):
+        elif len(self._all) >= self.total and not self._make_room(network, now):
             self.refused["total"] += 1
             return None
         slot = Slot(self, source, network, close)
@@ -232,9 +232,11 @@ class ConnectionGuard:
             del held[slot]
             held[slot] = None
 
-    def _make_room(self, count: int, now: float) -> bool:
-        """At the total cap: the busiest network yields first, else the idlest connection of all."""
+    def _make_room(self, network: str, now: float) -> bool:
+        """At the total cap, for a newcomer from `network`: the busiest network yields first,
+        else the idlest connection of all."""
         busiest = max(self._networks.values(), key=len)
+        count = len(self._networks.get(network, ()))
         if len(busiest) > count + 1 and self._evict(busiest, now, "fair"):
             return True
         return self._evict(self._all, now, "oldest")
@@ -245,10 +247,13 @@ class ConnectionGuard:
         idlest = next(iter(held))
         if now - idlest.active < self.grace:
             return False
-        idlest.release()
-        self.evicted[reason] += 1
-        idlest.close()
+        self._close(idlest, reason)
         return True
+
+    def _close(self, slot: Slot, reason: str) -> None:
+        slot.release()
+        self.evicted[reason] += 1
+        slot.close()
 
 
 def _remove(groups: dict[str, dict[Slot, None]], key: str, slot: Slot) -> None:

@@ -9,6 +9,8 @@ inside it, are committed too.
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, AnyStr
@@ -227,20 +229,71 @@ def _peer(session: Session | None) -> Peer:
     return peer if isinstance(peer, tuple) else (str(peer), 0)
 
 
-def message_places(options: SmtpOptions) -> ConnectionGuard:
-    """The messages that may be received at once, shared as connections are.
+# How long a network's use of message places is remembered (its weight halves in ~40 s),
+# and for how many networks at most.
+USAGE_DECAY_SECONDS = 60.0
+USAGE_NETWORKS = 4096
+
+
+class MessagePlaces(ConnectionGuard):
+    """The messages that may be received at once, shared as connections are, and over time.
 
     Each holds twice `max_message_bytes`, so `max_buffered_bytes` bounds how
     many; one source, or one network, holds half of them at most. A place is
-    never touched: what counts is how long its message has been arriving, so
-    at the cap the busiest network's oldest message, else the oldest of all,
-    is stopped for a newcomer once it has taken longer than `eviction_grace`
-    (a sender trickling a message cannot keep its place for ever; its
-    recipients' hits are recorded already, and a real sender retries).
+    never touched, so its age is how long its message has been arriving, and
+    once the final dot is in it is pinned (see `GuardedSMTP.message_received`).
+
+    At the cap, the network that has held places longest lately (place-seconds,
+    decaying over USAGE_DECAY_SECONDS) yields its oldest message to a newcomer
+    whose network has held them at least `eviction_grace` place-seconds less:
+    a sender that keeps every place busy by starting each message again before
+    the grace runs out, from as many networks as there are places, still gives
+    way to one that has not. Then the connection rules: the busiest network's,
+    or the oldest, message older than the grace. A stopped message's recipients'
+    hits are recorded already, and a real sender retries.
     """
-    total = max(1, options.max_buffered_bytes // (2 * options.max_message_bytes))
-    share = max(1, total // 2)
-    return ConnectionGuard(total, share, options.eviction_grace, per_network=share)
+
+    def __init__(self, total: int, share: int, grace: float) -> None:
+        super().__init__(total, share, grace, per_network=share)
+        # Place-seconds of released places per network, decayed as of when they were noted.
+        self._used: dict[str, tuple[float, float]] = {}
+
+    @classmethod
+    def of_smtp(cls, options: SmtpOptions) -> "MessagePlaces":
+        total = max(1, options.max_buffered_bytes // (2 * options.max_message_bytes))
+        return cls(total, max(1, total // 2), options.eviction_grace)
+
+    def usage(self, network: str, now: float) -> float:
+        """Place-seconds `network` has held lately, its places held now included."""
+        held = self._networks.get(network, {})
+        return self._decayed(network, now) + sum(now - slot.opened for slot in held)
+
+    def release(self, slot: Slot) -> None:
+        if slot in self._all:
+            now = time.monotonic()
+            self._used[slot.network] = (self._decayed(slot.network, now) + now - slot.opened, now)
+            if len(self._used) > USAGE_NETWORKS:
+                # Forget the networks that held least: they would be the last to yield anyway.
+                ranked = sorted(self._used.items(), key=lambda item: self._decayed(item[0], now))
+                self._used = dict(ranked[len(ranked) // 2 :])
+        super().release(slot)
+
+    def _decayed(self, network: str, now: float) -> float:
+        used, noted = self._used.get(network, (0.0, now))
+        return used * math.exp((noted - now) / USAGE_DECAY_SECONDS)
+
+    def _make_room(self, network: str, now: float) -> bool:
+        enough = self.usage(network, now) + self.grace
+        heaviest: dict[Slot, None] | None = None
+        for other, held in self._networks.items():
+            if other != network and next(iter(held)).active != math.inf:
+                used = self.usage(other, now)
+                if used >= enough:
+                    heaviest, enough = held, used
+        if heaviest is not None:
+            self._close(next(iter(heaviest)), "fair")
+            return True
+        return super()._make_room(network, now)
 
 
 class GuardedSMTP(SMTP):
@@ -250,7 +303,7 @@ class GuardedSMTP(SMTP):
     limit, and answers a buffered flood of them without yielding, stalling
     every other session. Here every reply yields to the loop, and a session
     that draws too many syntax errors or rejected recipients is closed. DATA
-    takes one of the listener's `message_places`, so the memory messages hold
+    takes one of the listener's `MessagePlaces`, so the memory messages hold
     is bounded whatever the number of sessions.
     """
 
@@ -358,7 +411,7 @@ class GuardedSMTP(SMTP):
             self._place.pin()
 
     def _stop_message(self) -> None:
-        """Stopped for a newcomer (see `message_places`): say so if the client still listens."""
+        """Stopped for a newcomer (see `MessagePlaces`): say so if the client still listens."""
         log.warning(
             "%s message stopped mid-DATA: it took longer than eviction_grace and another "
             "sender needed its place",
@@ -419,7 +472,7 @@ class SmtpListener:
             context, tuple(split_name(domain) for domain in domains), self._tls
         )
         context.connections = self._guard = ConnectionGuard.of(options)
-        context.messages = self._places = message_places(options)
+        context.messages = self._places = MessagePlaces.of_smtp(options)
         self._front: TlsFront | None = None
         if options.tls_port is not None and self._tls is not None:
             implicit = options.model_copy(update={"port": options.tls_port})

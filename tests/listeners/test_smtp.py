@@ -224,7 +224,7 @@ async def test_a_sender_on_several_networks_cannot_hold_every_message_place(
             late.send(message(canary.value).as_bytes() + b"\r\n.\r\n")
             accepted = late.getreply()[0]
             late.close()
-            # Each network holds one: the oldest message of all was stopped, and only it.
+            # Each network holds one: one stalled message was stopped, and only one.
             stopped = []
             for client, _ in stalled:
                 try:
@@ -243,9 +243,51 @@ async def test_a_sender_on_several_networks_cannot_hold_every_message_place(
         places = node.context.messages
         assert places is not None
         assert places.refused["total"] == 1
-        assert places.evicted["oldest"] == 1
+        assert places.evicted["fair"] == 1
     # Every RCPT was recorded, the refused message's included.
     assert len([h for h in hits(sqlite_engine) if h.evidence["trigger"] == "rcpt"]) == 4
+
+
+async def test_starting_messages_again_within_the_grace_does_not_keep_every_place(
+    sqlite_engine: Engine,
+) -> None:
+    """A sender on two networks that starts a new message on each before the old one is
+    older than the grace holds both places continuously: a third network still gets in."""
+    canary = plant_canary(sqlite_engine, "email")
+    async with run_smtp(
+        sqlite_engine, max_message_bytes=4096, max_buffered_bytes=16 * 1024, eviction_grace=0.5
+    ) as node:
+
+        def in_data(source: str) -> tuple[smtplib.SMTP, int]:
+            client = smtplib.SMTP("127.0.0.1", node.port, timeout=10, source_address=(source, 0))
+            client.ehlo("x")
+            client.mail("a@b.c")
+            client.rcpt(canary.value)
+            return client, client.docmd("DATA")[0]
+
+        def churn_then_send() -> tuple[list[int], int, int]:
+            sources = ("127.0.0.1", "127.0.1.1")
+            held = [in_data(source) for source in sources]
+            codes = [code for _, code in held]
+            for _ in range(4):  # 1.2 s of places never older than 0.3 s
+                time.sleep(0.3)
+                for place, source in enumerate(sources):
+                    held[place][0].close()
+                    held[place] = in_data(source)
+                    codes.append(held[place][1])
+            real, real_code = in_data("127.0.2.1")
+            real.send(message(canary.value).as_bytes() + b"\r\n.\r\n")
+            accepted = real.getreply()[0]
+            for client in (real, *(client for client, _ in held)):
+                client.close()
+            return codes, real_code, accepted
+
+        codes, real_code, accepted = await blocking(churn_then_send)
+        assert codes == [354] * 10
+        assert (real_code, accepted) == (354, 250)
+        places = node.context.messages
+        assert places is not None
+        assert places.evicted["fair"] == 1
 
 
 async def test_neither_a_refused_data_nor_any_newcomer_stops_a_message_already_received(
