@@ -49,6 +49,15 @@ def send(
         return client.send_message(mail or message(to), "agent@sandbox.internal", [to])
 
 
+def addressed(port: int, source: str, recipient: str) -> smtplib.SMTP:
+    """A session from `source` (an address of 127/8) that has named `recipient`, ready for DATA."""
+    client = smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    client.ehlo("x")
+    client.mail("a@b.c")
+    client.rcpt(recipient)
+    return client
+
+
 async def test_local_part_and_domain_forms_fire(sqlite_engine: Engine) -> None:
     canary = plant_canary(sqlite_engine, "email")
     token = canary.token
@@ -164,13 +173,7 @@ async def test_messages_in_flight_are_bounded_and_one_source_cannot_take_every_p
 
         def stall_then_send() -> tuple[int, int, int, int]:
             def in_data(source: str) -> smtplib.SMTP:
-                client = smtplib.SMTP(
-                    "127.0.0.1", node.port, timeout=10, source_address=(source, 0)
-                )
-                client.ehlo("x")
-                client.mail("a@b.c")
-                client.rcpt(canary.value)
-                return client
+                return addressed(node.port, source, canary.value)
 
             stalled = in_data("127.0.0.1")
             assert stalled.docmd("DATA")[0] == 354
@@ -207,10 +210,7 @@ async def test_a_sender_on_several_networks_cannot_hold_every_message_place(
     ) as node:
 
         def in_data(source: str) -> tuple[smtplib.SMTP, int]:
-            client = smtplib.SMTP("127.0.0.1", node.port, timeout=10, source_address=(source, 0))
-            client.ehlo("x")
-            client.mail("a@b.c")
-            client.rcpt(canary.value)
+            client = addressed(node.port, source, canary.value)
             return client, client.docmd("DATA")[0]
 
         def stall_two_networks_then_send() -> tuple[list[int], int, int, list[bool]]:
@@ -259,10 +259,7 @@ async def test_starting_messages_again_within_the_grace_does_not_keep_every_plac
     ) as node:
 
         def in_data(source: str) -> tuple[smtplib.SMTP, int]:
-            client = smtplib.SMTP("127.0.0.1", node.port, timeout=10, source_address=(source, 0))
-            client.ehlo("x")
-            client.mail("a@b.c")
-            client.rcpt(canary.value)
+            client = addressed(node.port, source, canary.value)
             return client, client.docmd("DATA")[0]
 
         def churn_then_send() -> tuple[list[int], int, int]:
@@ -309,11 +306,7 @@ async def test_neither_a_refused_data_nor_any_newcomer_stops_a_message_already_r
     ) as node:
 
         def client(source: str) -> smtplib.SMTP:
-            session = smtplib.SMTP("127.0.0.1", node.port, timeout=10, source_address=(source, 0))
-            session.ehlo("x")
-            session.mail("a@b.c")
-            session.rcpt(inbox.value)
-            return session
+            return addressed(node.port, source, inbox.value)
 
         def send_while_others_push() -> tuple[int, list[int]]:
             real = client("127.0.0.1")
