@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from listeners import guard as guard_module
 from listeners.guard import ConnectionGuard, Slot, source_of
+from listeners.smtp import MessagePlaces
 
 
 class Clock:
@@ -169,5 +170,50 @@ def test_the_caps_hold_whatever_the_order(steps: list[tuple[str, int]]) -> None:
             assert guard.open == len(live) <= 6
             assert max(Counter(slot.source for slot in live).values(), default=0) <= 2
             assert max(Counter(slot.network for slot in live).values(), default=0) <= 4
+    finally:
+        guard_module.time.monotonic = saved  # type: ignore[assignment]
+
+
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(["admit", "release", "pin", "tick"]), st.integers(0, 11)),
+        max_size=200,
+    )
+)
+def test_message_places_hold_their_caps_and_never_stop_a_pinned_message(
+    steps: list[tuple[str, int]],
+) -> None:
+    now = [0.0]
+    saved = guard_module.time.monotonic
+    guard_module.time.monotonic = lambda: now[0]  # type: ignore[assignment]
+    try:
+        places = MessagePlaces(total=4, share=2, grace=1.0)
+        live: list[Slot] = []
+        pinned: set[Slot] = set()
+
+        def stopped(box: list[Slot]) -> None:
+            assert box[0] not in pinned
+            live.remove(box[0])
+
+        for action, n in steps:
+            if action == "admit":
+                box: list[Slot] = []
+                slot = places.admit(f"192.0.{n % 6}.{n % 2}", lambda box=box: stopped(box))
+                if slot is not None:
+                    box.append(slot)
+                    live.append(slot)
+            elif action == "release" and live:
+                slot = live.pop(n % len(live))
+                slot.release()
+                slot.release()
+                pinned.discard(slot)
+            elif action == "pin" and live:
+                live[n % len(live)].pin()
+                pinned.add(live[n % len(live)])
+            else:
+                now[0] += 0.4
+            assert places.open == len(live) <= 4
+            assert max(Counter(slot.network for slot in live).values(), default=0) <= 2
+            assert all(places.usage(f"192.0.{k}.0/24", now[0]) >= 0 for k in range(6))
     finally:
         guard_module.time.monotonic = saved  # type: ignore[assignment]
