@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import Connection, Engine, RowMapping, bindparam, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from alerts import notices, sinks
 from alerts.deliveries import LEASE_US, Lease, enqueue, escalation_route
@@ -67,7 +68,9 @@ _ONE = update(deliveries).where(
     deliveries.c.lease_owner == bindparam("owner"),
 )
 _SENT = _ONE.values(status="sent", sent_us=bindparam("at"), attempts=bindparam("attempt"))
-_GIVE_BACK = _ONE.values(lease_until_us=0, lease_owner=None)
+_GIVE_BACK = _ONE.where(deliveries.c.lease_until_us == bindparam("until")).values(
+    lease_until_us=0, lease_owner=None
+)
 _RETRY = _ONE.values(
     attempts=bindparam("attempt"),
     last_error=bindparam("error"),
@@ -149,7 +152,7 @@ class Outbox:
         # Deliveries written leased to this sender, committed, not yet attempted; and those
         # that waited too long for it to be safe to send them on that lease.
         self._handed: collections.deque[RowMapping] = collections.deque()
-        self._stale: list[int] = []
+        self._stale: list[tuple[int, int]] = []
         self._sending = 0
         self._claimed_at = time.monotonic()
         self.sent = 0
@@ -209,16 +212,20 @@ class Outbox:
         if rows:
             self.wake()
 
-    def _take_handed(self, room: int, now_us: int) -> list[RowMapping]:
+    def _take_handed(self, room: int, sending: Collection[int]) -> list[RowMapping]:
         """Up to `room` handed deliveries with lease enough left for an attempt; the others
-        are given back to the store at the next claim."""
+        are given back to the store at the next claim (none this sender is sending: a claim
+        took it already)."""
         taken: list[RowMapping] = []
+        now_us = self._clock()
         while self._handed and len(taken) < room:
             row = self._handed.popleft()
+            if row["id"] in sending:
+                continue
             if row["lease_until_us"] - now_us >= SAFE_LEASE_US:
                 taken.append(row)
             else:
-                self._stale.append(row["id"])
+                self._stale.append((row["id"], row["lease_until_us"]))
         return taken
 
     async def work(self) -> int:
@@ -236,22 +243,20 @@ class Outbox:
             try:
                 while True:
                     self._wakeup.clear()
-                    room = IN_FLIGHT - len(in_flight)
-                    due = self._take_handed(room, self._clock())
-                    overdue = time.monotonic() - self._claimed_at >= CLAIM_EVERY_SECONDS
-                    if room > len(due) and (not due or self._stale or overdue):
-                        # Not while handed pages are going out, unless claims are overdue:
-                        # a first page is not held up behind a claim transaction.
-                        sending = {*in_flight.values(), *(row["id"] for row in due)}
-                        stale, self._stale = self._stale, []
-                        due += await asyncio.to_thread(
-                            self._claim, self._clock(), room - len(due), sending, stale
-                        )
-                        self._claimed_at = time.monotonic()
-                    for row in due:
+                    # Handed pages go out first: a claim transaction never holds them up.
+                    handed = self._take_handed(IN_FLIGHT - len(in_flight), set(in_flight.values()))
+                    for row in handed:
                         in_flight[asyncio.create_task(self._attempt(row))] = row["id"]
-                    attempted += len(due)
+                    attempted += len(handed)
                     self._sending = len(in_flight)
+                    room = IN_FLIGHT - len(in_flight)
+                    overdue = time.monotonic() - self._claimed_at >= CLAIM_EVERY_SECONDS
+                    if room > 0 and (not handed or self._stale or overdue):
+                        due = await self._claim_safely(room, set(in_flight.values()))
+                        for row in due:
+                            in_flight[asyncio.create_task(self._attempt(row))] = row["id"]
+                        attempted += len(due)
+                        self._sending = len(in_flight)
                     if not in_flight:
                         return attempted
                     woken = asyncio.create_task(self._wakeup.wait())
@@ -269,18 +274,38 @@ class Outbox:
                 # sends are retried (at least once, never lost).
                 for task in [*in_flight, *([woken] if woken is not None else [])]:
                     task.cancel()
+                self._sending = 0
+
+    async def _claim_safely(self, room: int, sending: Collection[int]) -> list[RowMapping]:
+        """Claim what is due; when the store fails, nothing (what is in flight goes on, and
+        the stale leases wait for the next claim)."""
+        stale, self._stale = self._stale, []
+        try:
+            return await asyncio.to_thread(self._claim, self._clock(), room, sending, stale)
+        except SQLAlchemyError as error:
+            self._stale = stale + self._stale
+            log.warning("claiming due deliveries failed: %s", error)
+            return []
+        finally:
+            self._claimed_at = time.monotonic()
 
     def _claim(
-        self, now_us: int, room: int, sending: Collection[int], stale: Collection[int] = ()
+        self,
+        now_us: int,
+        room: int,
+        sending: Collection[int],
+        stale: Collection[tuple[int, int]] = (),
     ) -> list[RowMapping]:
         """Lease up to `room` due deliveries to this process, leaving out those it is sending;
-        first give up its lease on the `stale` ones (handed too late to send on it)."""
+        first give up the `stale` leases, (delivery, lease end) it was handed too late to send
+        on (only those: a lease it has claimed since is its own)."""
         claimed: list[RowMapping] = []
         with self._engine.begin() as connection:
             if stale:
-                connection.execute(
-                    _GIVE_BACK, [{"delivery": id_, "owner": self.owner} for id_ in stale]
-                )
+                given_back = [
+                    {"delivery": id_, "owner": self.owner, "until": until} for id_, until in stale
+                ]
+                connection.execute(_GIVE_BACK, given_back)
             rows = connection.execute(_DUE, {"now": now_us}).mappings().all()
             for row in rows:
                 if len(claimed) >= room:

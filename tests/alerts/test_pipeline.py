@@ -6,6 +6,7 @@ import hmac
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from sqlalchemy import Engine, select, update
 
 from alerts import outbox as outbox_module
-from alerts.deliveries import escalation_route
+from alerts.deliveries import LEASE_US, escalation_route
 from alerts.outbox import Outbox, Retry
 from alerts.policy import DEFAULT_ROUTE, IgnoreRule, Match, Policy, Route, Sink
 from alerts.render import for_hit
@@ -459,16 +460,18 @@ async def test_a_first_page_is_handed_to_its_own_sender_leased_and_no_other_take
     claims: list[int] = []
     claim = pipeline.outbox._claim
 
-    def counted(now: int, room: int, sending: Any, stale: Any) -> Any:
+    def slow_claim(now: int, room: int, sending: Any, stale: Any) -> Any:
+        time.sleep(0.5)  # a store that takes its time
         claims.append(len(receiver.requests))
         return claim(now, room, sending, stale)
 
-    monkeypatch.setattr(pipeline.outbox, "_claim", counted)
+    monkeypatch.setattr(pipeline.outbox, "_claim", slow_claim)
+    pipeline.outbox._claimed_at -= 5  # claims are overdue, as after any quiet second
     pipeline.outbox.hand(leased)
     assert await pipeline.outbox.work() == 3
-    # No claim went before the pages: the claims came after, for whatever else had come due.
+    # The pages did not wait for the claim: they were out while it was still running.
     assert claims
-    assert claims[0] > 0
+    assert claims[0] == 3
     assert len(hits(engine, "alert_sent")) == 3
     assert pipeline.outbox.depth() == 0
 
@@ -492,6 +495,21 @@ async def test_a_handed_page_whose_lease_ran_short_is_not_sent_on_it(
     assert await pipeline.outbox.work() == 0
     assert len(receiver.requests) == 3
     assert len(hits(engine, "alert_sent")) == 3
+
+
+async def test_a_handed_page_with_less_than_an_attempt_of_lease_left_is_claimed_anew(
+    pipeline: Pipeline, engine: Engine, receiver: Receiver
+) -> None:
+    pipeline.hit()
+    pipeline.state.dispatch(pipeline.clock.now, lease=pipeline.outbox.lease())
+    pipeline.outbox.hand(pipeline.state.leased)
+    pipeline.clock.now += 6_000_000  # 24 s of its 30 s lease left: less than an attempt needs
+    assert await pipeline.outbox.work() == 3
+    assert len(receiver.requests) == 3
+    with engine.connect() as connection:
+        leases = connection.execute(select(deliveries.c.lease_until_us)).scalars().all()
+    # Given back and claimed again: sent on a lease of its own, not on the one it was handed.
+    assert leases == [pipeline.clock.now + LEASE_US] * 3
 
 
 async def test_a_dispatch_leases_no_more_first_pages_than_its_sender_can_start(
