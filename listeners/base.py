@@ -13,7 +13,7 @@ node's `BurstFolder`, so one canary's flood folds into aggregate rows
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import ip_address
+from ipaddress import IPv6Address, ip_address
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -131,7 +131,7 @@ class Context:
             canary_id=canary.id,
             sandbox=canary.sandbox,
             protocol=protocol,
-            source=str(peer[0]),
+            source=source_address(peer),
             data={"source_port": int(peer[1]), **data},
         )
 
@@ -182,9 +182,23 @@ def hit_event(
         canary_id=canary.id,
         sandbox=canary.sandbox,
         protocol=protocol,
-        source=str(peer[0]),
+        source=source_address(peer),
         data=data,
     )
+
+
+def source_address(peer: Peer) -> str:
+    """The address a hit came from, as recorded: an IPv4 client of a dual-stack listener
+    (`listen = "::"`) arrives as ::ffff:a.b.c.d, and is recorded as a.b.c.d, so that ignore
+    rules and timeline filters for IPv4 match it."""
+    address = str(peer[0])
+    try:
+        mapped = ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(mapped, IPv6Address) and mapped.ipv4_mapped is not None:
+        return str(mapped.ipv4_mapped)
+    return address
 
 
 def printable(text: str, limit: int) -> str:

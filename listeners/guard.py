@@ -130,7 +130,16 @@ def source_of(address: str) -> tuple[str, str]:
 class Slot:
     """One admitted connection; `release()` it when the connection ends."""
 
-    __slots__ = ("_guard", "_released", "active", "close", "network", "opened", "source")
+    __slots__ = (
+        "_guard",
+        "_released",
+        "active",
+        "close",
+        "network",
+        "opened",
+        "pinned",
+        "source",
+    )
 
     def __init__(
         self, guard: "ConnectionGuard", source: str, network: str, close: Callable[[], None]
@@ -138,6 +147,7 @@ class Slot:
         self._guard = guard
         self._released = False
         self.opened = self.active = time.monotonic()
+        self.pinned = math.inf
         self.source = source
         self.network = network
         self.close = close
@@ -152,6 +162,7 @@ class Slot:
         otherwise: a pinned slot goes last, behind every one that can still be closed."""
         if not self._released:
             self._guard.touch(self)
+            self.pinned = self.active
             self.active = math.inf
 
     def release(self) -> None:

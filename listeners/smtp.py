@@ -257,6 +257,7 @@ class MessagePlaces(ConnectionGuard):
         super().__init__(total, share, grace, per_network=share)
         # Place-seconds of released places per network, decayed as of when they were noted.
         self._used: dict[str, tuple[float, float]] = {}
+        self._stopping: Slot | None = None
 
     @classmethod
     def of_smtp(cls, options: SmtpOptions) -> "MessagePlaces":
@@ -264,14 +265,18 @@ class MessagePlaces(ConnectionGuard):
         return cls(total, max(1, total // 2), options.eviction_grace)
 
     def usage(self, network: str, now: float) -> float:
-        """Place-seconds `network` has held lately, its places held now included."""
+        """Place-seconds `network` has held lately, its places held now included; a place
+        counts until its message is in (parsing it is this node's time, not the sender's)."""
         held = self._networks.get(network, {})
-        return self._decayed(network, now) + sum(now - slot.opened for slot in held)
+        return self._decayed(network, now) + sum(_held_for(slot, now) for slot in held)
 
     def release(self, slot: Slot) -> None:
-        if slot in self._all:
+        # A stopped message is not counted against its network: its sender may retry as soon
+        # as it would have, and a heavy network that was made to yield is light again.
+        if slot in self._all and slot is not self._stopping:
             now = time.monotonic()
-            self._used[slot.network] = (self._decayed(slot.network, now) + now - slot.opened, now)
+            used = self._decayed(slot.network, now) + _held_for(slot, now)
+            self._used[slot.network] = (used, now)
             if len(self._used) > USAGE_NETWORKS:
                 # Forget the networks that held least: they would be the last to yield anyway.
                 ranked = sorted(self._used.items(), key=lambda item: self._decayed(item[0], now))
@@ -281,6 +286,13 @@ class MessagePlaces(ConnectionGuard):
     def _decayed(self, network: str, now: float) -> float:
         used, noted = self._used.get(network, (0.0, now))
         return used * math.exp((noted - now) / USAGE_DECAY_SECONDS)
+
+    def _close(self, slot: Slot, reason: str) -> None:
+        self._stopping = slot
+        try:
+            super()._close(slot, reason)
+        finally:
+            self._stopping = None
 
     def _make_room(self, network: str, now: float) -> bool:
         enough = self.usage(network, now) + self.grace
@@ -294,6 +306,10 @@ class MessagePlaces(ConnectionGuard):
             self._close(next(iter(heaviest)), "fair")
             return True
         return super()._make_room(network, now)
+
+
+def _held_for(slot: Slot, now: float) -> float:
+    return min(now, slot.pinned) - slot.opened
 
 
 class GuardedSMTP(SMTP):
@@ -352,6 +368,10 @@ class GuardedSMTP(SMTP):
     def data_received(self, data: bytes) -> None:
         if self._slot is not None:
             self._slot.touch()
+        if self._place is not None and self._place.pinned == math.inf:
+            # `timeout` is seconds of silence; aiosmtpd counts it from the command, which
+            # would cut off a message still arriving.
+            self._reset_timeout()
         super().data_received(data)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -400,6 +420,9 @@ class GuardedSMTP(SMTP):
         finally:
             self._place = None
             place.release()
+            handle = self._timeout_handle
+            if self.transport is not None and handle is not None and handle.cancelled():
+                self._reset_timeout()  # after the message: silence counts again
 
     def _rcpt_tos(self) -> bool:
         return self.envelope is not None and bool(self.envelope.rcpt_tos)
@@ -409,6 +432,9 @@ class GuardedSMTP(SMTP):
         sender did its part; what remains is parsing and recording it)."""
         if self._place is not None:
             self._place.pin()
+            # Nor does the idle timeout run while this node parses and records it.
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
 
     def _stop_message(self) -> None:
         """Stopped for a newcomer (see `MessagePlaces`): say so if the client still listens."""

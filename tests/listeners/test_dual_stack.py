@@ -10,7 +10,7 @@ import dns.query
 import pytest
 from sqlalchemy import Engine
 
-from support import ZONE, run_dns, run_http, run_postgres, run_smtp, run_ssh
+from support import ZONE, hits, plant_canary, run_dns, run_http, run_postgres, run_smtp, run_ssh
 
 RUNNERS: dict[str, Callable[..., contextlib.AbstractAsyncContextManager[Any]]] = {
     "dns": run_dns,
@@ -44,3 +44,14 @@ async def test_a_listener_on_every_address_takes_ipv4_and_ipv6(
             for host in ("127.0.0.1", "::1"):
                 answer = await asyncio.to_thread(dns.query.udp, query, host, port=port, timeout=5)
                 assert answer.id == query.id
+
+
+async def test_an_ipv4_hit_on_every_address_is_recorded_as_ipv4(sqlite_engine: Engine) -> None:
+    """Through a dual-stack socket an IPv4 client is ::ffff:a.b.c.d; recorded as a.b.c.d, an
+    ignore rule or a timeline filter for its IPv4 address matches it."""
+    canary = plant_canary(sqlite_engine)
+    async with run_dns(sqlite_engine, listen="::") as node:
+        for host in ("127.0.0.1", "::1"):
+            query = dns.message.make_query(canary.value, "A")
+            await asyncio.to_thread(dns.query.udp, query, host, port=node.port, timeout=5)
+    assert sorted(entry.source for entry in hits(sqlite_engine)) == ["127.0.0.1", "::1"]

@@ -295,7 +295,7 @@ async def test_neither_a_refused_data_nor_any_newcomer_stops_a_message_already_r
     inspect = smtp_module._inspect
 
     def slow_inspect(*args: Any) -> Any:
-        time.sleep(1.0)
+        time.sleep(1.5)
         return inspect(*args)
 
     monkeypatch.setattr(smtp_module, "_inspect", slow_inspect)
@@ -308,30 +308,74 @@ async def test_neither_a_refused_data_nor_any_newcomer_stops_a_message_already_r
         def client(source: str) -> smtplib.SMTP:
             return addressed(node.port, source, inbox.value)
 
-        def send_while_others_push() -> tuple[int, list[int]]:
+        def send_while_others_push() -> tuple[int, list[int], int]:
             real = client("127.0.0.1")
             assert real.docmd("DATA")[0] == 354
             real.send(message(inbox.value, body=f"found:\n{secret.value}").as_bytes())
             real.send(b"\r\n.\r\n")
-            time.sleep(0.7)  # parsing; the message's place is older than the grace
-            others = [client(source) for source in ("127.0.1.1", "127.0.2.1", "127.0.3.1")]
-            codes = [others[0].docmd("DATA", "x")[0]]
-            codes += [other.docmd("DATA")[0] for other in others[1:]]
+            # Parsing now. Another network takes the second place and stalls in it.
+            stalled, refused, newcomer = (
+                client(source) for source in ("127.0.1.1", "127.0.2.1", "127.0.3.1")
+            )
+            codes = [stalled.docmd("DATA")[0]]
+            time.sleep(0.7)  # both places older than the grace, the stalled one heavy
+            codes.append(refused.docmd("DATA", "x")[0])
+            evicted_by_refused = sum(places.evicted.values())
+            codes.append(newcomer.docmd("DATA")[0])
             finished = real.getreply()[0]
-            for session in (real, *others):
+            for session in (real, stalled, refused, newcomer):
                 session.close()
-            return finished, codes
+            return finished, codes, evicted_by_refused
 
-        finished, codes = await blocking(send_while_others_push)
-        # 501 took no place; the second network got the free one; the third none.
-        assert codes == [501, 354, 452]
-        assert finished == 250
         places = node.context.messages
         assert places is not None
-        assert sum(places.evicted.values()) == 0
+        finished, codes, evicted_by_refused = await blocking(send_while_others_push)
+        # The refused DATA took no place; the newcomer took the stalled message's, never the
+        # one being parsed.
+        assert codes == [354, 501, 354]
+        assert evicted_by_refused == 0
+        assert places.evicted == {"fair": 1}
+        assert finished == 250
     assert {(h.canary_id, h.evidence["trigger"]) for h in hits(sqlite_engine)} >= {
         (secret.id, "leaked")
     }
+
+
+async def test_timeout_is_silence_a_slow_message_and_its_parsing_are_not_cut_off(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inspect = smtp_module._inspect
+
+    def slow_inspect(*args: Any) -> Any:
+        time.sleep(1.5)  # parsing behind others' messages, longer than the timeout
+        return inspect(*args)
+
+    monkeypatch.setattr(smtp_module, "_inspect", slow_inspect)
+    canary = plant_canary(sqlite_engine, "email")
+    async with run_smtp(sqlite_engine, timeout=1.0) as node:
+
+        def trickle_then_wait() -> tuple[int, bool]:
+            client = addressed(node.port, "127.0.0.1", canary.value)
+            assert client.docmd("DATA")[0] == 354
+            lines = message(canary.value).as_bytes().split(b"\n")
+            for line in lines:  # 2 s or more in all, never 1 s of silence
+                client.send(line + b"\n")
+                time.sleep(0.3)
+            client.send(b"\r\n.\r\n")
+            accepted = client.getreply()[0]
+            time.sleep(1.5)  # and after the message, silence counts again
+            try:
+                client.noop()
+            except (OSError, smtplib.SMTPException):
+                return accepted, True
+            finally:
+                client.close()
+            return accepted, False
+
+        accepted, cut_when_silent = await blocking(trickle_then_wait)
+        assert accepted == 250
+        assert cut_when_silent
+    assert len(hits(sqlite_engine, "evidence")) == 1
 
 
 async def test_a_token_inside_the_message_records_a_leaked_hit(sqlite_engine: Engine) -> None:
