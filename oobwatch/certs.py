@@ -181,7 +181,7 @@ class CertificateKeeper:
             log.info("tls: serving the ACME certificate from the store")
             return Tick(serve=Served(state.pem, "acme"))
         why = renewal_due(state, zone, now)
-        if why is None or not acme.claim(self._engine, node, now, lease):
+        if why is None or not acme.claim(self._engine, node, now, lease, state.pem):
             return Tick()
         return Tick(order=why)
 

@@ -55,8 +55,10 @@ def state(engine: Engine) -> OrderState:
     )
 
 
-def claim(engine: Engine, node: str, now: int, lease_us: int) -> bool:
-    """Take the order for `node` until `now + lease_us`, unless another node holds it.
+def claim(engine: Engine, node: str, now: int, lease_us: int, seen: bytes | None) -> bool:
+    """Take the order for `node` until `now + lease_us`, unless another node holds it, or the
+    certificate is no longer `seen`, the one the claimer found due: an order another node
+    finished since it looked is not ordered again.
 
     A renewal asked for is taken with it: whatever the order's outcome, it was answered.
     """
@@ -65,6 +67,7 @@ def claim(engine: Engine, node: str, now: int, lease_us: int) -> bool:
         taken = connection.execute(
             update(acme_orders)
             .where(acme_orders.c.name == _ROW)
+            .where(acme_orders.c.pem.is_(None) if seen is None else acme_orders.c.pem == seen)
             .where(
                 or_(
                     acme_orders.c.holder.is_(None),

@@ -204,7 +204,7 @@ async def test_a_stored_certificate_near_expiry_is_renewed(
         config = acme_config(tmp_path, receiver, pebble, dns_port, store_url)
         engine = open_store(config.store.url)
         migrate(engine)
-        acme.claim(engine, "seed", 0, 1)
+        acme.claim(engine, "seed", 0, 1, None)
         old = near_expiry(ZONE, days_left=1)
         with engine.begin() as connection:
             connection.execute(

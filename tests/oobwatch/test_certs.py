@@ -35,7 +35,7 @@ def test_a_failure_after_a_renewal_was_asked_waits_before_the_next_order(engine:
     now = now_us()
     acme.ask_renewal(engine, now)
     assert renewal_due(acme.state(engine), ZONE, now) == "a renewal was asked for"
-    assert acme.claim(engine, "n1", now, LEASE)
+    assert acme.claim(engine, "n1", now, LEASE, None)
     acme.failed(engine, "n1", "validation failed", now)
     state = acme.state(engine)
     # The ask was taken with the claim: a failure is not retried at once, every tick.
@@ -46,6 +46,19 @@ def test_a_failure_after_a_renewal_was_asked_waits_before_the_next_order(engine:
     # Asked again after the failure: due at once.
     acme.ask_renewal(engine, now + 2)
     assert renewal_due(acme.state(engine), ZONE, now + 3) == "a renewal was asked for"
+
+
+def test_a_node_that_found_no_certificate_does_not_order_one_another_node_just_got(
+    engine: Engine,
+) -> None:
+    now = now_us()
+    seen = acme.state(engine).pem
+    assert seen is None
+    # Meanwhile another node's order ends: certificate stored, order released.
+    assert acme.claim(engine, "n2", now, LEASE, None)
+    acme.succeeded(engine, "n2", self_signed(ZONE), now)
+    assert acme.state(engine).holder is None
+    assert not acme.claim(engine, "n1", now, LEASE, seen)
 
 
 def test_one_node_orders_and_its_published_answers_reach_the_other_node(
@@ -85,7 +98,7 @@ def test_a_stored_certificate_is_served_and_one_for_other_names_is_not(
 ) -> None:
     config = acme_config(tmp_path, store_url)
     ours, challenges = keeper(config, engine)
-    acme.claim(engine, "seed", 0, 1)
+    acme.claim(engine, "seed", 0, 1, None)
     other = self_signed("elsewhere.example")
     with engine.begin() as connection:
         connection.execute(update(acme_orders).values(pem=other, holder=None))
