@@ -58,6 +58,12 @@ def addressed(port: int, source: str, recipient: str) -> smtplib.SMTP:
     return client
 
 
+def in_data(port: int, source: str, recipient: str) -> tuple[smtplib.SMTP, int]:
+    """`addressed`, then DATA: the session and DATA's reply code."""
+    client = addressed(port, source, recipient)
+    return client, client.docmd("DATA")[0]
+
+
 async def test_local_part_and_domain_forms_fire(sqlite_engine: Engine) -> None:
     canary = plant_canary(sqlite_engine, "email")
     token = canary.token
@@ -172,19 +178,19 @@ async def test_messages_in_flight_are_bounded_and_one_source_cannot_take_every_p
     ) as node:
 
         def stall_then_send() -> tuple[int, int, int, int]:
-            def in_data(source: str) -> smtplib.SMTP:
+            def envelope(source: str) -> smtplib.SMTP:
                 return addressed(node.port, source, canary.value)
 
-            stalled = in_data("127.0.0.1")
+            stalled = envelope("127.0.0.1")
             assert stalled.docmd("DATA")[0] == 354
             stalled.send(b"Subject: half a message\r\n")
-            second = in_data("127.0.0.1")
+            second = envelope("127.0.0.1")
             refused = second.docmd("DATA")[0]
             # Nor can its network: another address of the /24 is held to the same share.
-            neighbour = in_data("127.0.0.2")
+            neighbour = envelope("127.0.0.2")
             assert neighbour.docmd("DATA")[0] == 452
             neighbour.close()
-            other = in_data("127.0.1.9")
+            other = envelope("127.0.1.9")
             other_code, _ = other.data(message(canary.value).as_bytes())
             stalled.send(b"\r\nbody\r\n.\r\n")
             finished = stalled.getreply()[0]
@@ -209,18 +215,16 @@ async def test_a_sender_on_several_networks_cannot_hold_every_message_place(
         sqlite_engine, max_message_bytes=4096, max_buffered_bytes=16 * 1024, eviction_grace=0.5
     ) as node:
 
-        def in_data(source: str) -> tuple[smtplib.SMTP, int]:
-            client = addressed(node.port, source, canary.value)
-            return client, client.docmd("DATA")[0]
-
         def stall_two_networks_then_send() -> tuple[list[int], int, int, list[bool]]:
-            stalled = [in_data(source) for source in ("127.0.0.1", "127.0.1.1")]
+            stalled = [
+                in_data(node.port, source, canary.value) for source in ("127.0.0.1", "127.0.1.1")
+            ]
             for client, _ in stalled:
                 client.send(b"Subject: half a message\r\n")
-            early, early_code = in_data("127.0.2.1")
+            early, early_code = in_data(node.port, "127.0.2.1", canary.value)
             early.close()
             time.sleep(0.8)
-            late, _ = in_data("127.0.2.1")
+            late, _ = in_data(node.port, "127.0.2.1", canary.value)
             late.send(message(canary.value).as_bytes() + b"\r\n.\r\n")
             accepted = late.getreply()[0]
             late.close()
@@ -258,21 +262,17 @@ async def test_starting_messages_again_within_the_grace_does_not_keep_every_plac
         sqlite_engine, max_message_bytes=4096, max_buffered_bytes=16 * 1024, eviction_grace=0.5
     ) as node:
 
-        def in_data(source: str) -> tuple[smtplib.SMTP, int]:
-            client = addressed(node.port, source, canary.value)
-            return client, client.docmd("DATA")[0]
-
         def churn_then_send() -> tuple[list[int], int, int]:
             sources = ("127.0.0.1", "127.0.1.1")
-            held = [in_data(source) for source in sources]
+            held = [in_data(node.port, source, canary.value) for source in sources]
             codes = [code for _, code in held]
             for _ in range(4):  # 1.2 s of places never older than 0.3 s
                 time.sleep(0.3)
                 for place, source in enumerate(sources):
                     held[place][0].close()
-                    held[place] = in_data(source)
+                    held[place] = in_data(node.port, source, canary.value)
                     codes.append(held[place][1])
-            real, real_code = in_data("127.0.2.1")
+            real, real_code = in_data(node.port, "127.0.2.1", canary.value)
             real.send(message(canary.value).as_bytes() + b"\r\n.\r\n")
             accepted = real.getreply()[0]
             for client in (real, *(client for client, _ in held)):
