@@ -247,8 +247,9 @@ class MessagePlaces(ConnectionGuard):
     decaying over USAGE_DECAY_SECONDS) yields its oldest message to a newcomer
     whose network has held them at least `eviction_grace` place-seconds less:
     a sender that keeps every place busy by starting each message again before
-    the grace runs out, from as many networks as there are places, still gives
-    way to one that has not. Then the connection rules: the busiest network's,
+    the grace runs out, from a few networks, still gives way to one that has
+    not (rotating through dozens of networks, about 48 with the defaults, it
+    keeps them: each message it starts is a recorded RCPT hit). Then the connection rules: the busiest network's,
     or the oldest, message older than the grace. A stopped message's recipients'
     hits are recorded already, and a real sender retries.
     """
