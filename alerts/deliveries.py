@@ -20,6 +20,9 @@ from store.schema import deliveries
 # How long a sender holds the deliveries it took: well beyond one attempt's time limit.
 LEASE_US = 30_000_000
 
+# The sink kinds a delivery is written for, unless its writer names fewer.
+SINK_KINDS = ("apprise", "pagerduty", "webhook")
+
 _QUEUE = insert(deliveries)
 _QUEUE_RETURNING = insert(deliveries).returning(*deliveries.c, sort_by_parameter_order=True)
 
@@ -55,7 +58,7 @@ def enqueue(
     route: Route,
     payload: dict[str, Any],
     now_us: int,
-    kinds: Collection[str] = ("apprise", "pagerduty", "webhook"),
+    kinds: Collection[str] = SINK_KINDS,
 ) -> int:
     """Write one pending delivery per sink of `route` into the outbox."""
     rows = _rows(route, payload, now_us, kinds)
@@ -79,7 +82,7 @@ def enqueue_leased(
     sender to send once they are committed, with no claim of its own before the first attempt."""
     rows = [
         {**row, "lease_owner": owner, "lease_until_us": now_us + LEASE_US}
-        for row in _rows(route, payload, now_us, ("apprise", "pagerduty", "webhook"))
+        for row in _rows(route, payload, now_us, SINK_KINDS)
     ]
     if not rows:
         return []

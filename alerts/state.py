@@ -73,7 +73,7 @@ class AlertState:
         self._node = node
         self._console_url = console_url
         self.last_dispatched = 0
-        # The deliveries the last dispatch wrote leased to its `lease_to`.
+        # The deliveries the last dispatch wrote leased to its `lease` owner, committed.
         self.leased: list[RowMapping] = []
 
     def dispatch(self, now_us: int, batches: int | None = None, lease: Lease | None = None) -> int:
