@@ -1,7 +1,11 @@
 """The pager: the node's alert work on its asyncio loop.
 
 A commit that holds hits wakes the dispatcher (hits -> alerts -> outbox
-rows); anything queued wakes the sender. First pages are written leased to
+rows) at once if one of them may open an alert, and within FOLD_DELAY_SECONDS
+if each only folds into an alert already open: on SQLite a dispatch runs on
+the ledger writer's thread, where the next hits wait for it, and a stream of
+hits of planted canaries would otherwise put one in front of nearly every
+commit. Anything queued wakes the sender. First pages are written leased to
 this node's sender and handed to it once committed: they leave without a
 claim transaction in front of them. Both also run on a timer, for hits
 committed by other processes and for deliveries waiting out their backoff.
@@ -29,6 +33,9 @@ log = logging.getLogger(__name__)
 BUSY_DISPATCH = 50
 BUSY_PAUSE_SECONDS = 0.05
 RETRY_SECONDS = 1.0
+# How long hits that only fold into open alerts wait to be dispatched: what they change
+# (an alert's count, sources, last hit) is paged by digests, minutes apart.
+FOLD_DELAY_SECONDS = 0.25
 
 StoreWork = Callable[[Callable[[], Any]], Awaitable[Any]]
 
@@ -54,6 +61,7 @@ class Pager:
         self._dispatch_due = asyncio.Event()
         self._send_due = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._folds_due: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         """Start both loops; hits and deliveries left from before a restart are taken up at once."""
@@ -65,6 +73,8 @@ class Pager:
         self.send_soon()
 
     async def stop(self) -> None:
+        if self._folds_due is not None:
+            self._folds_due.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -72,8 +82,17 @@ class Pager:
 
     def committed(self, entries: Sequence[Entry]) -> None:
         """The ledger writer's commit notification: new hits mean alert work."""
-        if any(entry.type == "hit" for entry in entries):
+        hits = [entry for entry in entries if entry.type == "hit"]
+        if any(self.state.may_open(hit) for hit in hits):
             self._dispatch_due.set()
+        elif hits and self._folds_due is None:
+            self._folds_due = asyncio.get_running_loop().call_later(
+                FOLD_DELAY_SECONDS, self._dispatch_folds
+            )
+
+    def _dispatch_folds(self) -> None:
+        self._folds_due = None
+        self._dispatch_due.set()
 
     def dispatch_soon(self) -> None:
         self._dispatch_due.set()

@@ -36,6 +36,8 @@ MAX_SOURCES = 50
 # so a backlog is worked off in short transactions with a pause between them.
 BATCH = 100
 BATCH_PAUSE_SECONDS = 0.002
+# Canaries whose open alert this node's dispatches remember (a hint: see `may_open`).
+OPEN_WINDOWS_KEPT = 10_000
 
 # Alert rows as shown: with how many of their deliveries were dead-lettered.
 _SHOWN = select(
@@ -75,6 +77,22 @@ class AlertState:
         self.last_dispatched = 0
         # The deliveries the last dispatch wrote leased to its `lease` owner, committed.
         self.leased: list[RowMapping] = []
+        # Canary id -> when the dedupe window of the alert it had open at its last
+        # dispatched hit ends; an alert resolved in this process clears it.
+        self._open_windows: dict[str, int] = {}
+
+    def may_open(self, hit: Entry) -> bool:
+        """Whether dispatching `hit` may open an alert, and so page: False only when it
+        folds into an alert this node's dispatches saw open, within its window.
+
+        A hint for when to dispatch, never for what: the dispatch itself reads the
+        alerts. An alert resolved by another process meanwhile is taken for open
+        here, and the new alert its canary's next hit opens is dispatched late.
+        """
+        if hit.canary_id is None or hit.sandbox == HEARTBEAT_SANDBOX:
+            return False
+        window_ends = self._open_windows.get(hit.canary_id)
+        return window_ends is None or window_ends <= hit.time_us
 
     def dispatch(self, now_us: int, batches: int | None = None, lease: Lease | None = None) -> int:
         """Process hits committed since the cursor, all of them or `batches` of BATCH at most;
@@ -140,7 +158,16 @@ class AlertState:
                 ledger.append(connection, events)
                 connection.execute(_MOVE_CURSOR, {"to": rows[-1].seq})
             self.leased += leased
+            self._remember_windows(folds)
         return queued
+
+    def _remember_windows(self, folds: dict[str, "_Fold"]) -> None:
+        windows = self._open_windows
+        for canary_id, fold in folds.items():
+            windows.pop(canary_id, None)
+            windows[canary_id] = fold.window_ends_us
+        while len(windows) > OPEN_WINDOWS_KEPT:
+            del windows[next(iter(windows))]
 
     def _suppressing(self, entry: Entry, now_us: int) -> IgnoreRule | None:
         """The ignore rule that silences a hit; an aggregate only when one silences each
@@ -378,6 +405,7 @@ class AlertState:
             else:
                 values = {"status": "resolved", "resolved_us": now_us}
                 done = "resolved"
+                self._open_windows.pop(alert["canary_id"], None)
             connection.execute(update(alerts).where(alerts.c.id == alert_id).values(**values))
             message = Message(
                 f"oobwatch: alert {alert_id} {done}",
@@ -519,12 +547,12 @@ class _Fold:
     @staticmethod
     def sources_of(entry: Entry) -> list[str | None]:
         """The source hosts of a hit: its own, or those an aggregate lists."""
-        listed = bursts.sources_of(entry.evidence)
+        listed = bursts.sources_of(entry.evidence) if entry.aggregate else []
         return list(dict.fromkeys([entry.source_ip, *listed]))
 
     @staticmethod
     def protocols_of(entry: Entry) -> list[str | None]:
-        listed: list[str | None] = [*bursts.protocols_of(entry.evidence)]
+        listed: list[str | None] = [*bursts.protocols_of(entry.evidence)] if entry.aggregate else []
         return listed or [entry.protocol]
 
     @classmethod

@@ -459,9 +459,6 @@ def check_ledger(result: Result, db: Path) -> None:
 
 
 def log_problems(name: str, log: Path) -> str | None:
-    import shutil
-
-    shutil.copy(log, f"/tmp/{name.split()[0]}.log")
     lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
     problems = [
         line for line in lines if " WARNING " in line or " ERROR " in line or "Traceback" in line

@@ -61,9 +61,16 @@ class Entry:
         return loaded
 
     @property
+    def aggregate(self) -> bool:
+        """Whether this row is an aggregate hit, told without parsing its data."""
+        return self.type == "hit" and bursts.MARKER in self.data
+
+    @property
     def hits(self) -> int:
         """How many hits this row accounts for: none, one, or an aggregate's count."""
-        return bursts.hits_in(self.evidence) if self.type == "hit" else 0
+        if self.type != "hit":
+            return 0
+        return bursts.hits_in(self.evidence) if self.aggregate else 1
 
     @property
     def source_ip(self) -> str | None:

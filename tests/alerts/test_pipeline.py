@@ -627,3 +627,36 @@ async def test_an_ignored_client_cannot_carry_a_burst_from_elsewhere_into_silenc
     assert suppressed == {rows[0].seq, rows[1].seq}
     [alert] = list_alerts(engine)
     assert alert["hit_count"] == 21
+
+
+async def test_only_a_hit_that_may_open_an_alert_is_dispatched_at_once(
+    pipeline: Pipeline,
+) -> None:
+    [first] = pipeline.hit()
+    assert pipeline.state.may_open(first)  # no alert seen open: dispatch now, it pages
+    await pipeline.run()
+    [folded] = pipeline.hit()
+    assert not pipeline.state.may_open(folded)  # folds into the open alert: may wait
+    [other] = pipeline.hit(sandbox="prod-us2")
+    assert pipeline.state.may_open(other)
+    pipeline.clock.now += 11 * MINUTE
+    [late] = pipeline.hit()
+    assert pipeline.state.may_open(late)  # past the window: a new alert
+    await pipeline.run()
+    [alert] = [a for a in list_alerts(pipeline.engine) if a["first_hit_seq"] == late.seq]
+    [after] = pipeline.hit()
+    assert not pipeline.state.may_open(after)
+    pipeline.state.resolve(alert["id"], "alice", pipeline.clock.now)
+    assert pipeline.state.may_open(after)  # resolved here: its next hit opens one
+
+
+def test_an_aggregate_is_told_from_a_single_hit_without_parsing() -> None:
+    single = Entry(1, START, "hit", "c", "s", "dns", "198.51.100.7", "n", '{"qname":"x"}', "", "")
+    assert not single.aggregate
+    assert single.hits == 1
+    burst = replace(single, data='{"burst":{"count":7}}')
+    assert burst.aggregate
+    assert burst.hits == 7
+    sandbox_text = replace(single, data='{"qname":"\\"burst\\":{"}')
+    assert not sandbox_text.aggregate
+    assert sandbox_text.hits == 1
