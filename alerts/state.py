@@ -94,9 +94,15 @@ class AlertState:
         window_ends = self._open_windows.get(hit.canary_id)
         return window_ends is None or window_ends <= hit.time_us
 
-    def dispatch(self, now_us: int, batches: int | None = None, lease: Lease | None = None) -> int:
-        """Process hits committed since the cursor, all of them or `batches` of BATCH at most;
-        returns how many deliveries were queued (`last_dispatched` says how many hits).
+    def dispatch(
+        self,
+        now_us: int,
+        batches: int | None = None,
+        lease: Lease | None = None,
+        batch: int = BATCH,
+    ) -> int:
+        """Process hits committed since the cursor, all of them or `batches` of `batch` at
+        most; returns how many deliveries were queued (`last_dispatched` says how many hits).
 
         With `lease`, first pages (up to its room, and the sinks of one more alert) are
         written leased to its owner and, once committed, listed in `leased` for that
@@ -115,12 +121,11 @@ class AlertState:
                 # Read the hits before taking the lock the listeners' commits also need,
                 # then make sure no other dispatcher moved the cursor meanwhile.
                 cursor = connection.execute(_READ_CURSOR).scalar_one()
-                rows = connection.execute(_HITS_AFTER, {"after": cursor}).all()
+                rows = connection.execute(_HITS_AFTER, {"after": cursor, "batch": batch}).all()
                 if not rows:
                     return queued
                 hits = [Entry(**row._mapping) for row in rows]
-                _lock(connection)
-                if connection.execute(_READ_CURSOR).scalar_one() != cursor:
+                if _lock(connection) != cursor:
                     continue
                 self.last_dispatched += len(rows)
                 events: list[Event] = []
@@ -482,24 +487,38 @@ _UNRESOLVED_OF = (
 )
 _READ_CURSOR = select(dispatch_cursor.c.seq)
 _TAKE_CURSOR = (
-    update(dispatch_cursor).where(dispatch_cursor.c.id == 1).values(seq=dispatch_cursor.c.seq)
+    update(dispatch_cursor)
+    .where(dispatch_cursor.c.id == 1)
+    .values(seq=dispatch_cursor.c.seq)
+    .returning(dispatch_cursor.c.seq)
 )
 _MOVE_CURSOR = update(dispatch_cursor).where(dispatch_cursor.c.id == 1).values(seq=bindparam("to"))
 _HITS_AFTER = (
     select(ledger_table)
     .where(ledger_table.c.seq > bindparam("after"), ledger_table.c.type == "hit")
     .order_by(ledger_table.c.seq)
-    .limit(BATCH)
+    .limit(bindparam("batch"))
+)
+_FOLD_INTO = (
+    update(alerts)
+    .where(alerts.c.id == bindparam("b_id"))
+    .values(
+        hit_count=alerts.c.hit_count + bindparam("b_added"),
+        last_hit_us=bindparam("b_last"),
+        sources=bindparam("b_sources"),
+        protocols=bindparam("b_protocols"),
+    )
 )
 
 
-def _lock(connection: Connection) -> None:
-    """Take the dispatch lock: alert state changes one transaction at a time, across nodes.
+def _lock(connection: Connection) -> int:
+    """Take the dispatch lock: alert state changes one transaction at a time, across nodes;
+    returns the dispatch cursor as it is under the lock.
 
     A no-op write, first in the transaction, so SQLite takes its write lock
     and PostgreSQL a row lock before anything is read.
     """
-    connection.execute(_TAKE_CURSOR)
+    return int(connection.execute(_TAKE_CURSOR).scalar_one())
 
 
 def _alert_event(
@@ -603,17 +622,7 @@ class _Fold:
             if fold.added
         ]
         if changed:
-            connection.execute(
-                update(alerts)
-                .where(alerts.c.id == bindparam("b_id"))
-                .values(
-                    hit_count=alerts.c.hit_count + bindparam("b_added"),
-                    last_hit_us=bindparam("b_last"),
-                    sources=bindparam("b_sources"),
-                    protocols=bindparam("b_protocols"),
-                ),
-                changed,
-            )
+            connection.execute(_FOLD_INTO, changed)
 
 
 def _latest_burst(connection: Connection, canary_id: str, since_us: int) -> str | None:

@@ -142,7 +142,15 @@ def entry_hash(
 
 # Built once: every hit's commit runs these, and building a statement costs more
 # than running it (SQLAlchemy also caches a statement object's compiled form).
-_TAKE_HEAD = update(ledger_head).where(ledger_head.c.id == 1).values(seq=ledger_head.c.seq)
+# A no-op write that returns the head: it takes the write lock (SQLite) or the head's
+# row lock (PostgreSQL) before the head is read, so two writers can never both extend
+# the same head; one statement, since it runs in front of every hit's answer.
+_TAKE_HEAD = (
+    update(ledger_head)
+    .where(ledger_head.c.id == 1)
+    .values(seq=ledger_head.c.seq)
+    .returning(ledger_head.c.seq, ledger_head.c.hash)
+)
 _READ_HEAD = select(ledger_head.c.seq, ledger_head.c.hash).where(ledger_head.c.id == 1)
 _INSERT = ledger.insert()
 _MOVE_HEAD = (
@@ -156,10 +164,7 @@ def append(connection: Connection, events: Sequence[Event]) -> list[Entry]:
     """Chain `events` onto the ledger inside the caller's transaction."""
     if not events:
         return []
-    # A no-op write first: it takes the write lock before the head is read,
-    # so two writers can never both extend the same head.
-    connection.execute(_TAKE_HEAD)
-    head_seq, prev = connection.execute(_READ_HEAD).one()
+    head_seq, prev = connection.execute(_TAKE_HEAD).one()
     entries = []
     for offset, event in enumerate(events, start=1):
         seq = head_seq + offset

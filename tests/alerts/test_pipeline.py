@@ -14,8 +14,10 @@ import pytest
 from sqlalchemy import Engine, select, update
 
 from alerts import outbox as outbox_module
+from alerts import pager as pager_module
 from alerts.deliveries import LEASE_US, escalation_route
 from alerts.outbox import Outbox, Retry
+from alerts.pager import Pager
 from alerts.policy import DEFAULT_ROUTE, IgnoreRule, Match, Policy, Route, Sink
 from alerts.render import for_hit
 from alerts.state import AlertState, Timing, list_alerts
@@ -648,6 +650,60 @@ async def test_only_a_hit_that_may_open_an_alert_is_dispatched_at_once(
     assert not pipeline.state.may_open(after)
     pipeline.state.resolve(alert["id"], "alice", pipeline.clock.now)
     assert pipeline.state.may_open(after)  # resolved here: its next hit opens one
+
+
+async def test_folds_are_dispatched_in_chunks_and_a_hit_that_may_page_ends_them(
+    engine: Engine, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hits that only fold wait for the fold delay, then go FOLD_CHUNK at a time, so that
+    appends queued meanwhile are not held behind one long dispatch; a hit that may open
+    an alert commits between two chunks and the next dispatch takes a whole batch."""
+    monkeypatch.setattr(pager_module, "FOLD_DELAY_SECONDS", 0.05)
+    policy = build_policy(receiver)
+    outbox = Outbox(engine, policy, Retry(1_000_000, 8_000_000, 4), "n", now_us)
+    state = AlertState(engine, policy, Timing(10 * MINUTE, 5 * MINUTE), "n")
+    writer = LedgerWriter(engine)
+    writer.start()
+    canaries = [plant_canary(engine, "dns", sandbox=name) for name in ("prod-eu1", "prod-us2")]
+    taken: list[int] = []
+    interposed: list[Event] = []
+
+    def hit(canary: Canary) -> Event:
+        evidence = {"qname": "q.example.", "qtype": "A"}
+        return hit_event(
+            canary, protocol="dns", peer=("198.51.100.7", 1), node="n", evidence=evidence
+        )
+
+    async def store_work(work: Any) -> Any:
+        done = await writer.call(work)
+        taken.append(state.last_dispatched)
+        if interposed:
+            await writer.append(interposed.pop())
+        return done
+
+    pager = Pager(state, outbox, now_us, store_work)
+    writer.subscribe(pager.committed)
+    pager.start()
+    try:
+        await writer.append(hit(canaries[0]))
+        await asyncio.to_thread(receiver.wait_for, 3)
+        assert 1 in taken  # the first hit opens the alert at once
+        await asyncio.sleep(0.1)  # and any dispatch its commit asked for is over
+        for interpose in ([], [hit(canaries[1])]):
+            taken.clear()
+            interposed[:] = interpose
+            await writer.append(*(hit(canaries[0]) for _ in range(35)))
+            for _ in range(200):
+                if sum(taken) == 35 + len(interpose):
+                    break
+                await asyncio.sleep(0.01)
+            assert [n for n in taken if n] == ([10, 26] if interpose else [10, 10, 10, 5])
+        opened = {alert["canary_id"]: alert["hit_count"] for alert in list_alerts(engine)}
+        assert opened == {canaries[0].id: 71, canaries[1].id: 1}
+        await asyncio.to_thread(receiver.wait_for, 6)
+    finally:
+        await pager.stop()
+        await writer.stop()
 
 
 def test_an_aggregate_is_told_from_a_single_hit_without_parsing() -> None:
