@@ -5,9 +5,10 @@ rows) at once if one of them may open an alert, and within FOLD_DELAY_SECONDS
 if each only folds into an alert already open, then in chunks of FOLD_CHUNK:
 on SQLite a dispatch runs on the ledger writer's thread, where the next hits
 wait for it, and a stream of hits of planted canaries would otherwise put one
-in front of nearly every commit, or a long one in front of some. Anything queued wakes the sender. First pages are written leased to
-this node's sender and handed to it once committed: they leave without a
-claim transaction in front of them. Both also run on a timer, for hits
+in front of nearly every commit, or a long one in front of some. Anything
+queued wakes the sender. First pages are written leased to this node's
+sender and handed to it once committed: they leave without a claim
+transaction in front of them. Both also run on a timer, for hits
 committed by other processes and for deliveries waiting out their backoff.
 Store work runs in threads, never on the loop the listeners answer from;
 alert state changes, which take the write lock, run through `store_work`:
@@ -16,6 +17,7 @@ that appends and dispatch take turns rather than contend for the lock.
 """
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +40,7 @@ RETRY_SECONDS = 1.0
 FOLD_DELAY_SECONDS = 0.25
 # Hits per dispatch when none may open an alert: a hit committed meanwhile waits for one
 # such chunk (about 1 ms for 10 on SQLite), not for a whole batch of folds (5-10 ms for 50).
+# The once-a-second `dispatch_soon` of the node's scheduler still takes a whole batch.
 FOLD_CHUNK = 10
 
 StoreWork = Callable[[Callable[[], Any]], Awaitable[Any]]
@@ -62,8 +65,9 @@ class Pager:
         self._clock = clock
         self._store_work = store_work
         self._dispatch_due = asyncio.Event()
-        # Whether the hits waiting may open an alert: they are dispatched in whole batches.
-        self._urgent = False
+        # Set when the hits waiting may open an alert: they are dispatched in whole batches,
+        # and a pause between busy dispatches ends.
+        self._urgent = asyncio.Event()
         self._send_due = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._folds_due: asyncio.TimerHandle | None = None
@@ -80,6 +84,7 @@ class Pager:
     async def stop(self) -> None:
         if self._folds_due is not None:
             self._folds_due.cancel()
+            self._folds_due = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -100,7 +105,7 @@ class Pager:
         self._dispatch_due.set()
 
     def dispatch_soon(self) -> None:
-        self._urgent = True
+        self._urgent.set()
         self._dispatch_due.set()
 
     def send_soon(self) -> None:
@@ -123,7 +128,8 @@ class Pager:
         while True:
             await self._dispatch_due.wait()
             self._dispatch_due.clear()
-            urgent, self._urgent = self._urgent, False
+            urgent = self._urgent.is_set()
+            self._urgent.clear()
             batch = BATCH if urgent else FOLD_CHUNK
             try:
                 dispatch = functools.partial(
@@ -138,10 +144,12 @@ class Pager:
                     self.send_soon()
                 if self.state.last_dispatched >= batch:
                     # A full batch: more are waiting, and appends queued meanwhile go first.
-                    self._urgent = self._urgent or urgent
+                    if urgent:
+                        self._urgent.set()
                     self._dispatch_due.set()
                 elif self.state.last_dispatched >= BUSY_DISPATCH:
-                    await asyncio.sleep(BUSY_PAUSE_SECONDS)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._urgent.wait(), BUSY_PAUSE_SECONDS)
             except NotDurable as away:
                 log.warning("alert dispatch waits: %s", away)
                 await asyncio.sleep(RETRY_SECONDS)

@@ -86,8 +86,10 @@ class AlertState:
         folds into an alert this node's dispatches saw open, within its window.
 
         A hint for when to dispatch, never for what: the dispatch itself reads the
-        alerts. An alert resolved by another process meanwhile is taken for open
-        here, and the new alert its canary's next hit opens is dispatched late.
+        alerts. An alert resolved by another process meanwhile (or whose dispatch
+        failed to commit) is taken for open here, and the new alert its canary's
+        next hit opens is dispatched late: with the folds, after the pager's fold delay
+        and the fold chunks in front of it, or at the pager's next tick (1 s).
         """
         if hit.canary_id is None or hit.sandbox == HEARTBEAT_SANDBOX:
             return False
@@ -113,7 +115,6 @@ class AlertState:
         self.leased = []
         taken = 0
         while batches is None or taken < batches:
-            taken += 1
             if self.last_dispatched:
                 # The lock is not fair: without a pause this thread would take it straight back.
                 time.sleep(BATCH_PAUSE_SECONDS)
@@ -126,7 +127,9 @@ class AlertState:
                     return queued
                 hits = [Entry(**row._mapping) for row in rows]
                 if _lock(connection) != cursor:
+                    # Another dispatcher took these hits: not a batch of ours, read on.
                     continue
+                taken += 1
                 self.last_dispatched += len(rows)
                 events: list[Event] = []
                 leased: list[RowMapping] = []
@@ -162,8 +165,9 @@ class AlertState:
                 _Fold.write_all(connection, [*finished, *folds.values()])
                 ledger.append(connection, events)
                 connection.execute(_MOVE_CURSOR, {"to": rows[-1].seq})
+                # Under the lock, so that a resolve (which takes it) forgets after this.
+                self._remember_windows(folds)
             self.leased += leased
-            self._remember_windows(folds)
         return queued
 
     def _remember_windows(self, folds: dict[str, "_Fold"]) -> None:
@@ -515,8 +519,8 @@ def _lock(connection: Connection) -> int:
     """Take the dispatch lock: alert state changes one transaction at a time, across nodes;
     returns the dispatch cursor as it is under the lock.
 
-    A no-op write, first in the transaction, so SQLite takes its write lock
-    and PostgreSQL a row lock before anything is read.
+    A no-op write, the transaction's first, so SQLite takes its write lock and
+    PostgreSQL a row lock before anything that decides what to write is read.
     """
     return int(connection.execute(_TAKE_CURSOR).scalar_one())
 

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import tomllib
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
@@ -72,6 +73,10 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The oldest SQLite with UPDATE/INSERT ... RETURNING, which the ledger and the outbox use.
+SQLITE_NEEDED = (3, 35)
+
+
 class StoreConfig(Section):
     url: str = "sqlite:///oobwatch.db"
 
@@ -79,9 +84,15 @@ class StoreConfig(Section):
     @classmethod
     def _parseable(cls, url: str) -> str:
         try:
-            make_url(url)
+            parsed = make_url(url)
         except (ArgumentError, ValueError) as error:
             raise ValueError(f"not a SQLAlchemy database URL ({error})") from None
+        if parsed.get_backend_name() == "sqlite" and sqlite3.sqlite_version_info < SQLITE_NEEDED:
+            needed = ".".join(map(str, SQLITE_NEEDED))
+            raise ValueError(
+                f"SQLite {needed} or newer is needed (UPDATE ... RETURNING); this Python has"
+                f" {sqlite3.sqlite_version}: use a newer Python build or PostgreSQL"
+            )
         return url
 
 

@@ -387,6 +387,12 @@ async def start(config: Config) -> Node:
     return node
 
 
+async def _on_loop(call: Callable[[], None]) -> None:
+    """Run `call` on the loop: the scheduler runs a plain function in a thread, and the
+    pager's wake-ups (asyncio events) are not thread-safe."""
+    call()
+
+
 def _schedule(node: Node) -> None:
     config, scheduler, pager = node.config, node.scheduler, node.pager
 
@@ -410,9 +416,11 @@ def _schedule(node: Node) -> None:
 
     every = {"max_instances": 1, "coalesce": True}
     scheduler.add_job(refresh, "interval", seconds=INDEX_REFRESH_SECONDS, **every)
-    scheduler.add_job(pager.send_soon, "interval", seconds=OUTBOX_SECONDS, **every)
+    scheduler.add_job(_on_loop, "interval", args=[pager.send_soon], seconds=OUTBOX_SECONDS, **every)
     # Hits committed by other processes or nodes (one that died before dispatching them).
-    scheduler.add_job(pager.dispatch_soon, "interval", seconds=DISPATCH_SECONDS, **every)
+    scheduler.add_job(
+        _on_loop, "interval", args=[pager.dispatch_soon], seconds=DISPATCH_SECONDS, **every
+    )
     scheduler.add_job(pager.timed_work, "interval", seconds=ALERT_TIMERS_SECONDS, **every)
     scheduler.add_job(stats, "interval", seconds=STATS_SECONDS)
 

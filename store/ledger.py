@@ -62,7 +62,9 @@ class Entry:
 
     @property
     def aggregate(self) -> bool:
-        """Whether this row is an aggregate hit, told without parsing its data."""
+        """Whether this row may be an aggregate hit, told without parsing its data: sandbox
+        text cannot hold the marker unescaped, and readers of an aggregate's fields take them
+        from the data's top level."""
         return self.type == "hit" and bursts.MARKER in self.data
 
     @property

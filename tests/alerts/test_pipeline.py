@@ -6,6 +6,7 @@ import hmac
 import json
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -15,6 +16,7 @@ from sqlalchemy import Engine, select, update
 
 from alerts import outbox as outbox_module
 from alerts import pager as pager_module
+from alerts import state as state_module
 from alerts.deliveries import LEASE_US, escalation_route
 from alerts.outbox import Outbox, Retry
 from alerts.pager import Pager
@@ -443,6 +445,63 @@ async def test_dispatch_is_exactly_once_across_dispatchers(
     assert len(list_alerts(engine)) == 1
 
 
+async def test_a_dispatcher_that_loses_the_cursor_to_another_reads_on(
+    pipeline: Pipeline, engine: Engine, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another node dispatches the hits this one read before it took the lock: the batch
+    is theirs, and this dispatch goes on to the hits after them (a first hit among them
+    must not wait for the next tick)."""
+    other = AlertState(
+        engine, build_policy(receiver), Timing(10 * MINUTE, 5 * MINUTE), "other-node"
+    )
+    pipeline.hit(sandbox="dev-1", count=3)
+    [first] = pipeline.hit(sandbox="dev-2")
+    real_lock = state_module._lock
+    raced: list[int] = []
+
+    def lock_after_the_other_node(connection: Any) -> int:
+        if not raced:
+            raced.append(0)  # the other node's own dispatch takes the lock as it is
+            raced[0] = other.dispatch(pipeline.clock.now, batches=1, batch=3)
+        return real_lock(connection)
+
+    monkeypatch.setattr(state_module, "_lock", lock_after_the_other_node)
+    assert pipeline.state.dispatch(pipeline.clock.now, batches=1) == 1
+    assert raced == [1]
+    assert pipeline.state.last_dispatched == 1
+    opened = {alert["first_hit_seq"]: alert["sandbox"] for alert in list_alerts(engine)}
+    assert opened[first.seq] == "dev-2"
+
+
+async def test_a_resolve_during_a_dispatch_is_not_undone_by_its_hints(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resolve from another thread (the API's) that comes while a dispatch folds into
+    the alert: after both, the canary's next hit may open an alert, so it pages at once."""
+    pipeline.hit()
+    await pipeline.run()
+    [alert] = list_alerts(pipeline.engine)
+    pipeline.hit()
+    remember = AlertState._remember_windows
+    resolving: list[threading.Thread] = []
+
+    def resolve_meanwhile(state: AlertState, folds: Any) -> None:
+        resolver = threading.Thread(
+            target=state.resolve, args=(alert["id"], "alice", pipeline.clock.now)
+        )
+        resolver.start()
+        resolving.append(resolver)
+        resolver.join(0.3)  # it waits for the dispatch's lock, if the dispatch holds it
+        remember(state, folds)
+
+    monkeypatch.setattr(AlertState, "_remember_windows", resolve_meanwhile)
+    pipeline.state.dispatch(pipeline.clock.now)
+    resolving[0].join(10)
+    assert list_alerts(pipeline.engine)[0]["status"] == "resolved"
+    [after] = pipeline.hit()
+    assert pipeline.state.may_open(after)
+
+
 async def test_a_first_page_is_handed_to_its_own_sender_leased_and_no_other_takes_it(
     pipeline: Pipeline, engine: Engine, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -658,7 +717,7 @@ async def test_folds_are_dispatched_in_chunks_and_a_hit_that_may_page_ends_them(
     """Hits that only fold wait for the fold delay, then go FOLD_CHUNK at a time, so that
     appends queued meanwhile are not held behind one long dispatch; a hit that may open
     an alert commits between two chunks and the next dispatch takes a whole batch."""
-    monkeypatch.setattr(pager_module, "FOLD_DELAY_SECONDS", 0.05)
+    monkeypatch.setattr(pager_module, "FOLD_DELAY_SECONDS", 0.3)
     policy = build_policy(receiver)
     outbox = Outbox(engine, policy, Retry(1_000_000, 8_000_000, 4), "n", now_us)
     state = AlertState(engine, policy, Timing(10 * MINUTE, 5 * MINUTE), "n")
@@ -693,6 +752,8 @@ async def test_folds_are_dispatched_in_chunks_and_a_hit_that_may_page_ends_them(
             taken.clear()
             interposed[:] = interpose
             await writer.append(*(hit(canaries[0]) for _ in range(35)))
+            await asyncio.sleep(0.15)
+            assert not any(taken)  # they wait for the fold delay
             for _ in range(200):
                 if sum(taken) == 35 + len(interpose):
                     break

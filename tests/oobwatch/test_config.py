@@ -1,5 +1,6 @@
 """Configuration: the file, environment overrides, and one clear line per bad key."""
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,14 @@ def test_a_list_setting_from_a_file_is_json(
     urls.write_text('["json://127.0.0.1:9/x"]\n')
     monkeypatch.setenv("OOBWATCH_ALERTS__URLS_FILE", str(urls))
     assert load(write(tmp_path, DEFAULT_CONFIG)).alerts.urls == ["json://127.0.0.1:9/x"]
+
+
+def test_a_sqlite_without_returning_is_refused_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 34, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.34.1")
+    with pytest.raises(ConfigError, match=r"store\.url: SQLite 3\.35 or newer .* has 3\.34\.1"):
+        load(write(tmp_path, DEFAULT_CONFIG))
+    postgres = "[store]\nurl = 'postgresql+psycopg://oobwatch@db/oobwatch'\n"
+    assert load(write(tmp_path, postgres)).store.url.startswith("postgresql")
