@@ -28,6 +28,7 @@ from canaries.model import HEARTBEAT_SANDBOX
 from store import bursts, ledger
 from store.clock import to_iso
 from store.ledger import Entry, Event
+from store.prepared import Prepared
 from store.schema import alerts, deliveries, dispatch_cursor
 from store.schema import ledger as ledger_table
 
@@ -121,11 +122,11 @@ class AlertState:
             with self._engine.begin() as connection:
                 # Read the hits before taking the lock the listeners' commits also need,
                 # then make sure no other dispatcher moved the cursor meanwhile.
-                cursor = connection.execute(_READ_CURSOR).scalar_one()
-                rows = connection.execute(_HITS_AFTER, {"after": cursor, "batch": batch}).all()
+                [(cursor,)] = _READ_CURSOR.execute(connection)
+                rows = _HITS_AFTER.execute(connection, {"after": cursor, "batch": batch})
                 if not rows:
                     return queued
-                hits = [Entry(**row._mapping) for row in rows]
+                hits = [Entry(*row) for row in rows]
                 if _lock(connection) != cursor:
                     # Another dispatcher took these hits: not a batch of ours, read on.
                     continue
@@ -164,7 +165,7 @@ class AlertState:
                     folds[entry.canary_id] = _Fold.opened(alert_id, window_ends, entry)
                 _Fold.write_all(connection, [*finished, *folds.values()])
                 ledger.append(connection, events)
-                connection.execute(_MOVE_CURSOR, {"to": rows[-1].seq})
+                _MOVE_CURSOR.execute(connection, {"to": hits[-1].seq})
                 # Under the lock, so that a resolve (which takes it) forgets after this.
                 self._remember_windows(folds)
             self.leased += leased
@@ -479,31 +480,48 @@ class AlertState:
         )
 
 
-# Built once: dispatch runs them for every batch of hits.
+# Built once: dispatch runs them for every batch of hits. Those that run for every
+# batch, with hits of planted canaries every few milliseconds, are run by the driver.
 _OPEN_ALERT = insert(alerts)
-_UNRESOLVED_OF = (
-    select(alerts)
-    .where(
-        alerts.c.canary_id.in_(bindparam("canaries", expanding=True)),
-        alerts.c.status != "resolved",
-    )
-    .order_by(alerts.c.opened_us)
-)
-_READ_CURSOR = select(dispatch_cursor.c.seq)
-_TAKE_CURSOR = (
+_READ_CURSOR = Prepared(select(dispatch_cursor.c.seq))
+_TAKE_CURSOR = Prepared(
     update(dispatch_cursor)
     .where(dispatch_cursor.c.id == 1)
     .values(seq=dispatch_cursor.c.seq)
     .returning(dispatch_cursor.c.seq)
 )
-_MOVE_CURSOR = update(dispatch_cursor).where(dispatch_cursor.c.id == 1).values(seq=bindparam("to"))
-_HITS_AFTER = (
-    select(ledger_table)
+_MOVE_CURSOR = Prepared(
+    update(dispatch_cursor).where(dispatch_cursor.c.id == 1).values(seq=bindparam("to"))
+)
+_HITS_AFTER = Prepared(
+    select(*[ledger_table.c[name] for name in Entry.__slots__])
     .where(ledger_table.c.seq > bindparam("after"), ledger_table.c.type == "hit")
     .order_by(ledger_table.c.seq)
     .limit(bindparam("batch"))
 )
-_FOLD_INTO = (
+# The unresolved alerts of the canaries hit in a range of the ledger.
+_UNRESOLVED_OF = Prepared(
+    select(
+        alerts.c.id,
+        alerts.c.canary_id,
+        alerts.c.window_ends_us,
+        alerts.c.last_hit_us,
+        alerts.c.sources,
+        alerts.c.protocols,
+    )
+    .where(
+        alerts.c.canary_id.in_(
+            select(ledger_table.c.canary_id).where(
+                ledger_table.c.seq >= bindparam("first"),
+                ledger_table.c.seq <= bindparam("last"),
+                ledger_table.c.type == "hit",
+            )
+        ),
+        alerts.c.status != "resolved",
+    )
+    .order_by(alerts.c.opened_us)
+)
+_FOLD_INTO = Prepared(
     update(alerts)
     .where(alerts.c.id == bindparam("b_id"))
     .values(
@@ -522,7 +540,8 @@ def _lock(connection: Connection) -> int:
     A no-op write, the transaction's first, so SQLite takes its write lock and
     PostgreSQL a row lock before anything that decides what to write is read.
     """
-    return int(connection.execute(_TAKE_CURSOR).scalar_one())
+    [(cursor,)] = _TAKE_CURSOR.execute(connection)
+    return int(cursor)
 
 
 def _alert_event(
@@ -580,23 +599,31 @@ class _Fold:
 
     @classmethod
     def open_for(cls, connection: Connection, hits: Sequence[Entry]) -> dict[str, "_Fold"]:
-        """The latest unresolved alert of each canary in `hits` still open at its first hit."""
+        """The latest unresolved alert of each canary in `hits` (a run of the ledger's hits,
+        in order) still open at its first hit."""
         first: dict[str, int] = {}
         for entry in hits:
             if entry.canary_id is not None:
                 first.setdefault(entry.canary_id, entry.time_us)
         if not first:
             return {}
-        rows = connection.execute(_UNRESOLVED_OF, {"canaries": list(first)}).mappings()
+        span = {"first": hits[0].seq, "last": hits[-1].seq}
         found = {}
-        for row in rows:
-            if row["window_ends_us"] > first[row["canary_id"]]:
-                found[row["canary_id"]] = cls(
-                    row["id"],
-                    row["window_ends_us"],
-                    row["last_hit_us"],
-                    json.loads(row["sources"]),
-                    json.loads(row["protocols"]),
+        for (
+            alert_id,
+            canary_id,
+            window_ends_us,
+            last_hit_us,
+            sources,
+            protocols,
+        ) in _UNRESOLVED_OF.execute(connection, span):
+            if window_ends_us > first[canary_id]:
+                found[canary_id] = cls(
+                    alert_id,
+                    window_ends_us,
+                    last_hit_us,
+                    json.loads(sources),
+                    json.loads(protocols),
                 )
         return found
 
@@ -626,7 +653,7 @@ class _Fold:
             if fold.added
         ]
         if changed:
-            connection.execute(_FOLD_INTO, changed)
+            _FOLD_INTO.execute_many(connection, changed)
 
 
 def _latest_burst(connection: Connection, canary_id: str, since_us: int) -> str | None:

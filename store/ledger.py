@@ -19,6 +19,7 @@ from sqlalchemy import Connection, bindparam, func, select, update
 
 from store import bursts
 from store.clock import to_iso as _iso
+from store.prepared import Prepared
 from store.schema import ledger, ledger_head
 
 GENESIS = "0" * 64
@@ -142,20 +143,19 @@ def entry_hash(
     return hashlib.sha256(encoded.encode("ascii")).hexdigest()
 
 
-# Built once: every hit's commit runs these, and building a statement costs more
-# than running it (SQLAlchemy also caches a statement object's compiled form).
-# A no-op write that returns the head: it takes the write lock (SQLite) or the head's
-# row lock (PostgreSQL) before the head is read, so two writers can never both extend
-# the same head; one statement, since it runs in front of every hit's answer.
-_TAKE_HEAD = (
+# Every hit's commit runs these, in front of its answer: compiled once and run by the
+# driver (`store.prepared`). The first is a no-op write that returns the head: it takes
+# the write lock (SQLite) or the head's row lock (PostgreSQL) before the head is read,
+# so two writers can never both extend the same head.
+_TAKE_HEAD = Prepared(
     update(ledger_head)
     .where(ledger_head.c.id == 1)
     .values(seq=ledger_head.c.seq)
     .returning(ledger_head.c.seq, ledger_head.c.hash)
 )
 _READ_HEAD = select(ledger_head.c.seq, ledger_head.c.hash).where(ledger_head.c.id == 1)
-_INSERT = ledger.insert()
-_MOVE_HEAD = (
+_INSERT = Prepared(ledger.insert())
+_MOVE_HEAD = Prepared(
     update(ledger_head)
     .where(ledger_head.c.id == 1)
     .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
@@ -166,7 +166,7 @@ def append(connection: Connection, events: Sequence[Event]) -> list[Entry]:
     """Chain `events` onto the ledger inside the caller's transaction."""
     if not events:
         return []
-    head_seq, prev = connection.execute(_TAKE_HEAD).one()
+    [(head_seq, prev)] = _TAKE_HEAD.execute(connection)
     entries = []
     for offset, event in enumerate(events, start=1):
         seq = head_seq + offset
@@ -185,8 +185,8 @@ def append(connection: Connection, events: Sequence[Event]) -> list[Entry]:
         )
         entries.append(entry_of(event, seq, data, prev, digest))
         prev = digest
-    connection.execute(_INSERT, [_as_row(entry) for entry in entries])
-    connection.execute(_MOVE_HEAD, {"new_seq": entries[-1].seq, "new_hash": entries[-1].hash})
+    _INSERT.execute_many(connection, [_as_row(entry) for entry in entries])
+    _MOVE_HEAD.execute(connection, {"new_seq": entries[-1].seq, "new_hash": entries[-1].hash})
     return entries
 
 
