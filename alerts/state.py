@@ -617,7 +617,7 @@ class _Fold:
             sources,
             protocols,
         ) in _UNRESOLVED_OF.execute(connection, span):
-            if window_ends_us > first[canary_id]:
+            if canary_id in first and window_ends_us > first[canary_id]:
                 found[canary_id] = cls(
                     alert_id,
                     window_ends_us,

@@ -7,8 +7,9 @@ SQLite, and through the driver about 140 µs: most of the difference is the
 per-statement setup of a result and of its parameters. So the few statements
 on that path are written as Core (one text for both dialects), compiled for
 the connection's dialect on first use, and executed by the driver inside the
-caller's transaction. They take plain parameters: no type processing, no
-expanding IN lists.
+caller's transaction (begun here if the connection has none yet, as
+SQLAlchemy's autobegin would). They take plain parameters: no type
+processing, no expanding IN lists, no Python-side column defaults.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,8 +28,11 @@ class Prepared:
 
     def __init__(self, statement: ClauseElement) -> None:
         self._statement = statement
-        # dialect name -> (SQL text, bind names in positional order or None, fixed binds)
-        self._forms: dict[str, tuple[str, tuple[str, ...] | None, dict[str, Any]]] = {}
+        # (dialect, driver, paramstyle) -> (SQL text, bind names in positional order or
+        # None, the values of binds the statement fixes itself)
+        self._forms: dict[
+            tuple[str, str, str], tuple[str, tuple[str, ...] | None, dict[str, Any]]
+        ] = {}
 
     def execute(
         self, connection: Connection, params: Mapping[str, Any] | None = None
@@ -49,13 +53,18 @@ class Prepared:
 
     def _form(self, connection: Connection) -> tuple[str, tuple[str, ...] | None, dict[str, Any]]:
         dialect = connection.dialect
-        form = self._forms.get(dialect.name)
+        key = (dialect.name, dialect.driver, dialect.paramstyle)
+        form = self._forms.get(key)
         if form is None:
             compiled = self._statement.compile(dialect=dialect)
             assert isinstance(compiled, SQLCompiler)
             names = tuple(compiled.positiontup or ()) if compiled.positional else None
-            fixed = {name: value for name, value in compiled.params.items() if value is not None}
-            form = self._forms[dialect.name] = (str(compiled), names, fixed)
+            fixed = {
+                name: value
+                for name, value in compiled.params.items()
+                if not compiled.binds[name].required
+            }
+            form = self._forms[key] = (str(compiled), names, fixed)
         return form
 
 
@@ -63,11 +72,14 @@ class Prepared:
 def _driver(connection: Connection, sql: str, params: Any) -> Iterator[DBAPICursor]:
     """A cursor of `connection`'s driver connection; its errors raised as SQLAlchemy raises
     them (`OperationalError`, `IntegrityError`...), a lost connection invalidated first."""
+    if not connection.in_transaction():
+        connection.begin()
     dbapi_connection = connection.connection.dbapi_connection
     assert dbapi_connection is not None, "the connection is closed"
     dialect = connection.dialect
-    cursor = dbapi_connection.cursor()
+    cursor = None
     try:
+        cursor = dbapi_connection.cursor()
         yield cursor
     except dialect.loaded_dbapi.Error as error:
         lost = dialect.is_disconnect(error, dbapi_connection, cursor)
@@ -82,7 +94,7 @@ def _driver(connection: Connection, sql: str, params: Any) -> Iterator[DBAPICurs
             dialect=dialect,
         ) from error
     finally:
-        if not connection.invalidated:
+        if cursor is not None and not connection.invalidated:
             cursor.close()
 
 

@@ -2,7 +2,7 @@
 SQLite and on a real PostgreSQL server: results, errors, and a connection lost mid-way."""
 
 import pytest
-from sqlalchemy import Engine, bindparam, select, text, update
+from sqlalchemy import Engine, bindparam, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from store import ledger
@@ -10,8 +10,8 @@ from store.clock import now_us
 from store.engine import open_store
 from store.ledger import Event
 from store.prepared import Prepared
+from store.schema import alerts, ledger_head
 from store.schema import ledger as ledger_table
-from store.schema import ledger_head
 from support import PostgresServer
 
 # A fixed bind (id == 1) beside named ones, and RETURNING.
@@ -76,3 +76,28 @@ def test_a_connection_lost_mid_transaction_is_invalidated_not_pooled(
     # The pool does not hand the dead connection out again: the next append just works.
     assert [entry.seq for entry in _append(engine, 1)] == [2]
     engine.dispose()
+
+
+def test_a_connection_without_a_transaction_begins_one_that_commit_keeps(engine: Engine) -> None:
+    event = Event(type="note", time_us=now_us(), node="n")
+    with engine.connect() as connection:
+        [entry] = ledger.append(connection, [event])
+        assert connection.in_transaction()
+        connection.commit()
+    with engine.connect() as connection:
+        assert ledger.head(connection) == (1, entry.hash)
+
+
+def test_a_value_the_statement_fixes_itself_may_be_none(engine: Engine) -> None:
+    row = {name: 1 for name in ("opened_us", "window_ends_us", "last_hit_us", "first_hit_seq")}
+    row |= {"hit_count": 1, "digested_count": 1, "next_digest_us": 1, "acked_by": "someone"}
+    row |= {"id": "al-1", "canary_id": "c", "sandbox": "s", "routes": "[]", "status": "open"}
+    unacknowledge = Prepared(
+        update(alerts)
+        .where(alerts.c.id == bindparam("b_id"))
+        .values(acked_by=None)
+        .returning(alerts.c.acked_by)
+    )
+    with engine.begin() as connection:
+        connection.execute(insert(alerts), [{**row, "sources": "[]", "protocols": "[]"}])
+        assert unacknowledge.execute(connection, {"b_id": "al-1"}) == [(None,)]
