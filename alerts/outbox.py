@@ -234,44 +234,65 @@ class Outbox:
         Sends run side by side (up to IN_FLIGHT), and deliveries that come due
         while others are being sent are claimed at once, not after them: one
         slow sink cannot hold up the next page. Each outcome is recorded as it
-        comes; `work` returns when nothing is due and nothing is in flight.
+        comes, beside the sends: a page handed meanwhile does not wait for the
+        write (on SQLite it may wait out the busy handler, several milliseconds,
+        behind the listeners' commits). `work` returns when nothing is due,
+        in flight or being recorded.
         """
         async with self._lock:
             attempted = 0
             in_flight: dict[asyncio.Task[Outcome], int] = {}
+            # Outcomes being written, delivery ids each: a handed page does not wait for them.
+            recording: dict[asyncio.Task[None], list[int]] = {}
             woken: asyncio.Task[Any] | None = None
             try:
                 while True:
                     self._wakeup.clear()
+                    busy = {
+                        *in_flight.values(),
+                        *(id_ for ids in recording.values() for id_ in ids),
+                    }
                     # Handed pages go out first: a claim transaction never holds them up.
-                    handed = self._take_handed(IN_FLIGHT - len(in_flight), set(in_flight.values()))
+                    handed = self._take_handed(IN_FLIGHT - len(in_flight), busy)
                     for row in handed:
                         in_flight[asyncio.create_task(self._attempt(row))] = row["id"]
+                        busy.add(row["id"])
                     attempted += len(handed)
                     self._sending = len(in_flight)
                     room = IN_FLIGHT - len(in_flight)
                     overdue = time.monotonic() - self._claimed_at >= CLAIM_EVERY_SECONDS
-                    if room > 0 and (not handed or self._stale or overdue):
-                        due = await self._claim_safely(room, set(in_flight.values()))
+                    # Not beside a write of outcomes: two write transactions of one process
+                    # would meet in SQLite's busy handler, and one could fail.
+                    claim = not recording and (not handed or self._stale or overdue)
+                    if room > 0 and claim:
+                        due = await self._claim_safely(room, busy)
                         for row in due:
                             in_flight[asyncio.create_task(self._attempt(row))] = row["id"]
                         attempted += len(due)
                         self._sending = len(in_flight)
-                    if not in_flight:
+                    if not in_flight and not recording:
                         return attempted
                     woken = asyncio.create_task(self._wakeup.wait())
-                    await asyncio.wait({*in_flight, woken}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        {*in_flight, *recording, woken}, return_when=asyncio.FIRST_COMPLETED
+                    )
                     woken.cancel()
+                    for written in [written for written in recording if written.done()]:
+                        del recording[written]
+                        written.result()  # a failed write ends the work: see below
                     finished = [task for task in in_flight if task.done()]
                     for task in finished:
                         del in_flight[task]
                     self._sending = len(in_flight)
                     if finished:
                         outcomes = [task.result() for task in finished]
-                        await asyncio.to_thread(self._record, outcomes, self._clock())
+                        writing = asyncio.to_thread(self._record, outcomes, self._clock())
+                        ids = [outcome.delivery["id"] for outcome in outcomes]
+                        recording[asyncio.create_task(writing)] = ids
             finally:
                 # Only if recording failed or we are stopping: the leases run out and the
-                # sends are retried (at least once, never lost).
+                # sends are retried (at least once, never lost). Outcomes being written are
+                # left to finish in their thread.
                 for task in [*in_flight, *([woken] if woken is not None else [])]:
                     task.cancel()
                 self._sending = 0

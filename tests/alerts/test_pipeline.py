@@ -537,6 +537,36 @@ async def test_a_first_page_is_handed_to_its_own_sender_leased_and_no_other_take
     assert pipeline.outbox.depth() == 0
 
 
+async def test_a_page_handed_while_outcomes_are_written_does_not_wait_for_the_write(
+    pipeline: Pipeline, engine: Engine, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline.hit()
+    pipeline.state.dispatch(pipeline.clock.now, lease=pipeline.outbox.lease())
+    pipeline.outbox.hand(pipeline.state.leased)
+    written: list[int] = []
+    record = pipeline.outbox._record
+
+    def slow_record(outcomes: Any, now: int) -> None:
+        time.sleep(0.5)  # a store busy with the listeners' commits
+        written.append(len(receiver.requests))
+        record(outcomes, now)
+
+    monkeypatch.setattr(pipeline.outbox, "_record", slow_record)
+    working = asyncio.create_task(pipeline.outbox.work())
+    for _ in range(200):
+        if len(receiver.requests) == 3:
+            break
+        await asyncio.sleep(0.01)
+    pipeline.hit(sandbox="dev-1")
+    pipeline.state.dispatch(pipeline.clock.now, lease=pipeline.outbox.lease())
+    pipeline.outbox.hand(pipeline.state.leased)
+    assert await working == 4
+    # The second alert's page was out before the first alert's outcomes were written.
+    assert written[0] == 4
+    assert len(hits(engine, "alert_sent")) == 4
+    assert pipeline.outbox.depth() == 0
+
+
 async def test_a_handed_page_whose_lease_ran_short_is_not_sent_on_it(
     pipeline: Pipeline, engine: Engine, receiver: Receiver
 ) -> None:
