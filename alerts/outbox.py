@@ -242,21 +242,16 @@ class Outbox:
         async with self._lock:
             attempted = 0
             in_flight: dict[asyncio.Task[Outcome], int] = {}
-            # Outcomes being written, delivery ids each: a handed page does not wait for them.
-            recording: dict[asyncio.Task[None], list[int]] = {}
+            # Outcomes being written: a handed page does not wait for them.
+            recording: set[asyncio.Task[None]] = set()
             woken: asyncio.Task[Any] | None = None
             try:
                 while True:
                     self._wakeup.clear()
-                    busy = {
-                        *in_flight.values(),
-                        *(id_ for ids in recording.values() for id_ in ids),
-                    }
                     # Handed pages go out first: a claim transaction never holds them up.
-                    handed = self._take_handed(IN_FLIGHT - len(in_flight), busy)
+                    handed = self._take_handed(IN_FLIGHT - len(in_flight), set(in_flight.values()))
                     for row in handed:
                         in_flight[asyncio.create_task(self._attempt(row))] = row["id"]
-                        busy.add(row["id"])
                     attempted += len(handed)
                     self._sending = len(in_flight)
                     room = IN_FLIGHT - len(in_flight)
@@ -265,7 +260,7 @@ class Outbox:
                     # would meet in SQLite's busy handler, and one could fail.
                     claim = not recording and (not handed or self._stale or overdue)
                     if room > 0 and claim:
-                        due = await self._claim_safely(room, busy)
+                        due = await self._claim_safely(room, set(in_flight.values()))
                         for row in due:
                             in_flight[asyncio.create_task(self._attempt(row))] = row["id"]
                         attempted += len(due)
@@ -278,7 +273,7 @@ class Outbox:
                     )
                     woken.cancel()
                     for written in [written for written in recording if written.done()]:
-                        del recording[written]
+                        recording.discard(written)
                         written.result()  # a failed write ends the work: see below
                     finished = [task for task in in_flight if task.done()]
                     for task in finished:
@@ -287,8 +282,7 @@ class Outbox:
                     if finished:
                         outcomes = [task.result() for task in finished]
                         writing = asyncio.to_thread(self._record, outcomes, self._clock())
-                        ids = [outcome.delivery["id"] for outcome in outcomes]
-                        recording[asyncio.create_task(writing)] = ids
+                        recording.add(asyncio.create_task(writing))
             finally:
                 # Only if recording failed or we are stopping: the leases run out and the
                 # sends are retried (at least once, never lost). Outcomes being written are

@@ -58,9 +58,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # The node's housekeeping (index refresh, outbox and dispatch ticks, alert timers, SQLite
-# WAL checkpoints) runs once a TICK, each job at its own phase of it: a node pinned to one
-# core ran them all at one instant, a 5-10 ms stall every second that hits arriving then
-# waited out.
+# WAL checkpoints) runs every HOUSEKEEPING_SECONDS, each job at its own phase: a node pinned
+# to one core ran them all at one instant, a 5-10 ms stall every second that hits arriving
+# then waited out.
 HOUSEKEEPING_SECONDS = 1.0
 STATS_SECONDS = 60.0
 
